@@ -1,0 +1,5 @@
+import sys
+
+from duplex.apps.cli import main
+
+sys.exit(main())

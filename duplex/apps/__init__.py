@@ -1,0 +1,1 @@
+"""User-facing programs: the `duplex` command line, TUI, websocket server and client."""
