@@ -120,7 +120,9 @@ class StreamingModule(nn.Module):
         st = self._require_streaming()
         mask = torch.as_tensor(mask, dtype=torch.bool)
         if mask.shape != (st.batch_size,):
-            raise ValueError(f"exec mask must have shape ({st.batch_size},), got {tuple(mask.shape)}")
+            raise ValueError(
+                f"exec mask must have shape ({st.batch_size},), got {tuple(mask.shape)}"
+            )
         for _, m in self._streaming_children():
             m._stream_state.exec_mask = mask.clone()
 

@@ -56,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
             _add_command(sub, name, module_name)
             continue
         if group not in groups:
-            gp = sub.add_parser(group, help=GROUP_HELP.get(group, ""), description=GROUP_HELP.get(group))
+            gp = sub.add_parser(
+                group, help=GROUP_HELP.get(group, ""), description=GROUP_HELP.get(group)
+            )
             groups[group] = gp.add_subparsers(dest="subcommand", metavar="WHAT", required=True)
         _add_command(groups[group], name, module_name)
     return parser

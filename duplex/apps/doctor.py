@@ -63,7 +63,9 @@ def check_torch_stack() -> list[Check]:
     try:
         import torch
 
-        out.append(Check("torch", "ok", f"{torch.__version__}", data={"version": torch.__version__}))
+        out.append(
+            Check("torch", "ok", f"{torch.__version__}", data={"version": torch.__version__})
+        )
     except Exception as e:
         return [Check("torch", "error", f"{tv} installed but import fails: {e}", "reinstall torch")]
     if tav is None:
@@ -224,9 +226,7 @@ def check_pulseaudio() -> Check:
             "no PulseAudio server running",
             "without a sound card, a null sink gives a real paced device: see README",
         )
-    info = dict(
-        line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line
-    )
+    info = dict(line.split(": ", 1) for line in r.stdout.splitlines() if ": " in line)
     return Check(
         "pulseaudio",
         "ok",
@@ -250,7 +250,9 @@ def check_encodec_weights() -> Check:
     path = folder / ENCODEC_24KHZ_CHECKPOINT
     if path.is_file():
         mb = path.stat().st_size / 1e6
-        return Check("encodec_24khz weights", "ok", f"{path} ({mb:.1f} MB)", data={"path": str(path)})
+        return Check(
+            "encodec_24khz weights", "ok", f"{path} ({mb:.1f} MB)", data={"path": str(path)}
+        )
     return Check(
         "encodec_24khz weights",
         "warn",
