@@ -1,0 +1,196 @@
+"""Hashed n-gram index over a token log: "where did the n-gram that ends here occur before?".
+
+This is what lets guided window attention jump anywhere in an unbounded history at constant cost:
+a fixed state cannot remember where N arbitrary items are (that needs N·log2(n) bits), but an
+index that grows with the log can, and it lives on the host next to the log.
+
+Layout, per n-gram order m: a bucket table `head[2**bits]` (the last position whose m-gram hashed
+to that bucket) and a chain `prev[t]` (the previous position in the same bucket as position t),
+stored as an append-only int32 array that spills to disk like the log. Appending a token costs
+O(1) per order; a lookup walks at most `max_walk` chain links, verifying each candidate against
+the log (hash collisions are filtered, never returned), so it costs O(max_walk · m) whatever the
+history length. The table doubles when the load passes `max_load` entries per bucket (amortised
+O(1) per token: the chains are rebuilt from the log). Host memory: 4 bytes per token per order for
+the chains plus about 4/max_load .. 8/max_load bytes per token per order for the tables.
+
+Weak point, by construction: with a bounded walk, an n-gram whose bucket is flooded by more recent
+entries of other n-grams (skewed data, a tiny table) can be missed. Random ids at the default load
+see ~max_load entries per bucket, so misses need > max_walk / max_load collisions.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from duplex.model.token_log import TokenLog
+
+_MUL = np.uint64(0x9E3779B97F4A7C15)
+_STEP = np.uint64(0xBF58476D1CE4E5B9)
+
+
+@dataclass
+class NgramIndexConfig:
+    """Which n-gram orders to index, and how many candidates a lookup returns per order."""
+
+    orders: tuple[int, ...] = (1, 2, 4)
+    per_order: int = 2
+    max_walk: int = 8
+    init_bits: int = 12
+    max_load: int = 4
+    ram_tokens: int = 1 << 22
+
+    def __post_init__(self) -> None:
+        self.orders = tuple(int(m) for m in self.orders)
+        if not self.orders or min(self.orders) < 1:
+            raise ValueError(f"orders must be >= 1, got {self.orders}")
+        if self.per_order < 1 or self.max_walk < self.per_order:
+            raise ValueError("need 1 <= per_order <= max_walk")
+
+
+def ngram_hashes(ids: np.ndarray, m: int) -> np.ndarray:
+    """64-bit hash of the m-gram ending at each position of `ids` [n] (first m-1 are unused)."""
+    x = ids.astype(np.uint64) + np.uint64(1)
+    h = np.zeros(ids.shape[0], dtype=np.uint64)
+    for i in range(m):
+        shifted = np.zeros_like(x)
+        if i < x.shape[0]:
+            shifted[i:] = x[: x.shape[0] - i]
+        h = (h ^ shifted) * _STEP + np.uint64(i + 1)
+    return h
+
+
+def _bucket(h: np.ndarray, bits: int) -> np.ndarray:
+    return ((h * _MUL) >> np.uint64(64 - bits)).astype(np.int64)
+
+
+class NgramIndex:
+    """The index of one token log. Call `update()` after appending to the log."""
+
+    def __init__(
+        self,
+        log: TokenLog,
+        cfg: NgramIndexConfig | None = None,
+        spill_dir: str | os.PathLike | None = None,
+    ) -> None:
+        self.log = log
+        self.cfg = cfg or NgramIndexConfig()
+        self._spill_dir = spill_dir
+        self.n = 0
+        self.bits = [self.cfg.init_bits for _ in self.cfg.orders]
+        self.head = [np.full(1 << b, -1, dtype=np.int64) for b in self.bits]
+        self.prev = [self._new_chain(m) for m in self.cfg.orders]
+
+    def _new_chain(self, m: int) -> TokenLog:
+        return TokenLog(np.int32, self.cfg.ram_tokens, self._spill_dir, name=f"prev{m}.bin")
+
+    def nbytes(self) -> int:
+        """Host bytes of the index (tables + chains, RAM buffers counted at capacity)."""
+        return sum(h.nbytes for h in self.head) + sum(p.nbytes() for p in self.prev)
+
+    def _insert(self, oi: int, start: int, stop: int) -> None:
+        """Index positions [start, stop) of order `orders[oi]`; appends their chain links."""
+        m = self.cfg.orders[oi]
+        lo = max(0, start - (m - 1))
+        ids = self.log.read(lo, stop)
+        h = ngram_hashes(ids, m)[start - lo :]
+        pos = np.arange(start, stop, dtype=np.int64)
+        has = pos >= m - 1
+        b = _bucket(h, self.bits[oi])
+        prev = np.full(pos.shape[0], -1, dtype=np.int64)
+        if has.any():
+            bp, pp = b[has], pos[has]
+            order = np.argsort(bp, kind="stable")
+            bs, ps = bp[order], pp[order]
+            first = np.ones(bs.shape[0], dtype=bool)
+            first[1:] = bs[1:] != bs[:-1]
+            links = np.empty_like(ps)
+            links[first] = self.head[oi][bs[first]]
+            links[~first] = ps[:-1][~first[1:]]
+            last = np.ones(bs.shape[0], dtype=bool)
+            last[:-1] = first[1:]
+            self.head[oi][bs[last]] = ps[last]
+            out = np.empty_like(links)
+            out[order] = links
+            prev[has] = out
+        self.prev[oi].append(prev)
+
+    def _rehash(self, oi: int, bits: int) -> None:
+        """Grow order `oi`'s table to 2**bits buckets and rebuild its chains from the log."""
+        self.prev[oi].close()
+        self.prev[oi] = self._new_chain(self.cfg.orders[oi])
+        self.bits[oi] = bits
+        self.head[oi] = np.full(1 << bits, -1, dtype=np.int64)
+        step = 1 << 20
+        for s in range(0, self.n, step):
+            self._insert(oi, s, min(self.n, s + step))
+
+    def update(self) -> None:
+        """Index every log entry appended since the last call."""
+        stop = len(self.log)
+        if stop == self.n:
+            return
+        start = self.n
+        for oi in range(len(self.cfg.orders)):
+            self._insert(oi, start, stop)
+        self.n = stop
+        for oi in range(len(self.cfg.orders)):
+            if self.n > self.cfg.max_load << self.bits[oi]:
+                need = self.bits[oi]
+                while self.n > self.cfg.max_load << need:
+                    need += 1
+                self._rehash(oi, need + 1)
+
+    def truncate(self, n: int) -> None:
+        """Forget positions >= n (call after `log.truncate(n)`); heads walk back down the chains."""
+        if n > self.n:
+            raise ValueError(f"index holds {self.n} positions, cannot truncate to {n}")
+        for oi in range(len(self.cfg.orders)):
+            head = self.head[oi]
+            stale = np.nonzero(head >= n)[0]
+            while stale.size:
+                head[stale] = self.prev_links(oi, head[stale])
+                stale = stale[head[stale] >= n]
+            self.prev[oi].truncate(n)
+        self.n = n
+
+    def prev_links(self, oi: int, positions: np.ndarray) -> np.ndarray:
+        """Chain links of order `oi` at `positions` (int64, -1 for none)."""
+        return self.prev[oi].gather(positions, fill=-1).astype(np.int64)
+
+    def lookup(self, ends: np.ndarray) -> np.ndarray:
+        """Earlier occurrences of the n-grams ending at positions `ends` [N] (all < self.n).
+
+        Returns anchors [N, len(orders), per_order] (int64): for each order, the most recent
+        positions p < t whose m-gram (ids[p-m+1..p]) equals the one ending at t, newest first;
+        -1 where fewer exist (or the walk of `max_walk` links found fewer).
+        """
+        ts = np.asarray(ends, dtype=np.int64).reshape(-1)
+        if ts.size and ts.max() >= self.n:
+            raise IndexError("lookup of a position that is not indexed yet")
+        R = self.cfg.per_order
+        out = np.full((ts.shape[0], len(self.cfg.orders), R), -1, dtype=np.int64)
+        for oi, m in enumerate(self.cfg.orders):
+            want = [self.log.gather(ts - i) for i in range(m)]
+            cur = self.prev_links(oi, ts)
+            count = np.zeros(ts.shape[0], dtype=np.int64)
+            for _ in range(self.cfg.max_walk):
+                live = (cur >= 0) & (count < R)
+                if not live.any():
+                    break
+                idx = np.nonzero(live)[0]
+                c = cur[idx]
+                eq = np.ones(idx.shape[0], dtype=bool)
+                for i in range(m):
+                    eq &= self.log.gather(c - i) == want[i][idx]
+                hit = idx[eq]
+                out[hit, oi, count[hit]] = cur[hit]
+                count[hit] += 1
+                cur[idx] = self.prev_links(oi, c)
+        return out
+
+    def close(self) -> None:
+        for p in self.prev:
+            p.close()
