@@ -9,7 +9,11 @@ Batched sessions: each state has an `exec_mask` [B] (bool). Rows whose mask is F
 their state untouched on a step (the module computes them, then keeps the old state rows), so
 sessions can skip frames or sit idle in a slot. `reset_rows(mask)` returns rows to the initial
 state when a new session takes a slot. `get_state()` / `set_state()` snapshot and restore every
-state below a module as deep copies.
+state below a module as deep copies; `get_rows()` / `set_rows()` do the same for some rows.
+
+Convention: every tensor field of a state is batch-first, including per-row counters, so rows
+can be selected, reset and restored independently. Plain (non-tensor) fields are shared by all
+rows and must not change while streaming, or batching would couple sessions.
 """
 
 from __future__ import annotations
@@ -152,6 +156,18 @@ class StreamingModule(nn.Module):
         for name, m in mods.items():
             m._stream_state = state[name].clone()
 
+    def get_rows(self, rows: torch.Tensor) -> dict[str, StreamState]:
+        """Snapshot of some batch rows only (e.g. one session of a batched engine)."""
+        return select_rows(self.get_state(), torch.as_tensor(rows, dtype=torch.long))
+
+    def set_rows(self, rows: torch.Tensor, states: dict[str, StreamState]) -> None:
+        """Overwrite batch rows `rows` with a snapshot of that many rows (e.g. from `get_rows`)."""
+        self._require_streaming()
+        live = {name: m._stream_state for name, m in self._streaming_children()}
+        if set(live) != set(states):
+            raise ValueError("state does not match this module's streaming layout")
+        assign_rows(live, torch.as_tensor(rows, dtype=torch.long), states)
+
 
 @dataclasses.dataclass
 class _EmptyState(StreamState):
@@ -160,3 +176,103 @@ class _EmptyState(StreamState):
     @classmethod
     def make(cls, batch_size: int, module: Any) -> _EmptyState:
         return cls(batch_size=batch_size, exec_mask=torch.ones(batch_size, dtype=torch.bool))
+
+
+def _plain(v: Any) -> bool:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, (list, tuple)):
+        return all(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x) for k, x in v.items())
+    return False
+
+
+def flatten_states(
+    states: dict[str, StreamState],
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Turn a `get_state()` snapshot into named tensors plus JSON-able plain fields.
+
+    Tensors are named "module/field"; exec masks are not saved (a restored session runs).
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, Any] = {}
+    for mod, st in states.items():
+        for f in dataclasses.fields(st):
+            if f.name == "exec_mask":
+                continue
+            v = getattr(st, f.name)
+            key = f"{mod}/{f.name}"
+            if isinstance(v, torch.Tensor):
+                tensors[key] = v
+            elif _plain(v):
+                plain[key] = v
+            else:
+                raise TypeError(f"state field {key} of type {type(v).__name__} cannot be saved")
+    return tensors, plain
+
+
+def unflatten_states(
+    template: dict[str, StreamState],
+    tensors: dict[str, torch.Tensor],
+    plain: dict[str, Any],
+) -> dict[str, StreamState]:
+    """Inverse of `flatten_states`, checked field by field against a live `template`.
+
+    Raises ValueError on any missing, extra or mis-shaped entry, before anything is changed.
+    """
+    out: dict[str, StreamState] = {}
+    seen: set[str] = set()
+    for mod, st in template.items():
+        new = st.clone()
+        for f in dataclasses.fields(st):
+            if f.name in ("exec_mask", "batch_size"):
+                continue
+            key = f"{mod}/{f.name}"
+            cur = getattr(st, f.name)
+            if isinstance(cur, torch.Tensor):
+                if key not in tensors:
+                    raise ValueError(f"saved state lacks tensor {key}")
+                t = tensors[key]
+                if tuple(t.shape) != tuple(cur.shape) or t.dtype != cur.dtype:
+                    raise ValueError(
+                        f"saved tensor {key} is {tuple(t.shape)} {t.dtype}, "
+                        f"expected {tuple(cur.shape)} {cur.dtype}"
+                    )
+                setattr(new, f.name, t.to(cur.device).clone())
+            else:
+                if key not in plain:
+                    raise ValueError(f"saved state lacks field {key}")
+                setattr(new, f.name, copy.deepcopy(plain[key]))
+            seen.add(key)
+        out[mod] = new
+    extra = (set(tensors) | set(plain)) - seen - {k for k in plain if k.endswith("/batch_size")}
+    if extra:
+        raise ValueError(f"saved state has entries this module lacks: {sorted(extra)[:5]}")
+    return out
+
+
+def select_rows(states: dict[str, StreamState], rows: torch.Tensor) -> dict[str, StreamState]:
+    """The batch rows `rows` (index tensor) of every state: a smaller batch of sessions."""
+    out = {}
+    for mod, st in states.items():
+        new = st.clone()
+        for f in dataclasses.fields(st):
+            v = getattr(st, f.name)
+            if isinstance(v, torch.Tensor):
+                setattr(new, f.name, v[rows.to(v.device)].clone())
+        new.batch_size = int(rows.numel())
+        out[mod] = new
+    return out
+
+
+def assign_rows(
+    dst: dict[str, StreamState], rows: torch.Tensor, src: dict[str, StreamState]
+) -> None:
+    """Write the states of a smaller batch `src` into rows `rows` of `dst`, in place."""
+    for mod, st in dst.items():
+        if mod not in src:
+            raise ValueError(f"source state lacks module {mod!r}")
+        for name, v in st.tensor_fields():
+            s = getattr(src[mod], name)
+            v[rows.to(v.device)] = s.to(v.device, v.dtype)
