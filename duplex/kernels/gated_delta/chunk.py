@@ -1,0 +1,132 @@
+"""The chunkwise-parallel gated delta rule in PyTorch: the CPU training path.
+
+Why this form: the recurrence is split into chunks of C steps. Everything local to a chunk is
+computed for all chunks at once as batched matrix products; only a cheap K x K by K x V update
+runs sequentially, once per chunk. Derivation (per chunk, local cumulative log decay
+G_i = g_1 + ... + g_i, state S0 at the chunk start):
+
+    S_i = e^{G_i} S0 + sum_{j<=i} e^{G_i - G_j} k_j w_j^T            (w_j: corrected values)
+    w_i = beta_i (v_i - e^{G_i} S0^T k_i - sum_{j<i} e^{G_i - G_j} (k_i . k_j) w_j)
+
+so (I + A) W = diag(beta) V - diag(beta e^G) K S0 with A strictly lower triangular,
+A_ij = beta_i e^{G_i - G_j} k_i . k_j (the WY / UT transform). One unit-triangular solve per chunk
+gives U = (I + A)^-1 diag(beta) V and Wk = (I + A)^-1 diag(beta e^G) K, with W = U - Wk S0, and
+
+    O      = diag(e^G) (scale Q) S0 + ((scale Q K^T) . D) W          D_ij = e^{G_i - G_j}, j <= i
+    S_next = e^{G_C} S0 + (K . e^{G_C - G})^T W = M S0 + N
+    M      = e^{G_C} I - (K . e^{G_C - G})^T Wk,   N = (K . e^{G_C - G})^T U
+
+M and N are batched over all chunks, so the sequential pass is one baddbmm per chunk. All
+exponents are differences G_i - G_j with j <= i, hence <= 0: nothing overflows however strong
+the decay. Gradients come from autograd (torch.linalg.solve_triangular has its own backward).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from duplex.kernels.gated_delta.common import (
+    check_inputs,
+    compute_dtype,
+    resolve_scale,
+    use_triton,
+)
+
+CHUNK_SIZE = 64
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Chunked gated delta rule: same result as the naive loop up to rounding, much faster.
+
+    Dispatches to the Triton kernels for CUDA tensors and to the PyTorch chunked form otherwise.
+    Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32 or None).
+    """
+    d = check_inputs(q, k, v, g, beta, initial_state)
+    scale = resolve_scale(scale, d.K)
+    if use_triton(q):
+        from duplex.kernels.gated_delta.triton_chunk import chunk_gated_delta_rule_triton
+
+        return chunk_gated_delta_rule_triton(
+            q, k, v, g, beta, scale, initial_state, output_final_state
+        )
+    return chunk_gated_delta_rule_torch(
+        q, k, v, g, beta, scale, initial_state, output_final_state, CHUNK_SIZE
+    )
+
+
+def chunk_gated_delta_rule_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The PyTorch chunked form (inputs already validated; see the module docstring)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    in_dtype = q.dtype
+    dt = compute_dtype(in_dtype)
+    S0 = q.new_zeros(B, H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt)
+    if T == 0:
+        return v.new_zeros(B, 0, H, V), (S0 if output_final_state else None)
+    C = min(chunk_size, T)
+    N = -(-T // C)
+    pad = N * C - T
+    # Padded steps have k = 0, beta = 0, g = 0: they leave the state exactly as it was.
+    q, k, v = (F.pad(x.to(dt), (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+    g, beta = (F.pad(x.to(dt), (0, 0, 0, pad)) for x in (g, beta))
+    # [B, N*C, H, D] -> [B, H, N, C, D]
+    q, k, v = (x.view(B, N, C, H, -1).permute(0, 3, 1, 2, 4) for x in (q, k, v))
+    g, beta = (x.view(B, N, C, H).permute(0, 3, 1, 2) for x in (g, beta))
+
+    G = g.cumsum(-1)
+    # G: [B, H, N, C]; D_ij = exp(G_i - G_j) on j <= i, 0 above the diagonal
+    tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
+    D = (G[..., :, None] - G[..., None, :]).masked_fill(~tril, float("-inf")).exp()
+    # D: [B, H, N, C, C]
+    kb = k * beta[..., None]
+    A = (kb @ k.transpose(-1, -2) * D).tril(-1)
+    rhs = torch.cat([v * beta[..., None], kb * G.exp()[..., None]], dim=-1)
+    # rhs: [B, H, N, C, V + K]; the diagonal of A is ignored (unit triangular)
+    sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    U, Wk = sol.split([V, K], dim=-1)
+    # U: [B, H, N, C, V]; Wk: [B, H, N, C, K]
+    qs = q * scale
+    P = qs @ k.transpose(-1, -2) * D
+    Qg = qs * G.exp()[..., None]
+    G_last = G[..., -1:]
+    Kd = k * (G_last - G).exp()[..., None]
+    KdT = Kd.transpose(-1, -2)
+    # M: [B, H, N, K, K]; Nv: [B, H, N, K, V]
+    eye = torch.eye(K, dtype=dt, device=q.device)
+    M = G_last.exp()[..., None] * eye - KdT @ Wk
+    Nv = KdT @ U
+
+    states = []
+    S = S0.reshape(B * H, K, V)
+    M = M.reshape(B * H, N, K, K)
+    Nv = Nv.reshape(B * H, N, K, V)
+    for n in range(N):
+        states.append(S)
+        S = torch.baddbmm(Nv[:, n], M[:, n], S)
+    S_all = torch.stack(states, dim=1).view(B, H, N, K, V)
+    W = U - Wk @ S_all
+    o = Qg @ S_all + P @ W
+    # o: [B, H, N, C, V] -> [B, T, H, V]
+    o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]
+    final = S.view(B, H, K, V) if output_final_state else None
+    return o.to(in_dtype), final

@@ -1,0 +1,87 @@
+"""The step form of the gated delta rule: what streaming runs, one token (T = 1) at a time.
+
+On CPU it is a lean loop over time (per-step work is two K x V rank-1 updates and two
+matrix-vector products, with everything that does not depend on the state hoisted out of the
+loop). On CUDA it dispatches to the Triton recurrent kernel, which keeps the state in registers.
+The cost per token does not depend on how many tokens came before: the state is fixed-size.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from duplex.kernels.gated_delta.common import (
+    check_inputs,
+    compute_dtype,
+    resolve_scale,
+    use_triton,
+)
+
+
+def fused_recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Recurrent gated delta rule, tuned for short T (T = 1 when streaming).
+
+    Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32 or None).
+    """
+    d = check_inputs(q, k, v, g, beta, initial_state)
+    scale = resolve_scale(scale, d.K)
+    if use_triton(q):
+        from duplex.kernels.gated_delta.triton_recurrent import (
+            fused_recurrent_gated_delta_rule_triton,
+        )
+
+        return fused_recurrent_gated_delta_rule_triton(
+            q, k, v, g, beta, scale, initial_state, output_final_state
+        )
+    return fused_recurrent_gated_delta_rule_torch(
+        q, k, v, g, beta, scale, initial_state, output_final_state
+    )
+
+
+def fused_recurrent_gated_delta_rule_torch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float,
+    initial_state: torch.Tensor | None,
+    output_final_state: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The PyTorch step loop (inputs already validated)."""
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    in_dtype = q.dtype
+    dt = compute_dtype(in_dtype)
+    S = q.new_zeros(B, H, K, V, dtype=dt) if initial_state is None else initial_state.to(dt)
+    if T == 0:
+        return v.new_zeros(B, 0, H, V), (S if output_final_state else None)
+    # Hoisted per-token work, laid out [T, B, H, 1, D] so each step slices a contiguous block.
+    qs = (q.to(dt) * scale).permute(1, 0, 2, 3).unsqueeze(-2).contiguous()
+    kt = k.to(dt).permute(1, 0, 2, 3).unsqueeze(-2).contiguous()
+    vt = v.to(dt).permute(1, 0, 2, 3).unsqueeze(-2).contiguous()
+    decay = g.to(dt).exp().permute(1, 0, 2)[..., None, None]
+    bt = beta.to(dt).permute(1, 0, 2)[..., None, None]
+    outs = []
+    for t in range(T):
+        # S: [B, H, K, V]; k_t: [B, H, 1, K]; v_t: [B, H, 1, V]
+        S = S * decay[t]
+        k_t = kt[t]
+        delta = (vt[t] - k_t @ S) * bt[t]
+        # rank-1 update k_t^T delta: [B, H, K, 1] x [B, H, 1, V]
+        S = torch.baddbmm(
+            S.view(B * H, K, V), k_t.view(B * H, 1, K).transpose(1, 2), delta.view(B * H, 1, V)
+        ).view(B, H, K, V)
+        outs.append(qs[t] @ S)
+    # outs: T x [B, H, 1, V] -> [B, T, H, V]
+    o = torch.cat(outs, dim=2).transpose(1, 2)
+    return o.to(in_dtype), (S if output_final_state else None)
