@@ -1,0 +1,338 @@
+"""Audio I/O backends behind one interface: frames in at the codec rate, frames out.
+
+The engine calls `read_frame()` once per step (it returns one frame of `frame_size` float32
+samples, or None when the input has ended) and `write_frame()` with one frame of output.
+Backends:
+
+- `DeviceAudio`: a PortAudio duplex stream (sounddevice). Its callback only copies into and
+  out of bounded FIFOs and counts status flags; it never blocks and never allocates much. The
+  device paces the loop: `read_frame` waits for the next microphone frame.
+- `FileAudio`: a WAV (or any libsndfile format) in, a WAV out; paced at the frame rate
+  (`realtime=True`) or as fast as possible.
+- `NullAudio`: silence in for a given number of frames, output discarded; optionally paced.
+
+Counters every backend exposes: dropped_input_frames, output_underruns, input_overflows,
+output_underflows.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from duplex.streamer.fifo import BlockFifo, FrameFifo
+from duplex.streamer.resampler import StreamResampler
+
+
+class AudioUnavailableError(RuntimeError):
+    """No usable audio device: the message says what to do instead."""
+
+
+class FrameClock:
+    """Deadlines at the frame rate; `wait()` sleeps until the next one (never drifts)."""
+
+    def __init__(self, frame_rate: float) -> None:
+        self.period = 1.0 / frame_rate
+        self.t0: float | None = None
+        self.n = 0
+
+    def wait(self) -> float:
+        """Sleep until frame n's deadline; returns how late we already were (s, >= 0)."""
+        now = time.monotonic()
+        if self.t0 is None:
+            self.t0 = now
+        deadline = self.t0 + self.n * self.period
+        self.n += 1
+        if deadline > now:
+            time.sleep(deadline - now)
+            return 0.0
+        return now - deadline
+
+
+class AudioBackend:
+    """Common counters and the frame interface."""
+
+    def __init__(self, sample_rate: int, frame_size: int) -> None:
+        self.sample_rate = sample_rate
+        self.frame_size = frame_size
+        self.dropped_input_frames = 0
+        self.output_underruns = 0
+        self.input_overflows = 0
+        self.output_underflows = 0
+
+    def start(self) -> None:
+        pass
+
+    def read_frame(self) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def write_frame(self, pcm: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+    def counters(self) -> dict[str, int]:
+        return {
+            "dropped_input_frames": self.dropped_input_frames,
+            "output_underruns": self.output_underruns,
+            "input_overflows": self.input_overflows,
+            "output_underflows": self.output_underflows,
+        }
+
+    def __enter__(self) -> AudioBackend:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NullAudio(AudioBackend):
+    """Silence in (for `frames` frames, or forever with None), output discarded."""
+
+    def __init__(
+        self, sample_rate: int, frame_size: int, frames: int | None = None, realtime: bool = False
+    ) -> None:
+        super().__init__(sample_rate, frame_size)
+        self.frames = frames
+        self.n = 0
+        self.clock = FrameClock(sample_rate / frame_size) if realtime else None
+
+    def read_frame(self) -> np.ndarray | None:
+        if self.frames is not None and self.n >= self.frames:
+            return None
+        if self.clock is not None:
+            self.clock.wait()
+        self.n += 1
+        return np.zeros(self.frame_size, dtype=np.float32)
+
+    def write_frame(self, pcm: np.ndarray) -> None:
+        pass
+
+
+def read_audio_file(path: str | os.PathLike, sample_rate: int) -> np.ndarray:
+    """A whole audio file as mono float32 at `sample_rate` (mixed down, resampled)."""
+    import soundfile as sf
+
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"input audio file {p} does not exist")
+    try:
+        wav, sr = sf.read(p, dtype="float32", always_2d=True)
+    except Exception as e:
+        raise ValueError(f"cannot read {p} as audio: {e}") from None
+    x = wav.mean(axis=1)
+    if sr != sample_rate:
+        import torch
+
+        from duplex.codecs.resample import resample
+
+        x = resample(torch.from_numpy(x), sr, sample_rate).numpy()
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+class FileAudio(AudioBackend):
+    """Frames from an audio file (or silence), frames to a WAV file (or nowhere).
+
+    The input is cut into frames; a last partial frame is padded with silence. After the input
+    ends, `tail_frames` frames of silence let the model finish speaking before None is returned.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int,
+        frame_size: int,
+        input_path: str | os.PathLike | None = None,
+        output_path: str | os.PathLike | None = None,
+        realtime: bool = False,
+        tail_frames: int = 0,
+        silence_frames: int = 0,
+    ) -> None:
+        super().__init__(sample_rate, frame_size)
+        if input_path is not None:
+            x = read_audio_file(input_path, sample_rate)
+        else:
+            x = np.zeros(silence_frames * frame_size, dtype=np.float32)
+        pad = (-x.size) % frame_size + tail_frames * frame_size
+        self.signal = np.concatenate([x, np.zeros(pad, dtype=np.float32)])
+        self.pos = 0
+        self.output_path = Path(output_path) if output_path is not None else None
+        self._out = None
+        self.clock = FrameClock(sample_rate / frame_size) if realtime else None
+
+    def start(self) -> None:
+        if self.output_path is not None and self._out is None:
+            import soundfile as sf
+
+            self.output_path.parent.mkdir(parents=True, exist_ok=True)
+            self._out = sf.SoundFile(
+                self.output_path, "w", samplerate=self.sample_rate, channels=1, subtype="PCM_16"
+            )
+
+    def read_frame(self) -> np.ndarray | None:
+        if self.pos + self.frame_size > self.signal.size:
+            return None
+        if self.clock is not None:
+            self.clock.wait()
+        f = self.signal[self.pos : self.pos + self.frame_size].copy()
+        self.pos += self.frame_size
+        return f
+
+    def write_frame(self, pcm: np.ndarray) -> None:
+        if self.output_path is not None and self._out is None:
+            self.start()
+        if self._out is not None:
+            self._out.write(np.clip(np.asarray(pcm, dtype=np.float32).reshape(-1), -1.0, 1.0))
+
+    def close(self) -> None:
+        if self._out is not None:
+            self._out.close()
+            self._out = None
+
+
+def _import_sounddevice():
+    try:
+        import sounddevice as sd
+    except OSError as e:
+        raise AudioUnavailableError(
+            f"PortAudio is not installed ({e}). Install libportaudio2, or run on files: "
+            "`--input in.wav --output out.wav`. `duplex doctor` checks the install."
+        ) from None
+    return sd
+
+
+def find_device(spec: str | int | None, kind: str) -> int | None:
+    """A device index from an index, a (case-insensitive) name fragment, or None (default)."""
+    sd = _import_sounddevice()
+    devices = sd.query_devices()
+    key = "max_input_channels" if kind == "input" else "max_output_channels"
+    usable = [i for i, d in enumerate(devices) if d[key] > 0]
+    if not usable:
+        raise AudioUnavailableError(
+            f"no audio {kind} device found. Use `--input in.wav --output out.wav` to run on files, "
+            "or start PulseAudio; `duplex doctor` lists what PortAudio sees."
+        )
+    if spec is None or spec == "":
+        return None
+    if isinstance(spec, int) or str(spec).isdigit():
+        i = int(spec)
+        if i not in usable:
+            raise AudioUnavailableError(
+                f"device {i} is not an audio {kind} device; see `duplex doctor`"
+            )
+        return i
+    matches = [i for i in usable if str(spec).lower() in devices[i]["name"].lower()]
+    if not matches:
+        names = ", ".join(f"[{i}] {devices[i]['name']}" for i in usable)
+        raise AudioUnavailableError(f"no {kind} device matches {spec!r}; available: {names}")
+    return matches[0]
+
+
+class DeviceAudio(AudioBackend):
+    """Microphone and speaker through one PortAudio duplex stream (int16 on the wire).
+
+    The stream runs at the codec rate when the device accepts it, else at the device's default
+    rate with streaming resamplers on both sides.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int,
+        frame_size: int,
+        input_device: str | int | None = None,
+        output_device: str | int | None = None,
+        blocksize: int = 0,
+        max_queue_frames: int = 16,
+        prefill_frames: int = 2,
+    ) -> None:
+        super().__init__(sample_rate, frame_size)
+        self.sd = _import_sounddevice()
+        self.in_dev = find_device(input_device, "input")
+        self.out_dev = find_device(output_device, "output")
+        self.device_rate = self._choose_rate()
+        self.in_fifo = FrameFifo(frame_size, max_frames=max_queue_frames)
+        self.out_fifo = BlockFifo(frame_size, max_frames=max_queue_frames, prefill=prefill_frames)
+        self.blocksize = blocksize
+        self.stream = None
+        if self.device_rate != sample_rate:
+            self._up = StreamResampler(self.device_rate, sample_rate)
+            self._down = StreamResampler(sample_rate, self.device_rate)
+            self._out_dev_fifo = BlockFifo(1024, max_frames=64)
+        else:
+            self._up = self._down = None
+
+    def _choose_rate(self) -> int:
+        try:
+            self.sd.check_input_settings(
+                self.in_dev, channels=1, dtype="int16", samplerate=self.sample_rate
+            )
+            self.sd.check_output_settings(
+                self.out_dev, channels=1, dtype="int16", samplerate=self.sample_rate
+            )
+            return self.sample_rate
+        except Exception:
+            info = self.sd.query_devices(self.in_dev, "input")
+            return int(info["default_samplerate"])
+
+    def _callback(self, indata, outdata, frames, time_info, status) -> None:
+        if status.input_overflow:
+            self.input_overflows += 1
+        if status.output_underflow:
+            self.output_underflows += 1
+        x = indata[:, 0].astype(np.float32) / 32768.0
+        if self._up is not None:
+            x = self._up.process(x)
+        self.in_fifo.push(x)
+        fifo = self.out_fifo if self._down is None else self._out_dev_fifo
+        y = fifo.pull(frames)
+        outdata[:, 0] = np.clip(np.round(y * 32767.0), -32768, 32767).astype(np.int16)
+
+    def start(self) -> None:
+        if self.stream is not None:
+            return
+        try:
+            self.stream = self.sd.Stream(
+                samplerate=self.device_rate,
+                blocksize=self.blocksize,
+                device=(self.in_dev, self.out_dev),
+                channels=1,
+                dtype="int16",
+                callback=self._callback,
+            )
+            self.stream.start()
+        except Exception as e:
+            self.stream = None
+            raise AudioUnavailableError(
+                f"cannot open the audio device ({e}). Try `--device NAME`, or run on files with "
+                "`--input in.wav --output out.wav`; `duplex doctor` lists the devices."
+            ) from None
+
+    def read_frame(self, timeout: float = 2.0) -> np.ndarray | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            f = self.in_fifo.pop()
+            if f is not None:
+                self.dropped_input_frames = self.in_fifo.dropped_frames
+                return f
+            if time.monotonic() > deadline:
+                raise AudioUnavailableError("the audio device stopped delivering input")
+            time.sleep(0.001)
+
+    def write_frame(self, pcm: np.ndarray) -> None:
+        if self._down is None:
+            self.out_fifo.push(pcm)
+        else:
+            self._out_dev_fifo.push(self._down.process(np.asarray(pcm, np.float32)))
+        self.output_underruns = (
+            self.out_fifo.underruns if self._down is None else self._out_dev_fifo.underruns
+        )
+
+    def close(self) -> None:
+        if self.stream is not None:
+            self.stream.stop()
+            self.stream.close()
+            self.stream = None
