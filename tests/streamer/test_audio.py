@@ -79,16 +79,17 @@ def test_device_loopback_through_null_sink(pulse_sink) -> None:
             io.write_frame(out)
         counters = io.counters()
     rec = np.concatenate(got)
-    corr = np.correlate(rec, probe[: fs * 20], mode="valid")
-    lag = int(np.argmax(np.abs(corr)))
-    # Frame by frame after alignment: a scheduling glitch on this shared machine may drop a few
-    # frames (the counters record it), but what arrives must be the probe, in order.
-    seg = rec[lag : lag + probe.size]
-    good = sum(
-        np.corrcoef(seg[i * fs : (i + 1) * fs], probe[i * fs : (i + 1) * fs])[0, 1] > 0.95
-        for i in range(seg.size // fs)
-    )
-    assert good >= 100, f"only {good} of 150 frames came back intact; counters {counters}"
+    # Chunk by chunk: a scheduling glitch on this shared machine may insert silence (counted as
+    # an underrun) and shift what follows, but every chunk must come back intact and in order.
+    chunk = fs * 10
+    lags, good = [], 0
+    for c in range(probe.size // chunk):
+        ref = probe[c * chunk : (c + 1) * chunk]
+        lag = int(np.argmax(np.correlate(rec, ref, mode="valid")))
+        good += np.corrcoef(rec[lag : lag + chunk], ref)[0, 1] > 0.95
+        lags.append(lag)
+    assert good >= 12, f"only {good} of 15 chunks came back intact; counters {counters}"
+    assert lags == sorted(lags), f"chunks came back out of order: {lags}"
     assert set(counters) == {
         "dropped_input_frames",
         "output_underruns",
