@@ -136,12 +136,18 @@ class NgramIndex:
         for oi in range(len(self.cfg.orders)):
             self._insert(oi, start, stop)
         self.n = stop
+        need = self.bits_for(self.n)
         for oi in range(len(self.cfg.orders)):
-            if self.n > self.cfg.max_load << self.bits[oi]:
-                need = self.bits[oi]
-                while self.n > self.cfg.max_load << need:
-                    need += 1
-                self._rehash(oi, need + 1)
+            if need > self.bits[oi]:
+                self._rehash(oi, need)
+
+    def bits_for(self, n: int) -> int:
+        """Table size (log2) for n entries: a function of n alone, so any chunking of the same
+        history ends with the same tables."""
+        bits = self.cfg.init_bits
+        while n > self.cfg.max_load << bits:
+            bits += 1
+        return bits
 
     def truncate(self, n: int) -> None:
         """Forget positions >= n (call after `log.truncate(n)`); heads walk back down the chains."""

@@ -67,8 +67,9 @@ class TokenLog:
         return self._path
 
     def nbytes(self) -> int:
-        """Host bytes this log holds for its entries (RAM buffer capacity + file)."""
-        return self._ram.nbytes + self._n_disk * self.dtype.itemsize
+        """Host bytes of the entries held (RAM part + file). The RAM buffer is allocated with
+        calloc, so its untouched tail costs address space, not memory."""
+        return len(self) * self.dtype.itemsize
 
     def _spill_path(self) -> Path:
         if self._path is None:

@@ -1,0 +1,353 @@
+"""Guided window attention (GWA): read a few windows of the whole history at constant cost.
+
+Two parts (the method, with equations, is in docs/gwa.md):
+
+- `WindowReader` (host side, one per model): keeps each stream's history as a `TokenLog` of ids
+  plus an `NgramIndex`, and for every position t finds k candidate places to read: the local
+  window (the newest ids) and, for each indexed n-gram order, the most recent earlier positions
+  where the n-gram ending at t occurred. It returns each candidate's window of ids (W ids around
+  the anchor, never past t), the window-relative offsets, and per-candidate features (slot, how
+  many ids before the anchor match the current suffix, and the digits of the anchor's absolute
+  position). Work per position: O(k·(W + max_walk·m)), independent of the history length.
+- `GuidedWindowAttention` (the layer, one per GWA read in the backbone): re-embeds the window ids
+  with the model's token embedding plus window-relative position and candidate features, and
+  attends from the current hidden state over all k·W window slots plus a "read nothing" slot,
+  with an output gate. Candidate features enter the keys, so the softmax mixes windows by learned
+  scores and the loss trains the choice of window.
+
+Training runs the reader over a whole sequence at once (its lookups only ever see earlier
+positions), so all T reads are one batched tensor: no recurrence. Streaming appends each chunk to
+the log and reads exactly the same windows, so both forms give the same outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from duplex.kernels.gwa import gather_window_proj, window_attend
+from duplex.model.ngram_index import NgramIndex, NgramIndexConfig
+from duplex.model.token_log import TokenLog, id_dtype
+from duplex.streaming import StreamingModule, StreamState
+
+
+@dataclass
+class GWAReadConfig:
+    """Where a GWA read may look, and the features it gets about each place.
+
+    Window offsets run from -(win_before - 1) to +win_after around the anchor (offset 0 is the
+    last id of the matched n-gram; +1 is the id that followed it, the usual thing to read).
+    """
+
+    vocab_size: int = 8192
+    orders: tuple[int, ...] = (4, 2, 1)
+    per_order: int = 2
+    max_walk: int = 8
+    win_before: int = 4
+    win_after: int = 4
+    max_match: int = 8
+    pos_digits: int = 6
+    pos_base: int = 16
+    index_init_bits: int = 12
+    index_max_load: int = 4
+    ram_tokens: int = 1 << 22
+
+    def __post_init__(self) -> None:
+        self.orders = tuple(sorted((int(m) for m in self.orders), reverse=True))
+        if self.win_before < 1 or self.win_after < 0:
+            raise ValueError("need win_before >= 1 and win_after >= 0")
+
+    @property
+    def window(self) -> int:
+        """W: ids per window."""
+        return self.win_before + self.win_after
+
+    @property
+    def n_candidates(self) -> int:
+        """k: the local window plus per_order candidates for each order."""
+        return 1 + len(self.orders) * self.per_order
+
+    def offsets(self) -> np.ndarray:
+        return np.arange(-(self.win_before - 1), self.win_after + 1, dtype=np.int64)
+
+    def index_config(self) -> NgramIndexConfig:
+        return NgramIndexConfig(
+            orders=self.orders,
+            per_order=self.per_order,
+            max_walk=self.max_walk,
+            init_bits=self.index_init_bits,
+            max_load=self.index_max_load,
+            ram_tokens=self.ram_tokens,
+        )
+
+
+@dataclass
+class WindowRead:
+    """What every GWA layer reads at each position (tensors, batch-first).
+
+    ids: [B, T, k, W] window ids (0 where masked); mask: [B, T, k, W] True where readable;
+    match: [B, T, k] matched suffix length (0..max_match); digits: [B, T, k, P] base-`pos_base`
+    digits of each anchor's absolute position (least significant first); valid: [B, T, k].
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    match: torch.Tensor
+    digits: torch.Tensor
+    valid: torch.Tensor
+
+
+class History:
+    """One stream's id log and index. Host memory only; grows with the stream."""
+
+    def __init__(self, cfg: GWAReadConfig, spill_dir: str | os.PathLike | None = None) -> None:
+        self.cfg = cfg
+        self.log = TokenLog(id_dtype(cfg.vocab_size), cfg.ram_tokens, spill_dir, "ids.bin")
+        self.index = NgramIndex(self.log, cfg.index_config(), spill_dir)
+        self.offset = 0
+
+    def __len__(self) -> int:
+        return len(self.log)
+
+    def nbytes(self) -> int:
+        """Host bytes held for this stream (log + index)."""
+        return self.log.nbytes() + self.index.nbytes()
+
+    def append(self, ids: np.ndarray) -> None:
+        self.log.append(ids)
+        self.index.update()
+
+    def truncate(self, n: int) -> None:
+        self.log.truncate(n)
+        self.index.truncate(n)
+
+    def read(self, ts: np.ndarray) -> dict[str, np.ndarray]:
+        """Candidates and windows for positions `ts` [N] (already appended): numpy arrays."""
+        cfg = self.cfg
+        ts = np.asarray(ts, dtype=np.int64)
+        N = ts.shape[0]
+        # anchors: [N, k]: slot 0 the local window (anchored at t), then orders high to low.
+        found = self.index.lookup(ts).reshape(N, -1)
+        anchors = np.concatenate([ts[:, None], found], axis=1)
+        k = anchors.shape[1]
+        for j in range(2, k):
+            for i in range(1, j):
+                anchors[:, j] = np.where(anchors[:, j] == anchors[:, i], -1, anchors[:, j])
+        valid = anchors >= 0
+        # match: how many ids ending at the anchor equal those ending at t (capped).
+        match = np.zeros((N, k), dtype=np.int64)
+        alive = valid.copy()
+        alive[:, 0] = False
+        for i in range(cfg.max_match):
+            a = anchors - i
+            ok = alive & (a >= 0) & (ts[:, None] - i >= 0)
+            ok &= self.log.gather(np.where(ok, a, -1), fill=0) == self.log.gather(
+                np.where(ok, ts[:, None] - i, -1), fill=0
+            )
+            match += ok
+            alive = ok
+        # windows: [N, k, W] positions, readable when inside [0, t]
+        pos = anchors[:, :, None] + cfg.offsets()[None, None, :]
+        mask = valid[:, :, None] & (pos >= 0) & (pos <= ts[:, None, None])
+        ids = self.log.gather(np.where(mask, pos, -1), fill=0).astype(np.int64)
+        absolute = np.where(valid, anchors + self.offset, 0)
+        digits = np.stack(
+            [(absolute // cfg.pos_base**i) % cfg.pos_base for i in range(cfg.pos_digits)], axis=-1
+        )
+        return {
+            "ids": ids,
+            "mask": mask,
+            "match": match,
+            "digits": digits,
+            "valid": valid,
+            "anchors": anchors,
+        }
+
+    def close(self) -> None:
+        self.log.close()
+        self.index.close()
+
+
+class _HistoryRef:
+    """A stream's history plus the length this state has seen.
+
+    Snapshots (`get_state`) copy only the length: the log is append-only, so restoring a snapshot
+    truncates the shared log back to that length on the next step. Restoring an older snapshot
+    therefore discards what came after it (one timeline per stream).
+    """
+
+    def __init__(self, history: History, length: int) -> None:
+        self.history = history
+        self.length = length
+
+    def __deepcopy__(self, memo: dict) -> _HistoryRef:
+        return _HistoryRef(self.history, self.length)
+
+    def sync(self) -> History:
+        if len(self.history) != self.length:
+            self.history.truncate(self.length)
+        return self.history
+
+
+@dataclass
+class WindowReaderState(StreamState):
+    """Per-stream histories (host) and absolute position offsets."""
+
+    rows: list[_HistoryRef] = field(default_factory=list)
+
+    def reset_rows(self, rows: torch.Tensor, fresh: StreamState) -> None:
+        """Rows where `rows` is True start an empty history (a new session in that slot)."""
+        for b, r in enumerate(torch.as_tensor(rows, dtype=torch.bool).tolist()):
+            if r:
+                self.rows[b].history.close()
+                self.rows[b] = fresh.rows[b]
+
+
+def _to_read(parts: list[dict[str, np.ndarray]], device: torch.device) -> WindowRead:
+    def stack(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.stack([p[name] for p in parts])).to(device)
+
+    return WindowRead(
+        ids=stack("ids"),
+        mask=stack("mask"),
+        match=stack("match"),
+        digits=stack("digits"),
+        valid=stack("valid"),
+    )
+
+
+class WindowReader(StreamingModule):
+    """Finds the windows every GWA layer reads. Holds no parameters."""
+
+    def __init__(self, cfg: GWAReadConfig, spill_dir: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.spill_dir = spill_dir
+
+    def _new_history(self, row: int) -> History:
+        folder = None if self.spill_dir is None else os.path.join(self.spill_dir, f"row{row}")
+        return History(self.cfg, folder)
+
+    def init_state(self, batch_size: int) -> WindowReaderState:
+        return WindowReaderState(
+            batch_size=batch_size,
+            exec_mask=torch.ones(batch_size, dtype=torch.bool),
+            rows=[_HistoryRef(self._new_history(b), 0) for b in range(batch_size)],
+        )
+
+    def parallel(self, ids: torch.Tensor, offsets: torch.Tensor | None = None) -> WindowRead:
+        """Reads for every position of whole sequences ids [B, T] (training / offline)."""
+        B, T = ids.shape
+        arr = ids.detach().cpu().numpy()
+        parts = []
+        for b in range(B):
+            h = History(dataclasses.replace(self.cfg, ram_tokens=T + 1))
+            h.offset = 0 if offsets is None else int(offsets[b])
+            h.append(arr[b])
+            parts.append(h.read(np.arange(T)))
+            h.close()
+        return _to_read(parts, ids.device)
+
+    def step(self, ids: torch.Tensor) -> WindowRead:
+        """Append ids [B, T] to each stream's history and return their reads.
+
+        Rows whose exec mask is False are read as if appended, then their history is cut back.
+        """
+        st = self._require_streaming()
+        B, T = ids.shape
+        if st.batch_size != B:
+            raise ValueError(f"reader streams {st.batch_size} rows, got {B}")
+        arr = ids.detach().cpu().numpy()
+        parts = []
+        for b, ref in enumerate(st.rows):
+            h = ref.sync()
+            start = len(h)
+            h.append(arr[b])
+            parts.append(h.read(np.arange(start, start + T)))
+            if bool(st.exec_mask[b]):
+                ref.length = len(h)
+            else:
+                h.truncate(start)
+        return _to_read(parts, ids.device)
+
+    def set_offsets(self, offsets: list[int]) -> None:
+        """Absolute position of each stream's first id (what `position` features report)."""
+        st = self._require_streaming()
+        for ref, off in zip(st.rows, offsets, strict=True):
+            ref.history.offset = int(off)
+
+    def host_bytes(self) -> int:
+        """Host bytes of all streams' histories (log + index)."""
+        st = self._require_streaming()
+        return sum(ref.history.nbytes() for ref in st.rows)
+
+    def lengths(self) -> list[int]:
+        st = self._require_streaming()
+        return [ref.length for ref in st.rows]
+
+
+@dataclass
+class GWAConfig:
+    """Sizes of one GWA layer."""
+
+    d_model: int
+    n_heads: int = 2
+    head_dim: int = 32
+
+
+class GuidedWindowAttention(nn.Module):
+    """One GWA read: x [B, T, d] and the reader's windows -> y [B, T, d].
+
+    Stateless: everything it needs across steps is in the reader's history, so its streaming form
+    is its parallel form applied to the new positions' windows.
+    """
+
+    def __init__(self, cfg: GWAConfig, read: GWAReadConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.read_cfg = read
+        d, H, D = cfg.d_model, cfg.n_heads, cfg.head_dim
+        self.q_proj = nn.Linear(d, H * D, bias=False)
+        self.k_proj = nn.Linear(d, H * D, bias=False)
+        self.v_proj = nn.Linear(d, H * D, bias=False)
+        self.gate_proj = nn.Linear(d, H * D)
+        self.o_proj = nn.Linear(H * D, d, bias=False)
+        # Window features: window-relative offset, candidate slot, matched length, anchor digits.
+        self.rel = nn.Parameter(torch.randn(read.window, d) * 0.02)
+        self.slot = nn.Parameter(torch.randn(read.n_candidates, d) * 0.02)
+        self.match = nn.Parameter(torch.randn(read.max_match + 1, d) * 0.02)
+        self.digits = nn.Parameter(torch.randn(read.pos_digits, read.pos_base, d) * 0.02)
+        self.null_k = nn.Parameter(torch.zeros(H, D))
+        self.null_v = nn.Parameter(torch.zeros(H, D))
+
+    def forward(self, x: torch.Tensor, read: WindowRead, embedding: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d]; read from the WindowReader; embedding [V, d] the model's token table."""
+        B, T, _ = x.shape
+        H, D = self.cfg.n_heads, self.cfg.head_dim
+        k_n, W = read.ids.shape[2], read.ids.shape[3]
+        P = self.read_cfg.pos_digits
+        # meta: [B, T, k, d] per-candidate features
+        place = torch.arange(P, device=x.device)
+        meta = (
+            self.slot[None, None]
+            + self.match[read.match]
+            + self.digits[place, read.digits].sum(dim=-2)
+        )
+        # keys and values are linear in (token + offset + candidate): project each part once.
+        # tok_k: [B, T, k, W, H*D]
+        tok_k = gather_window_proj(embedding, self.k_proj.weight, read.ids)
+        tok_v = gather_window_proj(embedding, self.v_proj.weight, read.ids)
+        rel_k, rel_v = self.k_proj(self.rel), self.v_proj(self.rel)
+        meta_k, meta_v = self.k_proj(meta), self.v_proj(meta)
+        k = (tok_k + rel_k[None, None, None] + meta_k[:, :, :, None]).reshape(B, T, k_n * W, H, D)
+        v = (tok_v + rel_v[None, None, None] + meta_v[:, :, :, None]).reshape(B, T, k_n * W, H, D)
+        mask = (read.mask & read.valid[..., None]).reshape(B, T, k_n * W)
+        q = self.q_proj(x).reshape(B, T, H, D)
+        o = window_attend(q, k, v, mask, self.null_k, self.null_v)
+        o = o.reshape(B, T, H * D) * torch.sigmoid(self.gate_proj(x))
+        return self.o_proj(o)
