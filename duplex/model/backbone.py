@@ -220,26 +220,35 @@ class Backbone(StreamingModule):
             if name.endswith("out.weight") or name.endswith("down.weight"):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * len(cfg.layers)))
 
-    def _run(self, ids: torch.Tensor, read: object) -> torch.Tensor:
+    def _run(self, ids: torch.Tensor, read: object, extra: torch.Tensor | None) -> torch.Tensor:
         x = self.embed(ids)
+        if extra is not None:
+            # Other streams' embeddings (the duplex model's audio), summed per position.
+            x = x + extra
         for kind, norm, block in zip(self.cfg.layers, self.norms, self.blocks, strict=True):
             h = norm(x)
             x = x + block(h, read, self.embed.weight) if kind == "gwa" else x + block(h)
         return self.final_norm(x)
 
-    def forward(self, ids: torch.Tensor, offsets: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        ids: torch.Tensor,
+        offsets: torch.Tensor | None = None,
+        extra: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Parallel form: ids [B, T] -> hidden [B, T, d]. `offsets` [B]: absolute position of
-        each row's first id (only GWA position features use it)."""
+        each row's first id (only GWA position features use it). `extra` [B, T, d]: added to
+        the id embeddings (embeddings of streams that are not in the id log)."""
         if self.is_streaming:
             raise RuntimeError("use step() inside streaming(); forward() is the offline form")
         read = self.reader.parallel(ids, offsets) if self.reader is not None else None
-        return self._run(ids, read)
+        return self._run(ids, read, extra)
 
-    def step(self, ids: torch.Tensor) -> torch.Tensor:
+    def step(self, ids: torch.Tensor, extra: torch.Tensor | None = None) -> torch.Tensor:
         """Streaming form: the next ids [B, T] of each stream -> hidden [B, T, d]."""
         self._require_streaming()
         read = self.reader.step(ids) if self.reader is not None else None
-        return self._run(ids, read)
+        return self._run(ids, read, extra)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [..., d] -> logits [..., V] through the tied embedding."""
