@@ -59,6 +59,77 @@ class StreamState:
             keep = rows.view(-1, *([1] * (v.dim() - 1))).to(v.device)
             v.copy_(torch.where(keep, new.to(v.dtype), v))
 
+    def select_rows(self, rows: torch.Tensor) -> StreamState:
+        """A new state holding only batch rows `rows` (index tensor), deep-copied."""
+        new = self.clone()
+        for name, v in self.tensor_fields():
+            setattr(new, name, v[rows.to(v.device)].clone())
+        new.exec_mask = self.exec_mask[rows.to(self.exec_mask.device)].clone()
+        new.batch_size = int(rows.numel())
+        return new
+
+    def assign_rows(self, rows: torch.Tensor, src: StreamState) -> None:
+        """Write `src` (a state of len(rows) rows) into batch rows `rows` of this state."""
+        for name, v in self.tensor_fields():
+            v[rows.to(v.device)] = getattr(src, name).to(v.device, v.dtype)
+
+    def to_saved(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Named tensors and JSON-able plain fields that describe this state (for files)."""
+        tensors: dict[str, torch.Tensor] = {}
+        plain: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            if f.name in ("exec_mask", "batch_size"):
+                continue
+            v = getattr(self, f.name)
+            if isinstance(v, torch.Tensor):
+                tensors[f.name] = v
+            elif _plain(v):
+                plain[f.name] = v
+            else:
+                raise TypeError(f"state field {f.name} ({type(v).__name__}) cannot be saved")
+        return tensors, plain
+
+    def from_saved(self, tensors: dict[str, torch.Tensor], plain: dict[str, Any]) -> StreamState:
+        """A new state like this one (the template) filled from `to_saved` output.
+
+        Raises ValueError on a missing, extra or mis-shaped entry; this state is not changed.
+        """
+        new = self.clone()
+        seen = set()
+        for f in dataclasses.fields(self):
+            if f.name in ("exec_mask", "batch_size"):
+                continue
+            cur = getattr(self, f.name)
+            if isinstance(cur, torch.Tensor):
+                if f.name not in tensors:
+                    raise ValueError(f"saved state lacks tensor {f.name}")
+                t = tensors[f.name]
+                if tuple(t.shape) != tuple(cur.shape) or t.dtype != cur.dtype:
+                    raise ValueError(
+                        f"saved tensor {f.name} is {tuple(t.shape)} {t.dtype}, "
+                        f"expected {tuple(cur.shape)} {cur.dtype}"
+                    )
+                setattr(new, f.name, t.to(cur.device).clone())
+            else:
+                if f.name not in plain:
+                    raise ValueError(f"saved state lacks field {f.name}")
+                setattr(new, f.name, copy.deepcopy(plain[f.name]))
+            seen.add(f.name)
+        extra = (set(tensors) | set(plain)) - seen
+        if extra:
+            raise ValueError(f"saved state has fields this module lacks: {sorted(extra)}")
+        return new
+
+
+def _plain(v: Any) -> bool:
+    if v is None or isinstance(v, (bool, int, float, str)):
+        return True
+    if isinstance(v, (list, tuple)):
+        return all(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x) for k, x in v.items())
+    return False
+
 
 def keep_masked(new: torch.Tensor, old: torch.Tensor, exec_mask: torch.Tensor) -> torch.Tensor:
     """Rows with exec_mask True take `new`, the others keep `old` ([B, ...] tensors)."""
@@ -158,15 +229,53 @@ class StreamingModule(nn.Module):
 
     def get_rows(self, rows: torch.Tensor) -> dict[str, StreamState]:
         """Snapshot of some batch rows only (e.g. one session of a batched engine)."""
-        return select_rows(self.get_state(), torch.as_tensor(rows, dtype=torch.long))
+        self._require_streaming()
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return {n: m._stream_state.select_rows(rows) for n, m in self._streaming_children()}
 
     def set_rows(self, rows: torch.Tensor, states: dict[str, StreamState]) -> None:
         """Overwrite batch rows `rows` with a snapshot of that many rows (e.g. from `get_rows`)."""
         self._require_streaming()
-        live = {name: m._stream_state for name, m in self._streaming_children()}
-        if set(live) != set(states):
+        mods = dict(self._streaming_children())
+        if set(mods) != set(states):
             raise ValueError("state does not match this module's streaming layout")
-        assign_rows(live, torch.as_tensor(rows, dtype=torch.long), states)
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        for name, m in mods.items():
+            m._stream_state.assign_rows(rows, states[name])
+
+    def save_rows(self, rows: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Some rows' state as named tensors + plain fields ("module/field"), for a state file."""
+        tensors: dict[str, torch.Tensor] = {}
+        plain: dict[str, Any] = {}
+        for name, st in self.get_rows(rows).items():
+            t, p = st.to_saved()
+            tensors.update({f"{name}/{k}": v for k, v in t.items()})
+            plain.update({f"{name}/{k}": v for k, v in p.items()})
+        return tensors, plain
+
+    def load_rows(
+        self, rows: torch.Tensor, tensors: dict[str, torch.Tensor], plain: dict[str, Any]
+    ) -> None:
+        """Inverse of `save_rows` into rows `rows`. Everything is validated against this
+        module's layout before any row changes; a mismatch is a ValueError."""
+        template = self.get_rows(rows)
+        staged = {}
+        claimed: set[str] = set()
+        for name, st in template.items():
+            pre = f"{name}/"
+            t = {k[len(pre) :]: v for k, v in tensors.items() if k.startswith(pre)}
+            p = {k[len(pre) :]: v for k, v in plain.items() if k.startswith(pre)}
+            t = {k: v for k, v in t.items() if "/" not in k}
+            p = {k: v for k, v in p.items() if "/" not in k}
+            try:
+                staged[name] = st.from_saved(t, p)
+            except ValueError as e:
+                raise ValueError(f"{name or 'root'}: {e}") from None
+            claimed |= {pre + k for k in t} | {pre + k for k in p}
+        extra = (set(tensors) | set(plain)) - claimed
+        if extra:
+            raise ValueError(f"saved state has entries this module lacks: {sorted(extra)[:5]}")
+        self.set_rows(rows, staged)
 
 
 @dataclasses.dataclass
@@ -176,103 +285,3 @@ class _EmptyState(StreamState):
     @classmethod
     def make(cls, batch_size: int, module: Any) -> _EmptyState:
         return cls(batch_size=batch_size, exec_mask=torch.ones(batch_size, dtype=torch.bool))
-
-
-def _plain(v: Any) -> bool:
-    if v is None or isinstance(v, (bool, int, float, str)):
-        return True
-    if isinstance(v, (list, tuple)):
-        return all(_plain(x) for x in v)
-    if isinstance(v, dict):
-        return all(isinstance(k, str) and _plain(x) for k, x in v.items())
-    return False
-
-
-def flatten_states(
-    states: dict[str, StreamState],
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Turn a `get_state()` snapshot into named tensors plus JSON-able plain fields.
-
-    Tensors are named "module/field"; exec masks are not saved (a restored session runs).
-    """
-    tensors: dict[str, torch.Tensor] = {}
-    plain: dict[str, Any] = {}
-    for mod, st in states.items():
-        for f in dataclasses.fields(st):
-            if f.name == "exec_mask":
-                continue
-            v = getattr(st, f.name)
-            key = f"{mod}/{f.name}"
-            if isinstance(v, torch.Tensor):
-                tensors[key] = v
-            elif _plain(v):
-                plain[key] = v
-            else:
-                raise TypeError(f"state field {key} of type {type(v).__name__} cannot be saved")
-    return tensors, plain
-
-
-def unflatten_states(
-    template: dict[str, StreamState],
-    tensors: dict[str, torch.Tensor],
-    plain: dict[str, Any],
-) -> dict[str, StreamState]:
-    """Inverse of `flatten_states`, checked field by field against a live `template`.
-
-    Raises ValueError on any missing, extra or mis-shaped entry, before anything is changed.
-    """
-    out: dict[str, StreamState] = {}
-    seen: set[str] = set()
-    for mod, st in template.items():
-        new = st.clone()
-        for f in dataclasses.fields(st):
-            if f.name in ("exec_mask", "batch_size"):
-                continue
-            key = f"{mod}/{f.name}"
-            cur = getattr(st, f.name)
-            if isinstance(cur, torch.Tensor):
-                if key not in tensors:
-                    raise ValueError(f"saved state lacks tensor {key}")
-                t = tensors[key]
-                if tuple(t.shape) != tuple(cur.shape) or t.dtype != cur.dtype:
-                    raise ValueError(
-                        f"saved tensor {key} is {tuple(t.shape)} {t.dtype}, "
-                        f"expected {tuple(cur.shape)} {cur.dtype}"
-                    )
-                setattr(new, f.name, t.to(cur.device).clone())
-            else:
-                if key not in plain:
-                    raise ValueError(f"saved state lacks field {key}")
-                setattr(new, f.name, copy.deepcopy(plain[key]))
-            seen.add(key)
-        out[mod] = new
-    extra = (set(tensors) | set(plain)) - seen - {k for k in plain if k.endswith("/batch_size")}
-    if extra:
-        raise ValueError(f"saved state has entries this module lacks: {sorted(extra)[:5]}")
-    return out
-
-
-def select_rows(states: dict[str, StreamState], rows: torch.Tensor) -> dict[str, StreamState]:
-    """The batch rows `rows` (index tensor) of every state: a smaller batch of sessions."""
-    out = {}
-    for mod, st in states.items():
-        new = st.clone()
-        for f in dataclasses.fields(st):
-            v = getattr(st, f.name)
-            if isinstance(v, torch.Tensor):
-                setattr(new, f.name, v[rows.to(v.device)].clone())
-        new.batch_size = int(rows.numel())
-        out[mod] = new
-    return out
-
-
-def assign_rows(
-    dst: dict[str, StreamState], rows: torch.Tensor, src: dict[str, StreamState]
-) -> None:
-    """Write the states of a smaller batch `src` into rows `rows` of `dst`, in place."""
-    for mod, st in dst.items():
-        if mod not in src:
-            raise ValueError(f"source state lacks module {mod!r}")
-        for name, v in st.tensor_fields():
-            s = getattr(src[mod], name)
-            v[rows.to(v.device)] = s.to(v.device, v.dtype)

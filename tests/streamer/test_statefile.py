@@ -16,15 +16,7 @@ from duplex.streamer.statefile import (
     read_header,
     save_state,
 )
-from duplex.streaming import flatten_states, unflatten_states
 from tests.test_streaming import Pair
-
-
-def _states():
-    m = Pair()
-    with m.streaming(3):
-        m(torch.randn(3, 5, 3))
-        return m, m.get_state()
 
 
 def test_round_trip(tmp_path) -> None:
@@ -43,15 +35,19 @@ def test_round_trip(tmp_path) -> None:
     assert read_header(p)["model_fingerprint"] == "m1"
 
 
-def test_stream_states_round_trip_through_a_file(tmp_path) -> None:
-    _, states = _states()
-    t, plain = flatten_states(states)
+def test_stream_rows_round_trip_through_a_file(tmp_path) -> None:
+    m = Pair()
+    x = torch.randn(3, 5, 3)
+    with m.streaming(3):
+        m(x)
+        t, plain = m.save_rows(torch.tensor([2]))
+        ref = m(x)[2]
     save_state(tmp_path / "x", t, {"plain": plain}, "m", "c")
     t2, meta = load_state(tmp_path / "x")
-    restored = unflatten_states(states, t2, meta["plain"])
-    for name in states:
-        for k, v in states[name].tensor_fields():
-            assert torch.equal(getattr(restored[name], k), v)
+    with m.streaming(2):
+        m.load_rows(torch.tensor([1]), t2, meta["plain"])
+        got = m(x[1:3])[1]
+    torch.testing.assert_close(got, ref)
 
 
 def test_wrong_model_or_codec_is_rejected(tmp_path) -> None:
@@ -94,17 +90,26 @@ def test_missing_file(tmp_path) -> None:
 
 
 def test_mismatched_layout_is_rejected_before_any_change() -> None:
-    _, states = _states()
-    t, plain = flatten_states(states)
-    bad = dict(t)
-    key = next(iter(bad))
-    bad[key] = torch.zeros(9, 9)
-    with pytest.raises(ValueError, match="expected"):
-        unflatten_states(states, bad, plain)
-    missing = dict(t)
-    del missing[key]
-    with pytest.raises(ValueError, match="lacks"):
-        unflatten_states(states, missing, plain)
+    m = Pair()
+    with m.streaming(2):
+        m(torch.randn(2, 5, 3))
+        t, plain = m.save_rows(torch.tensor([0]))
+        before = m.get_state()
+        bad = dict(t)
+        bad["b/total"] = torch.zeros(9, 9)
+        with pytest.raises(ValueError, match="expected"):
+            m.load_rows(torch.tensor([1]), bad, plain)
+        missing = dict(t)
+        del missing["b/total"]
+        with pytest.raises(ValueError, match="lacks"):
+            m.load_rows(torch.tensor([1]), missing, plain)
+        extra = {**t, "c/total": torch.zeros(1, 3)}
+        with pytest.raises(ValueError, match="lacks"):
+            m.load_rows(torch.tensor([1]), extra, plain)
+        after = m.get_state()
+    for name in before:
+        for k, v in before[name].tensor_fields():
+            assert torch.equal(getattr(after[name], k), v)
 
 
 def test_full_disk_keeps_the_old_file(tmp_path, monkeypatch) -> None:
