@@ -156,10 +156,12 @@ class StreamingModule(nn.Module):
     def is_streaming(self) -> bool:
         return self._stream_state is not None
 
-    def _streaming_children(self) -> Iterator[tuple[str, StreamingModule]]:
-        for name, m in self.named_modules():
-            if isinstance(m, StreamingModule):
-                yield name, m
+    def _streaming_children(self) -> list[tuple[str, StreamingModule]]:
+        # Cached while streaming: set_exec_mask runs every frame and named_modules is slow.
+        cached = self.__dict__.get("_children_cache")
+        if cached is not None:
+            return cached
+        return [(n, m) for n, m in self.named_modules() if isinstance(m, StreamingModule)]
 
     def start_streaming(self, batch_size: int) -> None:
         if batch_size < 1:
@@ -169,10 +171,12 @@ class StreamingModule(nn.Module):
                 raise RuntimeError(f"{type(m).__name__} is already streaming")
             st = m.init_state(batch_size)
             m._stream_state = st if st is not None else _EmptyState.make(batch_size, m)
+        self.__dict__["_children_cache"] = self._streaming_children()
 
     def stop_streaming(self) -> None:
         for _, m in self._streaming_children():
             m._stream_state = None
+        self.__dict__.pop("_children_cache", None)
 
     @contextmanager
     def streaming(self, batch_size: int) -> Iterator[None]:

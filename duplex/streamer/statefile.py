@@ -184,6 +184,9 @@ def load_state(
             )
     tensors = {}
     for e in header["tensors"]:
+        if e["nbytes"] == 0:
+            tensors[e["name"]] = torch.empty(e["shape"], dtype=_DTYPES[e["dtype"]])
+            continue
         raw = np.frombuffer(payload, dtype=np.uint8, count=e["nbytes"], offset=e["offset"])
         t = torch.from_numpy(raw.copy()).view(_DTYPES[e["dtype"]]).reshape(e["shape"])
         tensors[e["name"]] = t

@@ -1,0 +1,312 @@
+"""DuplexLM: one model step per codec frame, hearing the user and speaking, with text alongside.
+
+Streams at frame t (layout in docs/streams.md):
+
+- user audio   u[t, k], k < K: codes of what the user said in frame t (input only)
+- model audio  a[t, k]: the model's own speech codes, in the *delayed* layout ad[t, 0] = a[t, 0],
+               ad[t, k] = a[t - D, k] for k >= 1, so one step predicts all K codebooks at once:
+               the acoustic codebooks of frame t - D are predicted knowing its semantic one
+- model text   m[t]: the inner monologue, bytes of the model's words aligned with its speech
+- user text    x[t]: a transcript of the user, lagging their speech by a few frames; the model
+               predicts it, or the user types it (then the typed bytes are the input)
+
+The input at step t is the user's audio of frame t plus the model's own previous tokens
+(ad[t-1], m[t-1], x[t-1]); the outputs are logits for ad[t], m[t] and x[t]. All input embeddings
+are summed per frame. The backbone's id stream (its guided-window log) is the merged text of the
+frame: the model's byte if any, else the user's byte (offset by the text vocabulary), else PAD,
+so recall works over everything either side said.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from duplex.model.backbone import Backbone, BackboneConfig
+from duplex.model.tokenizer import PAD, VOCAB_SIZE
+from duplex.streaming import StreamingModule
+
+
+@dataclass
+class DuplexConfig:
+    """Streams and widths of a DuplexLM; `backbone.vocab_size` is set from the text vocabulary."""
+
+    num_codebooks: int = 8
+    codebook_size: int = 256
+    text_vocab: int = VOCAB_SIZE
+    acoustic_delay: int = 1
+    transcript_delay: int = 3
+    text_pad_weight: float = 0.5
+    audio_weight: float = 1.0
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.backbone, dict):
+            self.backbone = BackboneConfig(**self.backbone)
+        self.backbone.vocab_size = 2 * self.text_vocab
+        if self.acoustic_delay < 0 or self.transcript_delay < 0:
+            raise ValueError("delays must be >= 0")
+
+    @property
+    def audio_pad(self) -> int:
+        """Audio code used before the first frame and in delay gaps."""
+        return self.codebook_size
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DuplexConfig:
+        d = dict(d)
+        bb = dict(d.pop("backbone", {}))
+        if "read" in bb and isinstance(bb["read"], dict):
+            from duplex.model.gwa import GWAReadConfig
+
+            bb["read"] = GWAReadConfig(**bb["read"])
+        return cls(**d, backbone=BackboneConfig(**bb))
+
+
+CONFIGS: dict[str, DuplexConfig] = {}
+
+
+def _register(name: str, cfg: DuplexConfig) -> None:
+    CONFIGS[name] = cfg
+
+
+_register(
+    "tiny",
+    DuplexConfig(
+        backbone=BackboneConfig(
+            d_model=128,
+            layers=("gdn", "mlp", "gwa", "mlp", "gdn", "mlp", "swa", "mlp"),
+            gdn_heads=2,
+            gdn_head_dim=64,
+            gwa_heads=2,
+            gwa_head_dim=32,
+            attn_heads=2,
+            attn_head_dim=32,
+            swa_window=32,
+        )
+    ),
+)
+_register(
+    "small",
+    DuplexConfig(
+        backbone=BackboneConfig(
+            d_model=256,
+            layers=("gdn", "mlp", "gdn", "mlp", "gwa", "mlp", "gdn", "mlp", "swa", "mlp"),
+            gdn_heads=4,
+            gdn_head_dim=64,
+            gwa_heads=4,
+            gwa_head_dim=32,
+            attn_heads=4,
+            attn_head_dim=32,
+            swa_window=64,
+        )
+    ),
+)
+
+
+def delay_audio(a: torch.Tensor, delay: int, pad: int) -> torch.Tensor:
+    """a [B, T, K] -> delayed layout: codebooks k >= 1 shifted `delay` frames later."""
+    if delay == 0:
+        return a
+    out = a.clone()
+    out[:, :, 1:] = pad
+    out[:, delay:, 1:] = a[:, :-delay, 1:]
+    return out
+
+
+def undelay_audio(ad: torch.Tensor, delay: int) -> torch.Tensor:
+    """Delayed layout [B, T, K] -> frames [B, T - delay, K] whose codebooks are all known."""
+    if delay == 0:
+        return ad
+    return torch.cat([ad[:, :-delay, :1], ad[:, delay:, 1:]], dim=-1)
+
+
+@dataclass
+class StepLogits:
+    """Logits of one step: text [B, Vt], audio [B, K, card], user_text [B, Vt]."""
+
+    text: torch.Tensor
+    audio: torch.Tensor
+    user_text: torch.Tensor
+
+
+class DuplexLM(StreamingModule):
+    """The multi-stream model: summed stream embeddings -> backbone -> one head per stream."""
+
+    def __init__(self, cfg: DuplexConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.backbone.d_model
+        K, card = cfg.num_codebooks, cfg.codebook_size
+        self.backbone = Backbone(cfg.backbone)
+        # One table per (stream, codebook); row `card` is the pad code.
+        self.user_audio_emb = nn.Parameter(torch.randn(K, card + 1, d) * d**-0.5)
+        self.model_audio_emb = nn.Parameter(torch.randn(K, card + 1, d) * d**-0.5)
+        self.text_emb = nn.Embedding(cfg.text_vocab, d)
+        self.user_text_emb = nn.Embedding(cfg.text_vocab, d)
+        for e in (self.text_emb, self.user_text_emb):
+            nn.init.normal_(e.weight, std=d**-0.5)
+        self.text_head = nn.Linear(d, cfg.text_vocab, bias=False)
+        self.user_text_head = nn.Linear(d, cfg.text_vocab, bias=False)
+        self.audio_head = nn.Linear(d, K * card, bias=False)
+
+    def merged_text(self, text: torch.Tensor, user_text: torch.Tensor) -> torch.Tensor:
+        """The backbone's id per frame: model byte, else user byte + Vt, else PAD."""
+        vt = self.cfg.text_vocab
+        user = torch.where(user_text != PAD, user_text + vt, torch.full_like(user_text, PAD))
+        return torch.where(text != PAD, text, user)
+
+    def _audio_embed(self, table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        # codes [B, T, K] -> sum over k of table[k, codes[..., k]] : [B, T, d]
+        K = codes.shape[-1]
+        return sum(table[k][codes[..., k]] for k in range(K))
+
+    def _inputs(
+        self,
+        user_audio: torch.Tensor,
+        prev_audio: torch.Tensor,
+        prev_text: torch.Tensor,
+        prev_user_text: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [B, T], extra [B, T, d]) for the backbone."""
+        extra = (
+            self._audio_embed(self.user_audio_emb, user_audio)
+            + self._audio_embed(self.model_audio_emb, prev_audio)
+            + self.text_emb(prev_text)
+            + self.user_text_emb(prev_user_text)
+        )
+        return self.merged_text(prev_text, prev_user_text), extra
+
+    def _heads(self, h: torch.Tensor) -> StepLogits:
+        K, card = self.cfg.num_codebooks, self.cfg.codebook_size
+        audio = self.audio_head(h).unflatten(-1, (K, card))
+        return StepLogits(self.text_head(h), audio, self.user_text_head(h))
+
+    def shift_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Teacher forcing: the previous step's tokens of each own stream (pad at t = 0)."""
+        cfg = self.cfg
+        ad = delay_audio(batch["model_audio"], cfg.acoustic_delay, cfg.audio_pad)
+
+        def prev(x: torch.Tensor, pad: int) -> torch.Tensor:
+            first = torch.full_like(x[:, :1], pad)
+            return torch.cat([first, x[:, :-1]], dim=1)
+
+        return {
+            "target_audio": ad,
+            "prev_audio": prev(ad, cfg.audio_pad),
+            "prev_text": prev(batch["model_text"], PAD),
+            "prev_user_text": prev(batch["user_text"], PAD),
+        }
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> tuple[StepLogits, dict[str, torch.Tensor]]:
+        """Parallel (training) form.
+
+        batch: user_audio [B, T, K], model_audio [B, T, K] (frames, not delayed), model_text
+        [B, T], user_text [B, T] (already aligned: the transcript lags the speech). Returns the
+        logits of every step and the losses per stream (and their weighted sum, "loss").
+        """
+        cfg = self.cfg
+        s = self.shift_inputs(batch)
+        ids, extra = self._inputs(
+            batch["user_audio"], s["prev_audio"], s["prev_text"], s["prev_user_text"]
+        )
+        logits = self._heads(self.backbone(ids, extra=extra))
+        w = torch.ones(cfg.text_vocab, device=ids.device)
+        w[PAD] = cfg.text_pad_weight
+        loss_text = F.cross_entropy(logits.text.flatten(0, 1), batch["model_text"].flatten(), w)
+        loss_user = F.cross_entropy(logits.user_text.flatten(0, 1), batch["user_text"].flatten(), w)
+        tgt = s["target_audio"]
+        # Delay gaps hold the pad code, which no head predicts: leave them out of the loss.
+        loss_audio = F.cross_entropy(
+            logits.audio.flatten(0, 2),
+            tgt.flatten().clamp(max=cfg.codebook_size - 1),
+            reduction="none",
+        )
+        keep = (tgt.flatten() != cfg.audio_pad).float()
+        loss_audio = (loss_audio * keep).sum() / keep.sum().clamp(min=1)
+        total = loss_text + loss_user + cfg.audio_weight * loss_audio
+        return logits, {
+            "loss": total,
+            "loss_text": loss_text,
+            "loss_user_text": loss_user,
+            "loss_audio": loss_audio,
+        }
+
+    def step(
+        self,
+        user_audio: torch.Tensor,
+        prev_audio: torch.Tensor,
+        prev_text: torch.Tensor,
+        prev_user_text: torch.Tensor,
+    ) -> StepLogits:
+        """Streaming form, one frame: user_audio [B, K] (this frame), prev_audio [B, K] (the
+        model's delayed-layout codes of the previous step), prev_text [B], prev_user_text [B]."""
+        self._require_streaming()
+        ids, extra = self._inputs(
+            user_audio[:, None], prev_audio[:, None], prev_text[:, None], prev_user_text[:, None]
+        )
+        h = self.backbone.step(ids, extra=extra)
+        out = self._heads(h[:, 0])
+        return out
+
+    def state_bytes(self) -> int:
+        """Fixed streaming state bytes per session (excludes the host-side id log)."""
+        return self.backbone.state_bytes()
+
+    def host_bytes(self) -> int:
+        reader = self.backbone.reader
+        return reader.host_bytes() if reader is not None and reader.is_streaming else 0
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+
+
+def load(name_or_path: str | Path, device: str | torch.device = "cpu") -> DuplexLM:
+    """A DuplexLM by config name (random init, seed 0, until a trained model ships under that
+    name in duplex/model/weights/) or from a safetensors file saved by `save`."""
+    path = Path(name_or_path)
+    shipped = WEIGHTS_DIR / f"duplex_{name_or_path}.safetensors"
+    if not path.suffix and shipped.is_file():
+        path = shipped
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise FileNotFoundError(f"model weights not found: {path}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if "duplex_config" not in meta:
+            raise ValueError(f"{path} is not a DuplexLM checkpoint (no duplex_config metadata)")
+        model = DuplexLM(DuplexConfig.from_dict(json.loads(meta["duplex_config"])))
+        model.load_state_dict(load_file(str(path)))
+        return model.to(device).eval()
+    if str(name_or_path) not in CONFIGS:
+        raise ValueError(
+            f"unknown model {name_or_path!r}: choose one of {sorted(CONFIGS)} or a .safetensors path"
+        )
+    torch.manual_seed(0)
+    cfg = DuplexConfig.from_dict(CONFIGS[str(name_or_path)].to_dict())
+    return DuplexLM(cfg).to(device).eval()
+
+
+def save(model: DuplexLM, path: str | Path) -> Path:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, str(path), metadata={"duplex_config": json.dumps(model.cfg.to_dict())})
+    return path

@@ -1,0 +1,348 @@
+"""The full-duplex engine: one batched codec + model step per frame for every live session.
+
+Per frame and session: the user's audio frame is encoded (codec.encode_step), the model takes
+one step on it plus its own previous tokens, its tokens are sampled with the session's own
+generator, and its audio frame is decoded (codec.decode_step). All sessions share one batched
+call of each stage; a session that has no input this frame sits out through the exec mask, and a
+session that joins takes a free slot whose state is reset. A session's tokens depend only on its
+own input and seed, never on who else is in the batch.
+
+Acoustic delay: the model emits codebook 0 of frame t together with codebooks >= 1 of frame
+t - D, so the frame it can decode at step t is t - D; the first D output frames are silence.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from duplex.model.duplex_lm import DuplexLM
+from duplex.model.tokenizer import PAD, ByteTokenizer
+from duplex.streamer.recording import Recorder
+from duplex.streamer.statefile import fingerprint, load_state, save_state
+from duplex.streamer.stats import Stats
+
+
+@dataclass
+class SamplingConfig:
+    """How a session samples its tokens; temperature 0 means greedy."""
+
+    temperature: float = 0.8
+    top_k: int = 50
+    text_temperature: float = 0.7
+    text_top_k: int = 25
+    seed: int = 0
+
+
+def sample(
+    logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Sample one id per row of logits [N, V] (top-k, temperature) with `generator`."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    k = min(top_k, logits.shape[-1]) if top_k > 0 else logits.shape[-1]
+    values, idx = logits.float().topk(k, dim=-1)
+    probs = torch.softmax(values / temperature, dim=-1)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return idx.gather(-1, choice)[:, 0]
+
+
+@dataclass
+class FrameResult:
+    """What one session got from one step."""
+
+    frame: int
+    pcm: np.ndarray
+    text: str
+    user_text: str
+    tokens_in: list[int]
+    tokens_out: list[int]
+
+
+@dataclass(eq=False)
+class Session:
+    """One conversation in one slot of the engine."""
+
+    id: int
+    slot: int
+    sampling: SamplingConfig
+    generator: torch.Generator
+    prev_audio: torch.Tensor
+    prev_text: int = PAD
+    prev_user_text: int = PAD
+    frame: int = 0
+    pending_c0: collections.deque = field(default_factory=collections.deque)
+    typed: collections.deque = field(default_factory=collections.deque)
+    recorder: Recorder | None = None
+    transcript: list[str] = field(default_factory=list)
+    user_transcript: list[str] = field(default_factory=list)
+    _text_bytes: bytearray = field(default_factory=bytearray)
+    _user_bytes: bytearray = field(default_factory=bytearray)
+
+    def type_text(self, text: str) -> None:
+        """Queue typed text: it enters the user's text stream one byte per frame."""
+        self.typed.extend(text.encode("utf-8"))
+
+
+def _utf8_piece(buf: bytearray, token: int) -> str:
+    """Append a byte token; return whatever complete UTF-8 text it finishes."""
+    if not 0 <= token < 256:
+        return ""
+    buf.append(token)
+    try:
+        s = buf.decode("utf-8")
+    except UnicodeDecodeError:
+        if len(buf) >= 4:
+            s = buf.decode("utf-8", errors="replace")
+        else:
+            return ""
+    buf.clear()
+    return s
+
+
+class Engine:
+    """Steps up to `slots` sessions together. Use as a context manager (it owns streaming)."""
+
+    def __init__(self, model: DuplexLM, codec: Any, slots: int = 1) -> None:
+        if model.cfg.num_codebooks != codec.num_codebooks:
+            raise ValueError(
+                f"model predicts {model.cfg.num_codebooks} codebooks, codec has "
+                f"{codec.num_codebooks}"
+            )
+        if model.cfg.codebook_size != codec.cardinality:
+            raise ValueError(
+                f"model codebooks have {model.cfg.codebook_size} entries, codec {codec.cardinality}"
+            )
+        self.model = model.eval()
+        self.codec = codec.eval()
+        self.slots = slots
+        self.frame_size = codec.frame_size
+        self.sample_rate = codec.sample_rate
+        self.frame_rate = codec.frame_rate
+        self.K = model.cfg.num_codebooks
+        self.delay = model.cfg.acoustic_delay
+        self.stats = Stats(frame_ms=1000.0 / codec.frame_rate)
+        self.sessions: dict[int, Session] = {}
+        self._ids = itertools.count()
+        self._tok = ByteTokenizer()
+        self._open = False
+        self.model_fingerprint = fingerprint(model, model.cfg.to_dict())
+        self.codec_fingerprint = fingerprint(codec, getattr(codec, "name", type(codec).__name__))
+
+    def __enter__(self) -> Engine:
+        self.model.start_streaming(self.slots)
+        self.codec.start_streaming(self.slots)
+        self._open = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s in list(self.sessions.values()):
+            self.leave(s)
+        self.model.stop_streaming()
+        self.codec.stop_streaming()
+        self._open = False
+
+    @property
+    def free_slots(self) -> int:
+        return self.slots - len(self.sessions)
+
+    def join(
+        self,
+        sampling: SamplingConfig | None = None,
+        state: str | Path | None = None,
+        recorder: Recorder | None = None,
+    ) -> Session:
+        """Start a session in a free slot: fresh, or continuing a saved state file."""
+        if not self._open:
+            raise RuntimeError("use the engine inside `with engine:`")
+        used = {s.slot for s in self.sessions.values()}
+        free = [i for i in range(self.slots) if i not in used]
+        if not free:
+            raise RuntimeError(f"all {self.slots} slots are busy")
+        sampling = sampling or SamplingConfig()
+        slot = free[0]
+        rows = torch.zeros(self.slots, dtype=torch.bool)
+        rows[slot] = True
+        session = Session(
+            id=next(self._ids),
+            slot=slot,
+            sampling=sampling,
+            generator=torch.Generator().manual_seed(sampling.seed),
+            prev_audio=torch.full((self.K,), self.model.cfg.audio_pad, dtype=torch.long),
+            recorder=recorder,
+        )
+        if state is not None:
+            self._load_into(session, Path(state))
+        else:
+            self.model.reset_rows(rows)
+            self.codec.reset_rows(rows)
+        self.sessions[session.id] = session
+        return session
+
+    def leave(self, session: Session) -> None:
+        """End a session and free its slot at once."""
+        if self.sessions.pop(session.id, None) is None:
+            return
+        if session.recorder is not None:
+            session.recorder.close()
+            session.recorder = None
+
+    def step(self, frames: dict[Session, np.ndarray]) -> dict[Session, FrameResult]:
+        """One frame for every session in `frames` (pcm [frame_size] float32 each)."""
+        S, K, fs = self.slots, self.K, self.frame_size
+        t0 = time.perf_counter()
+        active = torch.zeros(S, dtype=torch.bool)
+        pcm = torch.zeros(S, 1, fs)
+        for s, x in frames.items():
+            x = np.asarray(x, dtype=np.float32).reshape(-1)
+            if x.size != fs:
+                raise ValueError(f"session {s.id}: frame has {x.size} samples, expected {fs}")
+            if not np.isfinite(x).all():
+                raise ValueError(f"session {s.id}: frame contains NaN or infinite samples")
+            active[s.slot] = True
+            pcm[s.slot, 0] = torch.from_numpy(x)
+        with torch.no_grad():
+            self.codec.set_exec_mask(active)
+            codes_in = self.codec.encode_step(pcm)[..., 0]
+            t1 = time.perf_counter()
+            prev_audio = torch.full((S, K), self.model.cfg.audio_pad, dtype=torch.long)
+            prev_text = torch.full((S,), PAD, dtype=torch.long)
+            prev_user = torch.full((S,), PAD, dtype=torch.long)
+            for s in frames:
+                prev_audio[s.slot] = s.prev_audio
+                prev_text[s.slot] = s.prev_text
+                prev_user[s.slot] = s.typed.popleft() if s.typed else s.prev_user_text
+            self.model.set_exec_mask(active)
+            logits = self.model.step(codes_in, prev_audio, prev_text, prev_user)
+            out_codes = torch.zeros(S, K, 1, dtype=torch.long)
+            decoding = torch.zeros(S, dtype=torch.bool)
+            sampled = {}
+            for s in frames:
+                g, sp = s.generator, s.sampling
+                r = s.slot
+                text = int(sample(logits.text[r : r + 1], sp.text_temperature, sp.text_top_k, g))
+                audio = sample(logits.audio[r], sp.temperature, sp.top_k, g)
+                user = int(
+                    sample(logits.user_text[r : r + 1], sp.text_temperature, sp.text_top_k, g)
+                )
+                sampled[s] = (text, audio, user)
+                s.pending_c0.append(int(audio[0]))
+                if len(s.pending_c0) > self.delay:
+                    c0 = s.pending_c0.popleft()
+                    out_codes[r, 0, 0] = c0
+                    out_codes[r, 1:, 0] = audio[1:]
+                    decoding[r] = True
+            t2 = time.perf_counter()
+            self.codec.set_exec_mask(decoding)
+            pcm_out = self.codec.decode_step(out_codes)
+        t3 = time.perf_counter()
+        results = {}
+        for s, (text, audio, user) in sampled.items():
+            r = s.slot
+            s.prev_audio = audio.clone()
+            s.prev_text = text
+            s.prev_user_text = user
+            y = pcm_out[r, 0].numpy().copy() if decoding[r] else np.zeros(fs, np.float32)
+            piece = _utf8_piece(s._text_bytes, text)
+            upiece = _utf8_piece(s._user_bytes, int(prev_user[r]))
+            if piece:
+                s.transcript.append(piece)
+            if upiece:
+                s.user_transcript.append(upiece)
+            res = FrameResult(
+                frame=s.frame,
+                pcm=y,
+                text=piece,
+                user_text=upiece,
+                tokens_in=codes_in[r].tolist(),
+                tokens_out=[*audio.tolist(), text, user],
+            )
+            if s.recorder is not None:
+                s.recorder.frame(
+                    s.frame,
+                    pcm[r, 0].numpy(),
+                    y,
+                    tokens_in=res.tokens_in,
+                    tokens_out=res.tokens_out,
+                    user_text_in=int(prev_user[r]),
+                    text=piece,
+                    ms={
+                        "encode": 1000 * (t1 - t0),
+                        "model": 1000 * (t2 - t1),
+                        "decode": 1000 * (t3 - t2),
+                    },
+                )
+            s.frame += 1
+            results[s] = res
+        self.stats.record(
+            encode=1000 * (t1 - t0),
+            model=1000 * (t2 - t1),
+            decode=1000 * (t3 - t2),
+            total=1000 * (t3 - t0),
+        )
+        return results
+
+    def save_session(self, session: Session, path: str | Path) -> Path:
+        """Save a session's whole state (model, codec, log, tokens, RNG) to a state file."""
+        rows = torch.tensor([session.slot])
+        mt, mp = self.model.save_rows(rows)
+        ct, cp = self.codec.save_rows(rows)
+        tensors = {f"model/{k}": v for k, v in mt.items()}
+        tensors.update({f"codec/{k}": v for k, v in ct.items()})
+        tensors["session/prev_audio"] = session.prev_audio
+        tensors["session/rng"] = session.generator.get_state()
+        meta = {
+            "model_plain": mp,
+            "codec_plain": cp,
+            "frame": session.frame,
+            "prev_text": session.prev_text,
+            "prev_user_text": session.prev_user_text,
+            "pending_c0": list(session.pending_c0),
+            "typed": list(session.typed),
+            "sampling": asdict(session.sampling),
+            "transcript": "".join(session.transcript),
+            "user_transcript": "".join(session.user_transcript),
+        }
+        return save_state(path, tensors, meta, self.model_fingerprint, self.codec_fingerprint)
+
+    def _load_into(self, session: Session, path: Path) -> None:
+        """Load a state file into a session's slot; any error leaves everything unchanged."""
+        tensors, meta = load_state(path, self.model_fingerprint, self.codec_fingerprint)
+        rows = torch.tensor([session.slot])
+
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        try:
+            prev_audio = tensors["session/prev_audio"]
+            rng = tensors["session/rng"]
+            fields = (meta["frame"], meta["prev_text"], meta["prev_user_text"], meta["pending_c0"])
+        except KeyError as e:
+            raise ValueError(f"{path}: state file lacks {e}") from None
+        if prev_audio.shape != (self.K,):
+            raise ValueError(f"{path}: saved audio tokens have shape {tuple(prev_audio.shape)}")
+        before_m = self.model.get_rows(rows)
+        before_c = self.codec.get_rows(rows)
+        try:
+            self.model.load_rows(rows, part("model/"), meta["model_plain"])
+            self.codec.load_rows(rows, part("codec/"), meta["codec_plain"])
+        except ValueError:
+            self.model.set_rows(rows, before_m)
+            self.codec.set_rows(rows, before_c)
+            raise
+        session.generator.set_state(rng)
+        session.prev_audio = prev_audio.clone()
+        session.frame, session.prev_text, session.prev_user_text = fields[0], fields[1], fields[2]
+        session.pending_c0 = collections.deque(fields[3])
+        session.typed = collections.deque(meta.get("typed", []))
+        if meta.get("transcript"):
+            session.transcript = [meta["transcript"]]
+        if meta.get("user_transcript"):
+            session.user_transcript = [meta["user_transcript"]]

@@ -1,0 +1,153 @@
+"""The engine: batched equals alone, joins and leaves, exec masks, saved states, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from duplex.codecs.small import SmallCodec, SmallCodecConfig
+from duplex.model.duplex_lm import load
+from duplex.streamer.engine import Engine, SamplingConfig
+from duplex.streamer.statefile import StateFileError
+
+
+@pytest.fixture(scope="module")
+def parts():
+    torch.manual_seed(0)
+    codec = SmallCodec(SmallCodecConfig()).eval()
+    return load("tiny"), codec
+
+
+def _audio(seed: int, frames: int, fs: int = 320) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    t = np.arange(frames * fs) / 16000
+    x = 0.3 * np.sin(2 * np.pi * (150 + 50 * seed) * t) + 0.05 * rng.standard_normal(t.size)
+    return [x[i * fs : (i + 1) * fs].astype(np.float32) for i in range(frames)]
+
+
+def _run_alone(parts, seed: int, frames: list[np.ndarray], typed: str = "") -> list[list[int]]:
+    model, codec = parts
+    out = []
+    with Engine(model, codec, slots=1) as eng:
+        s = eng.join(SamplingConfig(seed=seed))
+        s.type_text(typed)
+        for f in frames:
+            out.append(eng.step({s: f})[s].tokens_out)
+    return out
+
+
+def test_batched_equals_alone_with_joins_leaves_and_skips(parts) -> None:
+    model, codec = parts
+    n = 24
+    a_in, b_in, c_in = _audio(1, n), _audio(2, n), _audio(3, n)
+    ref_a = _run_alone(parts, 11, a_in, typed="hi")
+    ref_b = _run_alone(parts, 22, b_in[:10])
+    ref_c = _run_alone(parts, 33, c_in[:12])
+    got = {"a": [], "b": [], "c": []}
+    with Engine(model, codec, slots=3) as eng:
+        a = eng.join(SamplingConfig(seed=11))
+        a.type_text("hi")
+        b = c = None
+        bi = ci = 0
+        for i in range(n):
+            if i == 3:
+                b = eng.join(SamplingConfig(seed=22))
+            if i == 5:
+                c = eng.join(SamplingConfig(seed=33))
+            frames = {a: a_in[i]}
+            # b streams every other frame (skips in between); c streams until it leaves.
+            if b is not None and i % 2 == 1 and bi < 10:
+                frames[b] = b_in[bi]
+                bi += 1
+            if c is not None and ci < 12:
+                frames[c] = c_in[ci]
+                ci += 1
+            res = eng.step(frames)
+            got["a"].append(res[a].tokens_out)
+            if b in res:
+                got["b"].append(res[b].tokens_out)
+            if c in res:
+                got["c"].append(res[c].tokens_out)
+            if c is not None and ci == 12 and c.id in eng.sessions:
+                eng.leave(c)
+        assert eng.free_slots == 1
+    assert got["a"] == ref_a
+    assert got["b"] == ref_b
+    assert got["c"] == ref_c
+
+
+def test_save_state_then_many_sessions_continue_identically(parts, tmp_path) -> None:
+    model, codec = parts
+    warm, cont = _audio(4, 15), _audio(5, 10)
+    with Engine(model, codec, slots=1) as eng:
+        s = eng.join(SamplingConfig(seed=7))
+        for f in warm:
+            eng.step({s: f})
+        path = eng.save_session(s, tmp_path / "prompt.dstate")
+        ref = [eng.step({s: f})[s].tokens_out for f in cont]
+    with Engine(model, codec, slots=3) as eng:
+        other = eng.join(SamplingConfig(seed=1))
+        s1 = eng.join(state=path)
+        s2 = eng.join(state=path)
+        got1, got2 = [], []
+        for f in cont:
+            res = eng.step({s1: f, s2: f, other: f})
+            got1.append(res[s1].tokens_out)
+            got2.append(res[s2].tokens_out)
+    assert got1 == ref and got2 == ref
+    assert s1.frame == 25
+
+
+def test_state_file_rejections_change_nothing(parts, tmp_path) -> None:
+    model, codec = parts
+    with Engine(model, codec, slots=1) as eng:
+        s = eng.join(SamplingConfig(seed=7))
+        for f in _audio(6, 5):
+            eng.step({s: f})
+        good = eng.save_session(s, tmp_path / "good")
+    corrupt = tmp_path / "corrupt"
+    data = bytearray(good.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    corrupt.write_bytes(bytes(data))
+    truncated = tmp_path / "truncated"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    other_model = load("tiny")
+    with torch.no_grad():
+        other_model.text_head.weight.add_(0.01)
+    with Engine(model, codec, slots=2) as eng:
+        s = eng.join(SamplingConfig(seed=3))
+        for f in _audio(7, 3):
+            eng.step({s: f})
+        before = eng.model.get_state()
+        for bad in (corrupt, truncated, tmp_path / "missing"):
+            with pytest.raises(StateFileError):
+                eng.join(state=bad)
+        assert len(eng.sessions) == 1
+        after = eng.model.get_state()
+        for name, st in before.items():
+            for k, v in st.tensor_fields():
+                assert torch.equal(getattr(after[name], k), v)
+    with Engine(other_model, codec, slots=1) as eng, pytest.raises(StateFileError, match="model"):
+        eng.join(state=good)
+
+
+def test_bad_frames_are_clear_errors(parts) -> None:
+    model, codec = parts
+    with Engine(model, codec, slots=1) as eng:
+        s = eng.join()
+        with pytest.raises(ValueError, match="expected 320"):
+            eng.step({s: np.zeros(100, np.float32)})
+        with pytest.raises(ValueError, match="NaN"):
+            eng.step({s: np.full(320, np.nan, np.float32)})
+        assert s.frame == 0
+        eng.step({s: np.zeros(320, np.float32)})
+        assert s.frame == 1
+
+
+def test_full_engine_refuses_a_session(parts) -> None:
+    model, codec = parts
+    with Engine(model, codec, slots=1) as eng:
+        eng.join()
+        with pytest.raises(RuntimeError, match="busy"):
+            eng.join()
