@@ -220,7 +220,7 @@ class DuplexLM(StreamingModule):
             batch["user_audio"], s["prev_audio"], s["prev_text"], s["prev_user_text"]
         )
         logits = self._heads(self.backbone(ids, extra=extra))
-        w = torch.ones(cfg.text_vocab, device=ids.device)
+        w = torch.ones(cfg.text_vocab, device=ids.device, dtype=logits.text.dtype)
         w[PAD] = cfg.text_pad_weight
         loss_text = F.cross_entropy(logits.text.flatten(0, 1), batch["model_text"].flatten(), w)
         loss_user = F.cross_entropy(logits.user_text.flatten(0, 1), batch["user_text"].flatten(), w)
@@ -231,7 +231,7 @@ class DuplexLM(StreamingModule):
             tgt.flatten().clamp(max=cfg.codebook_size - 1),
             reduction="none",
         )
-        keep = (tgt.flatten() != cfg.audio_pad).float()
+        keep = (tgt.flatten() != cfg.audio_pad).to(loss_audio.dtype)
         loss_audio = (loss_audio * keep).sum() / keep.sum().clamp(min=1)
         total = loss_text + loss_user + cfg.audio_weight * loss_audio
         return logits, {
@@ -295,7 +295,8 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu") -> Duplex
         return model.to(device).eval()
     if str(name_or_path) not in CONFIGS:
         raise ValueError(
-            f"unknown model {name_or_path!r}: choose one of {sorted(CONFIGS)} or a .safetensors path"
+            f"unknown model {name_or_path!r}: choose one of {sorted(CONFIGS)} "
+            "or a .safetensors path"
         )
     torch.manual_seed(0)
     cfg = DuplexConfig.from_dict(CONFIGS[str(name_or_path)].to_dict())

@@ -1,0 +1,126 @@
+"""DuplexLM: step-by-step equals the parallel forward; delay layout; losses; save and load."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from duplex.model.backbone import BackboneConfig
+from duplex.model.duplex_lm import (
+    DuplexConfig,
+    DuplexLM,
+    delay_audio,
+    load,
+    save,
+    undelay_audio,
+)
+from duplex.model.tokenizer import PAD, ByteTokenizer
+
+
+def _tiny() -> DuplexLM:
+    torch.manual_seed(0)
+    cfg = DuplexConfig(
+        num_codebooks=4,
+        codebook_size=32,
+        acoustic_delay=2,
+        backbone=BackboneConfig(
+            d_model=32,
+            layers=("gdn", "mlp", "gwa", "swa"),
+            gdn_heads=2,
+            gdn_head_dim=16,
+            gwa_heads=2,
+            gwa_head_dim=16,
+            attn_heads=2,
+            attn_head_dim=16,
+            swa_window=8,
+        ),
+    )
+    return DuplexLM(cfg).double()
+
+
+def _batch(B: int, T: int, K: int = 4, card: int = 32) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    text = torch.randint(0, 40, (B, T), generator=g)
+    text[:, ::3] = PAD
+    return {
+        "user_audio": torch.randint(0, card, (B, T, K), generator=g),
+        "model_audio": torch.randint(0, card, (B, T, K), generator=g),
+        "model_text": text,
+        "user_text": torch.randint(0, 40, (B, T), generator=g),
+    }
+
+
+def test_delay_round_trip() -> None:
+    a = torch.arange(2 * 6 * 3).reshape(2, 6, 3)
+    ad = delay_audio(a, 2, pad=-1)
+    assert ad[0, 0].tolist() == [0, -1, -1]
+    assert ad[0, 2].tolist() == [6, 1, 2]
+    assert torch.equal(undelay_audio(ad, 2), a[:, :4])
+
+
+@pytest.mark.parametrize("T", [1, 7, 40])
+def test_step_equals_forward(T: int) -> None:
+    m = _tiny()
+    b = _batch(2, T)
+    logits, _ = m(b)
+    s = m.shift_inputs(b)
+    with m.streaming(2):
+        outs = [
+            m.step(
+                b["user_audio"][:, t],
+                s["prev_audio"][:, t],
+                s["prev_text"][:, t],
+                s["prev_user_text"][:, t],
+            )
+            for t in range(T)
+        ]
+    for name in ("text", "audio", "user_text"):
+        got = torch.stack([getattr(o, name) for o in outs], 1)
+        torch.testing.assert_close(got, getattr(logits, name), rtol=1e-9, atol=1e-9)
+
+
+def test_prefix_gives_prefix() -> None:
+    m = _tiny()
+    b = _batch(1, 30)
+    full, _ = m(b)
+    part, _ = m({k: v[:, :12] for k, v in b.items()})
+    torch.testing.assert_close(part.audio, full.audio[:, :12], rtol=1e-9, atol=1e-9)
+
+
+def test_losses_train() -> None:
+    m = _tiny().float()
+    b = _batch(2, 24)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    first = None
+    for _ in range(30):
+        _, losses = m(b)
+        first = first if first is not None else float(losses["loss"])
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    assert float(losses["loss"]) < 0.7 * first
+    assert set(losses) == {"loss", "loss_text", "loss_user_text", "loss_audio"}
+
+
+def test_merged_text_prefers_model_then_user() -> None:
+    m = _tiny()
+    t = torch.tensor([[65, PAD, PAD]])
+    u = torch.tensor([[66, 67, PAD]])
+    assert m.merged_text(t, u).tolist() == [[65, 67 + 260, PAD]]
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    m = load("tiny")
+    p = save(m, tmp_path / "m.safetensors")
+    m2 = load(p)
+    for (k, v), (k2, v2) in zip(m.state_dict().items(), m2.state_dict().items(), strict=True):
+        assert k == k2 and torch.equal(v, v2)
+    with pytest.raises(ValueError, match="unknown model"):
+        load("no-such-model")
+
+
+def test_tokenizer() -> None:
+    tok = ByteTokenizer()
+    ids = tok.encode("héllo")
+    assert all(0 <= i < 256 for i in ids)
+    assert tok.decode([*ids, PAD, tok.eot_id]) == "héllo"
