@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from duplex.kernels.gwa import gather_window_proj, window_attend
+from duplex.kernels.gwa import gather_window_proj, window_attend_factored
 from duplex.model.ngram_index import NgramIndex, NgramIndexConfig
 from duplex.model.token_log import TokenLog, id_dtype
 from duplex.streaming import StreamingModule, StreamState
@@ -47,7 +47,7 @@ class GWAReadConfig:
     vocab_size: int = 8192
     orders: tuple[int, ...] = (4, 2, 1)
     per_order: int = 2
-    max_walk: int = 8
+    max_walk: int = 32
     win_before: int = 4
     win_after: int = 4
     max_match: int = 8
@@ -69,8 +69,15 @@ class GWAReadConfig:
 
     @property
     def n_candidates(self) -> int:
-        """k: the local window plus per_order candidates for each order."""
-        return 1 + len(self.orders) * self.per_order
+        """k: the local window, per_order candidates for each order >= 2, one for order 1."""
+        return 1 + sum(1 if m == 1 else self.per_order for m in self.orders)
+
+    def slot_columns(self) -> np.ndarray:
+        """Which columns of the index lookup [orders x per_order] are candidate slots."""
+        cols = []
+        for oi, m in enumerate(self.orders):
+            cols += [oi * self.per_order + r for r in range(1 if m == 1 else self.per_order)]
+        return np.array(cols, dtype=np.int64)
 
     def offsets(self) -> np.ndarray:
         return np.arange(-(self.win_before - 1), self.win_after + 1, dtype=np.int64)
@@ -83,6 +90,7 @@ class GWAReadConfig:
             init_bits=self.index_init_bits,
             max_load=self.index_max_load,
             ram_tokens=self.ram_tokens,
+            unigram_vocab=self.vocab_size,
         )
 
 
@@ -132,7 +140,7 @@ class History:
         ts = np.asarray(ts, dtype=np.int64)
         N = ts.shape[0]
         # anchors: [N, k]: slot 0 the local window (anchored at t), then orders high to low.
-        found = self.index.lookup(ts).reshape(N, -1)
+        found = self.index.lookup(ts).reshape(N, -1)[:, cfg.slot_columns()]
         anchors = np.concatenate([ts[:, None], found], axis=1)
         k = anchors.shape[1]
         for j in range(2, k):
@@ -207,6 +215,58 @@ class WindowReaderState(StreamState):
                 self.rows[b].history.close()
                 self.rows[b] = fresh.rows[b]
 
+    def select_rows(self, rows: torch.Tensor) -> WindowReaderState:
+        """Rows `rows` as views (history + length): cheap; materialised by `to_saved`."""
+        picked = [_HistoryRef(self.rows[i].history, self.rows[i].length) for i in rows.tolist()]
+        return WindowReaderState(
+            batch_size=len(picked), exec_mask=self.exec_mask[rows].clone(), rows=picked
+        )
+
+    def assign_rows(self, rows: torch.Tensor, src: StreamState) -> None:
+        """Give rows `rows` copies of `src`'s histories (never shared between slots)."""
+        for i, r in enumerate(rows.tolist()):
+            ref = src.rows[i]
+            copy = History(ref.history.cfg)
+            copy.offset = ref.history.offset
+            copy.append(ref.history.log.read(0, ref.length))
+            self.rows[r].history.close()
+            self.rows[r] = _HistoryRef(copy, ref.length)
+
+    def to_saved(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Each row's ids as a tensor "ids.<row>", with lengths and position offsets."""
+        tensors = {
+            f"ids.{i}": torch.from_numpy(ref.history.log.read(0, ref.length).astype(np.int64))
+            for i, ref in enumerate(self.rows)
+        }
+        plain = {
+            "lengths": [ref.length for ref in self.rows],
+            "offsets": [ref.history.offset for ref in self.rows],
+        }
+        return tensors, plain
+
+    def from_saved(self, tensors: dict[str, torch.Tensor], plain: dict) -> WindowReaderState:
+        """Rebuild histories (log + index) from saved ids; validated before anything changes."""
+        n = len(self.rows)
+        lengths = plain.get("lengths")
+        offsets = plain.get("offsets")
+        if not isinstance(lengths, list) or len(lengths) != n or len(offsets or []) != n:
+            raise ValueError(f"saved reader state must describe {n} rows")
+        if set(tensors) != {f"ids.{i}" for i in range(n)}:
+            raise ValueError(f"saved reader state has tensors {sorted(tensors)}")
+        vocab = self.rows[0].history.cfg.vocab_size if n else 0
+        rows = []
+        for i, ref in enumerate(self.rows):
+            ids = tensors[f"ids.{i}"]
+            if ids.dim() != 1 or ids.numel() != lengths[i]:
+                raise ValueError(f"saved ids of row {i} do not match its length {lengths[i]}")
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+                raise ValueError(f"saved ids of row {i} fall outside the vocabulary")
+            h = History(ref.history.cfg)
+            h.offset = int(offsets[i])
+            h.append(ids.numpy())
+            rows.append(_HistoryRef(h, len(h)))
+        return WindowReaderState(batch_size=n, exec_mask=torch.ones(n, dtype=torch.bool), rows=rows)
+
 
 def _to_read(parts: list[dict[str, np.ndarray]], device: torch.device) -> WindowRead:
     def stack(name: str) -> torch.Tensor:
@@ -256,7 +316,8 @@ class WindowReader(StreamingModule):
     def step(self, ids: torch.Tensor) -> WindowRead:
         """Append ids [B, T] to each stream's history and return their reads.
 
-        Rows whose exec mask is False are read as if appended, then their history is cut back.
+        Rows whose exec mask is False append nothing and read nothing (their outputs are not
+        used; their history stays as it was).
         """
         st = self._require_streaming()
         B, T = ids.shape
@@ -265,15 +326,25 @@ class WindowReader(StreamingModule):
         arr = ids.detach().cpu().numpy()
         parts = []
         for b, ref in enumerate(st.rows):
+            if not bool(st.exec_mask[b]):
+                parts.append(self._empty_read(T))
+                continue
             h = ref.sync()
             start = len(h)
             h.append(arr[b])
             parts.append(h.read(np.arange(start, start + T)))
-            if bool(st.exec_mask[b]):
-                ref.length = len(h)
-            else:
-                h.truncate(start)
+            ref.length = len(h)
         return _to_read(parts, ids.device)
+
+    def _empty_read(self, T: int) -> dict[str, np.ndarray]:
+        k, W, P = self.cfg.n_candidates, self.cfg.window, self.cfg.pos_digits
+        return {
+            "ids": np.zeros((T, k, W), dtype=np.int64),
+            "mask": np.zeros((T, k, W), dtype=bool),
+            "match": np.zeros((T, k), dtype=np.int64),
+            "digits": np.zeros((T, k, P), dtype=np.int64),
+            "valid": np.zeros((T, k), dtype=bool),
+        }
 
     def set_offsets(self, offsets: list[int]) -> None:
         """Absolute position of each stream's first id (what `position` features report)."""
@@ -342,12 +413,16 @@ class GuidedWindowAttention(nn.Module):
         # tok_k: [B, T, k, W, H*D]
         tok_k = gather_window_proj(embedding, self.k_proj.weight, read.ids)
         tok_v = gather_window_proj(embedding, self.v_proj.weight, read.ids)
-        rel_k, rel_v = self.k_proj(self.rel), self.v_proj(self.rel)
-        meta_k, meta_v = self.k_proj(meta), self.v_proj(meta)
-        k = (tok_k + rel_k[None, None, None] + meta_k[:, :, :, None]).reshape(B, T, k_n * W, H, D)
-        v = (tok_v + rel_v[None, None, None] + meta_v[:, :, :, None]).reshape(B, T, k_n * W, H, D)
-        mask = (read.mask & read.valid[..., None]).reshape(B, T, k_n * W)
+        tok_k = tok_k.reshape(B, T, k_n, W, H, D)
+        tok_v = tok_v.reshape(B, T, k_n, W, H, D)
+        rel_k = self.k_proj(self.rel).reshape(W, H, D)
+        rel_v = self.v_proj(self.rel).reshape(W, H, D)
+        meta_k = self.k_proj(meta).reshape(B, T, k_n, H, D)
+        meta_v = self.v_proj(meta).reshape(B, T, k_n, H, D)
+        mask = read.mask & read.valid[..., None]
         q = self.q_proj(x).reshape(B, T, H, D)
-        o = window_attend(q, k, v, mask, self.null_k, self.null_v)
+        o = window_attend_factored(
+            q, tok_k, tok_v, rel_k, rel_v, meta_k, meta_v, mask, self.null_k, self.null_v
+        )
         o = o.reshape(B, T, H * D) * torch.sigmoid(self.gate_proj(x))
         return self.o_proj(o)

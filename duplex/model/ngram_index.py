@@ -33,7 +33,12 @@ _STEP = np.uint64(0xBF58476D1CE4E5B9)
 
 @dataclass
 class NgramIndexConfig:
-    """Which n-gram orders to index, and how many candidates a lookup returns per order."""
+    """Which n-gram orders to index, and how many candidates a lookup returns per order.
+
+    With `unigram_vocab` > 0, order 1 is indexed exactly by id (a table of that many heads) and
+    keeps only the most recent occurrence of each id: one candidate, no chain, so it costs no
+    host bytes per token. Its lookups must be of positions appended by the last `update()`.
+    """
 
     orders: tuple[int, ...] = (1, 2, 4)
     per_order: int = 2
@@ -41,6 +46,7 @@ class NgramIndexConfig:
     init_bits: int = 12
     max_load: int = 4
     ram_tokens: int = 1 << 22
+    unigram_vocab: int = 0
 
     def __post_init__(self) -> None:
         self.orders = tuple(int(m) for m in self.orders)
@@ -80,15 +86,38 @@ class NgramIndex:
         self._spill_dir = spill_dir
         self.n = 0
         self.bits = [self.cfg.init_bits for _ in self.cfg.orders]
-        self.head = [np.full(1 << b, -1, dtype=np.int64) for b in self.bits]
-        self.prev = [self._new_chain(m) for m in self.cfg.orders]
+        self.head = [np.full(self._table_size(oi), -1, dtype=np.int32) for oi in self._ois()]
+        self.prev: list[TokenLog | None] = [
+            None if self.last_only(oi) else self._new_chain(m)
+            for oi, m in enumerate(self.cfg.orders)
+        ]
+        # Last-only orders: chain links of the positions of the last update, [start, start + n).
+        self._recent: list[tuple[int, np.ndarray]] = [
+            (0, np.zeros(0, np.int64)) for _ in self._ois()
+        ]
+
+    def _ois(self) -> range:
+        return range(len(self.cfg.orders))
+
+    def last_only(self, oi: int) -> bool:
+        """Whether order `oi` keeps only the most recent occurrence (exact unigram table)."""
+        return self.cfg.orders[oi] == 1 and self.cfg.unigram_vocab > 0
+
+    def slots(self, oi: int) -> int:
+        """Candidates a lookup can return for order `oi`."""
+        return 1 if self.last_only(oi) else self.cfg.per_order
+
+    def _table_size(self, oi: int) -> int:
+        return self.cfg.unigram_vocab if self.last_only(oi) else 1 << self.bits[oi]
 
     def _new_chain(self, m: int) -> TokenLog:
         return TokenLog(np.int32, self.cfg.ram_tokens, self._spill_dir, name=f"prev{m}.bin")
 
     def nbytes(self) -> int:
         """Host bytes of the index (tables + chains, RAM buffers counted at capacity)."""
-        return sum(h.nbytes for h in self.head) + sum(p.nbytes() for p in self.prev)
+        return sum(h.nbytes for h in self.head) + sum(
+            p.nbytes() for p in self.prev if p is not None
+        )
 
     def _insert(self, oi: int, start: int, stop: int) -> None:
         """Index positions [start, stop) of order `orders[oi]`; appends their chain links."""
@@ -98,7 +127,7 @@ class NgramIndex:
         h = ngram_hashes(ids, m)[start - lo :]
         pos = np.arange(start, stop, dtype=np.int64)
         has = pos >= m - 1
-        b = _bucket(h, self.bits[oi])
+        b = ids[start - lo :].astype(np.int64) if self.last_only(oi) else _bucket(h, self.bits[oi])
         prev = np.full(pos.shape[0], -1, dtype=np.int64)
         if has.any():
             bp, pp = b[has], pos[has]
@@ -107,7 +136,7 @@ class NgramIndex:
             first = np.ones(bs.shape[0], dtype=bool)
             first[1:] = bs[1:] != bs[:-1]
             links = np.empty_like(ps)
-            links[first] = self.head[oi][bs[first]]
+            links[first] = self.head[oi][bs[first]].astype(np.int64)
             links[~first] = ps[:-1][~first[1:]]
             last = np.ones(bs.shape[0], dtype=bool)
             last[:-1] = first[1:]
@@ -115,14 +144,17 @@ class NgramIndex:
             out = np.empty_like(links)
             out[order] = links
             prev[has] = out
-        self.prev[oi].append(prev)
+        if self.last_only(oi):
+            self._recent[oi] = (start, prev)
+        else:
+            self.prev[oi].append(prev)
 
     def _rehash(self, oi: int, bits: int) -> None:
         """Grow order `oi`'s table to 2**bits buckets and rebuild its chains from the log."""
         self.prev[oi].close()
         self.prev[oi] = self._new_chain(self.cfg.orders[oi])
         self.bits[oi] = bits
-        self.head[oi] = np.full(1 << bits, -1, dtype=np.int64)
+        self.head[oi] = np.full(1 << bits, -1, dtype=np.int32)
         step = 1 << 20
         for s in range(0, self.n, step):
             self._insert(oi, s, min(self.n, s + step))
@@ -138,7 +170,7 @@ class NgramIndex:
         self.n = stop
         need = self.bits_for(self.n)
         for oi in range(len(self.cfg.orders)):
-            if need > self.bits[oi]:
+            if need > self.bits[oi] and not self.last_only(oi):
                 self._rehash(oi, need)
 
     def bits_for(self, n: int) -> int:
@@ -155,12 +187,36 @@ class NgramIndex:
             raise ValueError(f"index holds {self.n} positions, cannot truncate to {n}")
         for oi in range(len(self.cfg.orders)):
             head = self.head[oi]
+            if self.last_only(oi):
+                self._unigram_rollback(oi, n)
+                continue
             stale = np.nonzero(head >= n)[0]
             while stale.size:
                 head[stale] = self.prev_links(oi, head[stale])
                 stale = stale[head[stale] >= n]
             self.prev[oi].truncate(n)
         self.n = n
+
+    def _unigram_rollback(self, oi: int, n: int) -> None:
+        """Point each id whose head is >= n at its last occurrence before n, scanning the log
+        backwards (O(distance to those occurrences): restoring an old snapshot is not free)."""
+        head = self.head[oi]
+        stale = np.nonzero(head >= n)[0]
+        head[stale] = -1
+        want = np.zeros(head.shape[0], dtype=bool)
+        want[stale] = True
+        stop, step = n, 1 << 20
+        while want.any() and stop > 0:
+            start = max(0, stop - step)
+            ids = self.log.read(start, stop).astype(np.int64)
+            # last occurrence in this block of each id: reversed first occurrence
+            rev = ids[::-1]
+            uniq, first = np.unique(rev, return_index=True)
+            pick = want[uniq]
+            head[uniq[pick]] = stop - 1 - first[pick]
+            want[uniq[pick]] = False
+            stop = start
+        self._recent[oi] = (n, np.zeros(0, np.int64))
 
     def prev_links(self, oi: int, positions: np.ndarray) -> np.ndarray:
         """Chain links of order `oi` at `positions` (int64, -1 for none)."""
@@ -179,6 +235,12 @@ class NgramIndex:
         R = self.cfg.per_order
         out = np.full((ts.shape[0], len(self.cfg.orders), R), -1, dtype=np.int64)
         for oi, m in enumerate(self.cfg.orders):
+            if self.last_only(oi):
+                start, links = self._recent[oi]
+                if ts.size and (ts.min() < start or ts.max() >= start + links.shape[0]):
+                    raise IndexError("exact unigram lookups must be of the last update's positions")
+                out[:, oi, 0] = links[ts - start]
+                continue
             want = [self.log.gather(ts - i) for i in range(m)]
             cur = self.prev_links(oi, ts)
             count = np.zeros(ts.shape[0], dtype=np.int64)
@@ -199,4 +261,5 @@ class NgramIndex:
 
     def close(self) -> None:
         for p in self.prev:
-            p.close()
+            if p is not None:
+                p.close()

@@ -82,3 +82,33 @@ def test_truncate_equals_fresh_index(tmp_path):
     index.update()
     full = np.concatenate([ids[:1100], tail])
     check(index, full, np.arange(0, full.size, 7))
+
+
+def test_exact_unigram_keeps_the_last_occurrence_and_rolls_back(tmp_path):
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, 30, size=3000)
+    cfg = NgramIndexConfig(orders=(2, 1), per_order=2, max_walk=1000, unigram_vocab=30)
+    log = TokenLog(np.uint16, ram_tokens=700, spill_dir=tmp_path)
+    index = NgramIndex(log, cfg, spill_dir=tmp_path)
+    assert index.slots(1) == 1 and index.prev[1] is None
+    i = 0
+    while i < ids.size:
+        n = int(rng.integers(1, 200))
+        log.append(ids[i : i + n])
+        index.update()
+        got = index.lookup(np.arange(i, min(i + n, ids.size)))
+        for j, t in enumerate(range(i, min(i + n, ids.size))):
+            assert [int(x) for x in got[j, 0] if x >= 0] == brute(ids, t, 2, 2)
+            assert [int(x) for x in got[j, 1] if x >= 0] == brute(ids, t, 1, 1)
+        i += n
+    # a restore to an earlier length recovers each id's last occurrence before it
+    log.truncate(1234)
+    index.truncate(1234)
+    tail = rng.integers(0, 30, size=100)
+    log.append(tail)
+    index.update()
+    full = np.concatenate([ids[:1234], tail])
+    got = index.lookup(np.arange(1234, 1334))
+    for j, t in enumerate(range(1234, 1334)):
+        assert [int(x) for x in got[j, 1] if x >= 0] == brute(full, t, 1, 1)
+        assert [int(x) for x in got[j, 0] if x >= 0] == brute(full, t, 2, 2)

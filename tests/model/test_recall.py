@@ -1,0 +1,133 @@
+"""Recall tasks say what they claim, training batches are deterministic, the suite runs, and the
+GWA read can reach every answer at long context (the upper bound the trained model works under)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from duplex.apps.cli import main as cli_main
+from duplex.model import recall as R
+from duplex.model.backbone import Backbone
+from duplex.model.gwa import History
+
+
+def value_after(ids: np.ndarray, key: np.ndarray, before: int) -> list[int]:
+    """Ids that follow each earlier occurrence of `key` (brute force)."""
+    L = key.size
+    win = np.lib.stride_tricks.sliding_window_view(ids[:before], L)
+    starts = np.nonzero((win == key).all(axis=1))[0]
+    return [int(ids[p + L]) for p in starts if p + L < before]
+
+
+def find(ids: np.ndarray, key: np.ndarray) -> list[int]:
+    """Start positions of `key` in `ids` (brute force)."""
+    win = np.lib.stride_tricks.sliding_window_view(ids, key.size)
+    return [int(p) for p in np.nonzero((win == key).all(axis=1))[0]]
+
+
+@pytest.mark.parametrize("N,key_len", [(2048, 1), (16 * 5000, 2)])
+def test_mqar_answers_are_the_stored_values(N, key_len):
+    s = R.mqar(N, np.random.default_rng(0))
+    assert s.ids.size == N
+    assert len(s.items) == min(1024, max(4, min(65536, N // 16)))
+    for item in s.items[:200]:
+        a = int(item[0])
+        key = s.ids[a - key_len : a]
+        assert np.all((key >= R.KEY0) & (key < R.KEY0 + R.N_KEY))
+        assert value_after(s.ids, key, s.start) == [int(s.ids[a])]
+
+
+def test_passkey_niah_copy_position_answers():
+    rng = np.random.default_rng(1)
+    s = R.passkey(1000, rng)
+    p = int(np.nonzero(s.ids[: s.start] == R.PASSKEY)[0][0])
+    np.testing.assert_array_equal(s.ids[p + 1 : p + 6], s.ids[s.items[0]])
+    s = R.niah(3000, rng, asked=3)
+    for item in s.items:
+        key = s.ids[item[0] - 4 : item[0]]
+        p = find(s.ids[: s.start], key)
+        assert len(p) >= 1
+        np.testing.assert_array_equal(s.ids[p[0] + 4 : p[0] + 12], s.ids[item])
+    s = R.copy_task(4000, rng)
+    span = s.ids[s.start + 1 :]
+    assert span.size == 500 and s.items[0].size == 492
+    starts = find(s.ids[: s.start], span[:8])
+    assert len(starts) == 1 and s.start - starts[0] >= 2000
+    np.testing.assert_array_equal(s.ids[starts[0] : starts[0] + 500], span)
+    s = R.position(3000, rng, asked=2, offset=123456)
+    for item in s.items:
+        digits = {}
+        for a in item:
+            place = int(s.ids[a - 5]) - R.PLACE0
+            digits[place] = int(s.ids[a]) - R.DIGIT0
+        key = s.ids[item[0] - 4 : item[0]]
+        where = [q + 3 for q in find(s.ids[: s.start], key)]
+        value = sum(d * R.POS_BASE**j for j, d in digits.items())
+        assert value - 123456 in where
+
+
+def test_training_batches_are_deterministic_by_row():
+    mb = R.make_batch_fn(256, 8, seed=5)
+    full = mb(3, slice(0, 8))
+    part = mb(3, slice(4, 8))
+    torch.testing.assert_close(full.ids[4:], part.ids)
+    assert not torch.equal(mb(4, slice(0, 8)).ids, full.ids)
+    assert int((full.where >= 0).sum()) > 8
+
+
+def test_gwa_read_reaches_every_mqar_answer_at_long_context():
+    """For each query the reader offers a window whose id after the anchor is the answer."""
+    N = 1 << 18
+    s = R.mqar(N, np.random.default_rng(2))
+    cfg = R.model_config("recall-gwa").read
+    h = History(cfg)
+    h.append(s.ids)
+    ans = np.array([int(i[0]) for i in s.items])
+    r = h.read(ans - 1)
+    after = int(np.nonzero(cfg.offsets() == 1)[0][0])
+    reach = (r["ids"][:, 1:, after] == s.ids[ans][:, None]) & r["valid"][:, 1:]
+    assert reach.any(axis=1).mean() == 1.0
+    # ... and the candidate with the longest match is the right one (what the model must learn)
+    best = np.argmax(r["match"][:, 1:], axis=1)
+    assert reach[np.arange(ans.size), best].mean() > 0.99
+    assert h.nbytes() / N < 16
+
+
+def test_eval_cli_runs_and_reports(tmp_path, capsys):
+    torch.manual_seed(0)
+    path = tmp_path / "tiny.safetensors"
+    R.save_model(Backbone(R.model_config("recall-gwa")), path, "tiny")
+    rc = cli_main(
+        [
+            "eval",
+            "recall",
+            "--model",
+            str(path),
+            "--task",
+            "mqar",
+            "--context",
+            "512",
+            "--trials",
+            "2",
+            "--json",
+        ]
+    )
+    assert rc == 0
+    rep = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rep["trials"] == 2 and rep["items"] == 2 * 32
+    for k in (
+        "accuracy",
+        "state_bytes",
+        "host_bytes_per_token",
+        "prefill_tokens_per_s",
+        "decode_ms_per_token",
+        "peak_rss_mb",
+    ):
+        assert rep[k] >= 0
+    assert rep["state_bytes"] > 0 and rep["host_bytes_per_token"] > 0
+    # an untrained model is at chance: the suite does not hand out accuracy
+    assert rep["accuracy"] < 0.2
