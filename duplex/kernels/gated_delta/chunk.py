@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from duplex.kernels.gated_delta.common import (
     check_inputs,
     compute_dtype,
+    new_buffer,
     resolve_scale,
     use_triton,
 )
@@ -100,33 +101,86 @@ def chunk_gated_delta_rule_torch(
     # D: [B, H, N, C, C]
     kb = k * beta[..., None]
     A = (kb @ k.transpose(-1, -2) * D).tril(-1)
+    Tinv = UnitLowerInverse.apply(A)
     rhs = torch.cat([v * beta[..., None], kb * G.exp()[..., None]], dim=-1)
-    # rhs: [B, H, N, C, V + K]; the diagonal of A is ignored (unit triangular)
-    sol = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
-    U, Wk = sol.split([V, K], dim=-1)
-    # U: [B, H, N, C, V]; Wk: [B, H, N, C, K]
+    # rhs: [B, H, N, C, V + K] -> U: [B, H, N, C, V], Wk: [B, H, N, C, K]
+    U, Wk = (Tinv @ rhs).split([V, K], dim=-1)
     qs = q * scale
     P = qs @ k.transpose(-1, -2) * D
     Qg = qs * G.exp()[..., None]
     G_last = G[..., -1:]
-    Kd = k * (G_last - G).exp()[..., None]
-    KdT = Kd.transpose(-1, -2)
+    KdT = (k * (G_last - G).exp()[..., None]).transpose(-1, -2)
     # M: [B, H, N, K, K]; Nv: [B, H, N, K, V]
     eye = torch.eye(K, dtype=dt, device=q.device)
     M = G_last.exp()[..., None] * eye - KdT @ Wk
     Nv = KdT @ U
-
-    states = []
-    S = S0.reshape(B * H, K, V)
-    M = M.reshape(B * H, N, K, K)
-    Nv = Nv.reshape(B * H, N, K, V)
-    for n in range(N):
-        states.append(S)
-        S = torch.baddbmm(Nv[:, n], M[:, n], S)
-    S_all = torch.stack(states, dim=1).view(B, H, N, K, V)
+    S_all, S_final = ChunkStatePass.apply(
+        M.reshape(B * H, N, K, K), Nv.reshape(B * H, N, K, V), S0.reshape(B * H, K, V)
+    )
+    S_all = S_all.view(B, H, N, K, V)
     W = U - Wk @ S_all
     o = Qg @ S_all + P @ W
     # o: [B, H, N, C, V] -> [B, T, H, V]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]
-    final = S.view(B, H, K, V) if output_final_state else None
+    final = S_final.view(B, H, K, V) if output_final_state else None
     return o.to(in_dtype), final
+
+
+class UnitLowerInverse(torch.autograd.Function):
+    """(I + A)^-1 for strictly lower triangular A [..., C, C], with a matmul-only backward.
+
+    Why a Function: autograd of solve_triangular would run a second triangular solve backward,
+    which on CPU is several times slower than the two matrix products this needs
+    (d(L^-1) = -L^-T dT L^-T, restricted to the strictly lower part A lives on).
+    """
+
+    @staticmethod
+    def forward(ctx, A: torch.Tensor) -> torch.Tensor:
+        C = A.shape[-1]
+        eye = torch.eye(C, dtype=A.dtype, device=A.device).expand_as(A)
+        Tinv = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
+        ctx.save_for_backward(Tinv)
+        return Tinv
+
+    @staticmethod
+    def backward(ctx, dT: torch.Tensor) -> torch.Tensor:
+        (Tinv,) = ctx.saved_tensors
+        TinvT = Tinv.transpose(-1, -2)
+        return -(TinvT @ dT @ TinvT).tril(-1)
+
+
+class ChunkStatePass(torch.autograd.Function):
+    """The sequential part: S_{n+1} = M_n S_n + N_n over chunks, with a hand-written backward.
+
+    Inputs M [BH, N, K, K], Nv [BH, N, K, V], S0 [BH, K, V]. Returns the state at the start of
+    every chunk [BH, N, K, V] and the final state [BH, K, V]. Autograd through a Python loop of
+    indexing would allocate a full-size gradient per chunk (quadratic in T); here the backward is
+    one reverse loop of small matrix products, and dM comes out as one batched product.
+    """
+
+    @staticmethod
+    def forward(ctx, M: torch.Tensor, Nv: torch.Tensor, S0: torch.Tensor):
+        BH, N, K, V = Nv.shape
+        S_all = new_buffer((BH, N, K, V), Nv.dtype, Nv.device)
+        S = S0
+        for n in range(N):
+            S_all[:, n] = S
+            S = torch.baddbmm(Nv[:, n], M[:, n], S)
+        ctx.save_for_backward(M, S_all)
+        return S_all, S
+
+    @staticmethod
+    def backward(ctx, dS_all: torch.Tensor | None, dS_final: torch.Tensor | None):
+        M, S_all = ctx.saved_tensors
+        BH, N, K, V = S_all.shape
+        g = torch.zeros_like(S_all[:, 0]) if dS_final is None else dS_final.contiguous()
+        dNv = new_buffer((BH, N, K, V), S_all.dtype, S_all.device)
+        MT = M.transpose(-1, -2)
+        for n in range(N - 1, -1, -1):
+            # g is dL/dS_{n+1} here; it becomes dL/dS_n
+            dNv[:, n] = g
+            g = torch.bmm(MT[:, n], g)
+            if dS_all is not None:
+                g = g + dS_all[:, n]
+        dM = dNv @ S_all.transpose(-1, -2)
+        return dM, dNv, g
