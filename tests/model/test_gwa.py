@@ -142,3 +142,24 @@ def test_exec_mask_and_snapshot_restore():
             model.reset_rows(torch.tensor([True, False]))
             tail1 = model.step(ids[1:2].expand(2, -1)[:, 20:])
     torch.testing.assert_close(tail1[0], model(ids[1:2, 20:])[0], rtol=1e-9, atol=1e-9)
+
+
+def test_factored_attend_equals_summed_keys():
+    from duplex.kernels.gwa import window_attend, window_attend_factored
+
+    torch.manual_seed(4)
+    B, T, k, W, H, D = 2, 5, 3, 4, 2, 8
+    q = torch.randn(B, T, H, D, dtype=torch.float64)
+    tok_k, tok_v = (torch.randn(B, T, k, W, H, D, dtype=torch.float64) for _ in range(2))
+    rel_k, rel_v = (torch.randn(W, H, D, dtype=torch.float64) for _ in range(2))
+    meta_k, meta_v = (torch.randn(B, T, k, H, D, dtype=torch.float64) for _ in range(2))
+    mask = torch.rand(B, T, k, W) > 0.3
+    mask[0, 0] = False
+    nk, nv = torch.randn(H, D, dtype=torch.float64), torch.randn(H, D, dtype=torch.float64)
+    got = window_attend_factored(q, tok_k, tok_v, rel_k, rel_v, meta_k, meta_v, mask, nk, nv)
+    keys = (tok_k + rel_k[None, None, None] + meta_k[:, :, :, None]).reshape(B, T, k * W, H, D)
+    vals = (tok_v + rel_v[None, None, None] + meta_v[:, :, :, None]).reshape(B, T, k * W, H, D)
+    want = window_attend(q, keys, vals, mask.reshape(B, T, k * W), nk, nv)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # a fully masked position reads only the null slot
+    torch.testing.assert_close(got[0, 0], nv.expand(H, D), rtol=1e-12, atol=1e-12)

@@ -1,0 +1,168 @@
+"""Recall table: each model x task x context through `duplex eval recall`, one process per cell.
+
+One process per cell keeps each peak RSS honest (ru_maxrss never goes down inside a process).
+Writes benchmarks/results/gwa_recall.json (every report), gwa_recall.md (the table) and
+gwa_recall_{accuracy,speed,memory}.png. Cells already in the JSON are kept (re-run with --fresh).
+
+    .venv/bin/python benchmarks/gwa_recall.py               # the committed grid
+    .venv/bin/python benchmarks/gwa_recall.py --quick       # 1K and 16K only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "benchmarks" / "results"
+TASKS = ("mqar", "passkey", "niah", "copy", "position")
+K = 1024
+
+# (model, contexts); trials and asked per context length
+GRID = {
+    "recall-gwa": (1 * K, 16 * K, 128 * K, 1024 * K),
+    "recall-gdr": (1 * K, 16 * K, 128 * K),
+    "recall-swa": (1 * K, 16 * K, 128 * K),
+    "recall-attn": (1 * K, 16 * K),
+}
+TRIALS = {1 * K: 20, 16 * K: 4, 128 * K: 2, 1024 * K: 1}
+ASKED = {1 * K: 1, 16 * K: 8, 128 * K: 16, 1024 * K: 32}
+
+
+def cell(model: str, task: str, n: int, timeout: float) -> dict:
+    cmd = [
+        sys.executable,
+        "-m",
+        "duplex",
+        "eval",
+        "recall",
+        "--model",
+        model,
+        "--task",
+        task,
+        "--context",
+        str(n),
+        "--trials",
+        str(TRIALS[n]),
+        "--asked",
+        str(ASKED[n]),
+        "--json",
+    ]
+    t0 = time.time()
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {"model": model, "task": task, "context": n, "error": f"timeout {timeout:.0f}s"}
+    if r.returncode != 0:
+        return {"model": model, "task": task, "context": n, "error": r.stderr.strip()[-300:]}
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    rep["wall_s"] = time.time() - t0
+    rep["command"] = " ".join(["duplex", *cmd[3:]])
+    return rep
+
+
+def table(reports: list[dict]) -> str:
+    lines = [
+        "| model | task | context | accuracy (items) | state bytes | host B/token "
+        "| prefill ids/s | decode ms/id | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(reports, key=lambda r: (r["model"], r["task"], r["context"])):
+        if "error" in r:
+            lines.append(f"| {r['model']} | {r['task']} | {r['context']} | {r['error']} |||||")
+            continue
+        lines.append(
+            f"| {r['model']} | {r['task']} | {r['context']:,} | {r['accuracy']:.4f} "
+            f"({r['correct']}/{r['items']}, {r['trials']} trials) | {r['state_bytes']:,} "
+            f"| {r['host_bytes_per_token']:.2f} | {r['prefill_tokens_per_s']:,.0f} "
+            f"| {r['decode_ms_per_token']:.2f} | {r['peak_rss_mb']:.0f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plots(reports: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in reports if "error" not in r]
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(4 * len(TASKS), 3.5), sharey=True)
+    for ax, task in zip(axes, TASKS, strict=True):
+        for model in GRID:
+            pts = sorted(
+                (r["context"], r["accuracy"])
+                for r in ok
+                if r["model"] == model and r["task"] == task
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_title(task)
+        ax.set_xlabel("context (ids)")
+    axes[0].set_ylabel("accuracy")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(OUT / "gwa_recall_accuracy.png", dpi=110)
+    for key, name, label in (
+        ("decode_ms_per_token", "speed", "decode ms per id"),
+        ("peak_rss_mb", "memory", "peak RSS (MB)"),
+    ):
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for model in GRID:
+            pts = sorted(
+                (r["context"], r[key]) for r in ok if r["model"] == model and r["task"] == "mqar"
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (ids), mqar")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(OUT / f"gwa_recall_{name}.png", dpi=110)
+    plt.close("all")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="contexts up to 16K only")
+    ap.add_argument("--fresh", action="store_true", help="ignore cells already measured")
+    ap.add_argument("--models", nargs="*", default=list(GRID))
+    ap.add_argument("--tasks", nargs="*", default=list(TASKS))
+    ap.add_argument("--max-context", type=int, default=None)
+    ap.add_argument("--timeout", type=float, default=1200)
+    args = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    path = OUT / "gwa_recall.json"
+    reports = [] if args.fresh or not path.is_file() else json.loads(path.read_text())
+    done = {(r["model"], r["task"], r["context"]) for r in reports if "error" not in r}
+    for model in args.models:
+        for n in GRID[model]:
+            if (args.quick and n > 16 * K) or (args.max_context and n > args.max_context):
+                continue
+            for task in args.tasks:
+                if (model, task, n) in done:
+                    continue
+                rep = cell(model, task, n, args.timeout)
+                reports = [
+                    r for r in reports if (r["model"], r["task"], r["context"]) != (model, task, n)
+                ]
+                reports.append(rep)
+                path.write_text(json.dumps(reports, indent=1))
+                acc = rep.get("accuracy", rep.get("error"))
+                print(f"{model:12s} {task:9s} {n:>8d}: {acc}", flush=True)
+    (OUT / "gwa_recall.md").write_text(table(reports))
+    plots(reports)
+    print(table(reports))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
