@@ -17,6 +17,8 @@ from duplex import __version__
 # (group or None, name, module)
 COMMANDS: list[tuple[str | None, str, str]] = [
     (None, "doctor", "duplex.apps.doctor"),
+    (None, "talk", "duplex.apps.talk"),
+    (None, "replay", "duplex.apps.replay"),
     ("eval", "recall", "duplex.model.recall"),
     ("train", "recall", "duplex.model.recall_train"),
 ]

@@ -54,6 +54,11 @@ def sample(
     return idx.gather(-1, choice)[:, 0]
 
 
+def quantize16(x: np.ndarray) -> np.ndarray:
+    """Clip to [-1, 1] and round to the 16-bit grid (k / 32767), as float32."""
+    return (np.round(np.clip(x, -1.0, 1.0) * 32767.0) / 32767.0).astype(np.float32)
+
+
 @dataclass
 class FrameResult:
     """What one session got from one step."""
@@ -88,6 +93,8 @@ class Session:
 
     def type_text(self, text: str) -> None:
         """Queue typed text: it enters the user's text stream one byte per frame."""
+        if self.recorder is not None and text:
+            self.recorder.control(self.frame, "type", text=text)
         self.typed.extend(text.encode("utf-8"))
 
 
@@ -207,7 +214,9 @@ class Engine:
             if not np.isfinite(x).all():
                 raise ValueError(f"session {s.id}: frame contains NaN or infinite samples")
             active[s.slot] = True
-            pcm[s.slot, 0] = torch.from_numpy(x)
+            # 16-bit resolution, as every device and wire format carries: recordings then hold
+            # exactly what the model heard, and replays are exact.
+            pcm[s.slot, 0] = torch.from_numpy(quantize16(x))
         with torch.no_grad():
             self.codec.set_exec_mask(active)
             codes_in = self.codec.encode_step(pcm)[..., 0]

@@ -193,10 +193,12 @@ class Recording:
             truncated = True
             notes.append(f"audio holds {complete} of {len(frames)} frames; cut there")
             frames = frames[:complete]
-        for i, ev in enumerate(frames):
-            if ev.get("i") != i:
-                raise RecordingError(f"{d}: frame event {i} has index {ev.get('i')}")
-        controls = [c for c in controls if c["i"] <= complete]
+        # A session started from a saved state counts frames from where that state left off.
+        start = frames[0].get("i", 0) if frames else 0
+        for k, ev in enumerate(frames):
+            if ev.get("i") != start + k:
+                raise RecordingError(f"{d}: frame event {k} has index {ev.get('i')}")
+        controls = [c for c in controls if c["i"] <= start + complete]
         return cls(
             d,
             header,

@@ -1,0 +1,133 @@
+"""`duplex talk`: a local conversation with the model (microphone/speaker or WAV files)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+HELP = "talk to the model: microphone and speaker, or WAV files in and out"
+DESCRIPTION = """Talk to the model locally.
+
+Audio comes from the microphone (or --input WAV) and goes to the speaker (or --output WAV);
+the model hears you while it speaks, one model step per codec frame (20 ms with the default
+codec). Its words (inner monologue) and a live transcript of you are printed as they arrive.
+
+Examples:
+  duplex talk --input question.wav --output reply.wav --headless
+  duplex talk --input in.wav --output out.wav --record runs/session1 --headless
+  duplex talk --state saved.dstate --input in.wav --output out.wav --headless
+  duplex talk --device pulse --headless
+
+Files: --input accepts any format libsndfile reads (resampled to the codec rate, mixed to mono);
+--output writes 16-bit WAV at the codec rate. With --input and no --output the reply is
+discarded; with neither, the audio device is used (see `duplex doctor`).
+Exit status: 0 on success, 2 on a usage or input error, 3 when no audio device is usable."""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="tiny", help="model name or .safetensors (default: tiny)")
+    p.add_argument(
+        "--codec", default="default", help="codec name or .safetensors (default: default)"
+    )
+    p.add_argument("--input", metavar="WAV", help="read your side from this audio file")
+    p.add_argument("--output", metavar="WAV", help="write the model's audio to this WAV file")
+    p.add_argument("--device", help="audio device name fragment or index (both directions)")
+    p.add_argument("--state", metavar="FILE", help="start from a saved state file")
+    p.add_argument("--save-state", metavar="FILE", help="save the final state to this file")
+    p.add_argument("--record", metavar="DIR", help="record the session into this directory")
+    p.add_argument("--text", default="", help="text to type to the model at the start")
+    p.add_argument(
+        "--headless",
+        action="store_true",
+        help="print transcripts and a stats line per second (the only front end so far)",
+    )
+    p.add_argument("--json", action="store_true", help="with --headless: JSON lines")
+    p.add_argument("--realtime", action="store_true", help="pace file input at the frame rate")
+    p.add_argument("--tail", type=float, default=1.0, help="seconds of silence after --input")
+    p.add_argument("--max-seconds", type=float, help="stop after this many seconds of audio")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--temperature", type=float, default=0.8, help="audio sampling temperature")
+    p.add_argument("--top-k", type=int, default=50, help="audio top-k (default 50)")
+    p.add_argument("--text-temperature", type=float, default=0.7, help="text temperature")
+    p.add_argument("--text-top-k", type=int, default=25, help="text top-k (default 25)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+
+
+def make_audio(args: argparse.Namespace, sample_rate: int, frame_size: int):
+    from duplex.streamer.audio import DeviceAudio, FileAudio
+
+    if args.input or args.output:
+        tail = round(args.tail * sample_rate / frame_size)
+        silence = 0
+        if not args.input:
+            silence = int((args.max_seconds or 10.0) * sample_rate / frame_size)
+        return FileAudio(
+            sample_rate,
+            frame_size,
+            args.input,
+            args.output,
+            realtime=args.realtime,
+            tail_frames=tail,
+            silence_frames=silence,
+        )
+    return DeviceAudio(sample_rate, frame_size, args.device, args.device)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from duplex.streamer.audio import AudioUnavailableError
+    from duplex.streamer.conversation import (
+        ConversationConfig,
+        HeadlessPrinter,
+        load_parts,
+        open_session,
+    )
+    from duplex.streamer.conversation import run as run_conversation
+    from duplex.streamer.engine import Engine, SamplingConfig
+    from duplex.streamer.statefile import StateFileError
+
+    torch.set_num_threads(max(1, args.threads))
+    sampling = SamplingConfig(
+        args.temperature, args.top_k, args.text_temperature, args.text_top_k, args.seed
+    )
+    cfg = ConversationConfig(args.model, args.codec, sampling, args.state)
+    try:
+        model, codec = load_parts(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"duplex talk: {e}", file=sys.stderr)
+        return 2
+    try:
+        audio = make_audio(args, codec.sample_rate, codec.frame_size)
+    except AudioUnavailableError as e:
+        print(f"duplex talk: {e}", file=sys.stderr)
+        return 3
+    except (ValueError, FileNotFoundError) as e:
+        print(f"duplex talk: {e}", file=sys.stderr)
+        return 2
+    max_frames = None
+    if args.max_seconds:
+        max_frames = int(args.max_seconds * codec.frame_rate)
+    with Engine(model, codec, slots=1) as engine:
+        try:
+            session = open_session(engine, cfg, args.record)
+        except (StateFileError, FileExistsError, ValueError) as e:
+            print(f"duplex talk: {e}", file=sys.stderr)
+            return 2
+        if args.text:
+            session.type_text(args.text)
+        printer = HeadlessPrinter(engine, session, json_lines=args.json)
+        try:
+            with audio:
+                run_conversation(engine, session, audio, printer, max_frames)
+        except AudioUnavailableError as e:
+            print(f"duplex talk: {e}", file=sys.stderr)
+            return 3
+        except KeyboardInterrupt:
+            pass
+        printer.stats_line()
+        if args.save_state:
+            path = engine.save_session(session, args.save_state)
+            print(f"[state] saved to {path}", flush=True)
+        print(f"[done] {session.frame} frames; model said: {''.join(session.transcript)!r}")
+    return 0
