@@ -17,6 +17,7 @@ output_underflows.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -77,6 +78,7 @@ class AudioBackend:
 
     def counters(self) -> dict[str, int]:
         return {
+            "device_restarts": getattr(self, "restarts", 0),
             "dropped_input_frames": self.dropped_input_frames,
             "output_underruns": self.output_underruns,
             "input_overflows": self.input_overflows,
@@ -248,8 +250,13 @@ class DeviceAudio(AudioBackend):
         blocksize: int = 0,
         max_queue_frames: int = 16,
         prefill_frames: int = 2,
+        latency: str | float = "high",
+        max_restarts: int = 20,
     ) -> None:
         super().__init__(sample_rate, frame_size)
+        self.latency = latency
+        self.restarts = 0
+        self.max_restarts = max_restarts
         self.sd = _import_sounddevice()
         self.in_dev = find_device(input_device, "input")
         self.out_dev = find_device(output_device, "output")
@@ -301,6 +308,7 @@ class DeviceAudio(AudioBackend):
                 device=(self.in_dev, self.out_dev),
                 channels=1,
                 dtype="int16",
+                latency=self.latency,
                 callback=self._callback,
             )
             self.stream.start()
@@ -312,15 +320,31 @@ class DeviceAudio(AudioBackend):
             ) from None
 
     def read_frame(self, timeout: float = 2.0) -> np.ndarray | None:
+        """The next microphone frame. A stream that PortAudio gave up on (it does after a long
+        stall, e.g. a starved sound server) is reopened, at most `max_restarts` times."""
         deadline = time.monotonic() + timeout
         while True:
             f = self.in_fifo.pop()
             if f is not None:
                 self.dropped_input_frames = self.in_fifo.dropped_frames
                 return f
+            if self.stream is not None and not self.stream.active:
+                self._restart()
+                deadline = time.monotonic() + timeout
             if time.monotonic() > deadline:
                 raise AudioUnavailableError("the audio device stopped delivering input")
             time.sleep(0.001)
+
+    def _restart(self) -> None:
+        if self.restarts >= self.max_restarts:
+            raise AudioUnavailableError(
+                f"the audio stream failed {self.restarts + 1} times; giving up"
+            )
+        self.restarts += 1
+        old, self.stream = self.stream, None
+        with contextlib.suppress(Exception):
+            old.close()
+        self.start()
 
     def write_frame(self, pcm: np.ndarray) -> None:
         if self._down is None:

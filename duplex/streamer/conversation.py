@@ -80,11 +80,8 @@ def run(
             break
         res = engine.step({session: frame})[session]
         audio.write_frame(res.pcm)
-        c = audio.counters()
-        engine.stats.dropped_input_frames = c["dropped_input_frames"]
-        engine.stats.output_underruns = c["output_underruns"]
-        engine.stats.input_overflows = c["input_overflows"]
-        engine.stats.output_underflows = c["output_underflows"]
+        for key, value in audio.counters().items():
+            setattr(engine.stats, key, value)
         if on_frame is not None:
             on_frame(res)
         n += 1

@@ -39,6 +39,7 @@ class Stats:
     output_underruns: int = 0
     input_overflows: int = 0
     output_underflows: int = 0
+    device_restarts: int = 0
     _timings: dict[str, deque] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -79,6 +80,7 @@ class Stats:
             "output_underruns": self.output_underruns,
             "input_overflows": self.input_overflows,
             "output_underflows": self.output_underflows,
+            "device_restarts": self.device_restarts,
             "stages_ms": stages,
             "real_time_factor": (total / self.frame_ms) if total else 0.0,
         }

@@ -91,6 +91,7 @@ def test_device_loopback_through_null_sink(pulse_sink) -> None:
     assert good >= 12, f"only {good} of 15 chunks came back intact; counters {counters}"
     assert lags == sorted(lags), f"chunks came back out of order: {lags}"
     assert set(counters) == {
+        "device_restarts",
         "dropped_input_frames",
         "output_underruns",
         "input_overflows",
