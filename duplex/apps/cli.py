@@ -21,6 +21,9 @@ COMMANDS: list[tuple[str | None, str, str]] = [
     (None, "replay", "duplex.apps.replay"),
     ("eval", "recall", "duplex.model.recall"),
     ("train", "recall", "duplex.model.recall_train"),
+    ("bench", "codec", "duplex.codecs.bench"),
+    ("train", "codec", "duplex.codecs.train"),
+    ("data", "speech", "duplex.data.speech"),
 ]
 
 GROUP_HELP = {

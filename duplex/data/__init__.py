@@ -1,0 +1,1 @@
+"""Synthetic training data: espeak-ng speech with word-level timing (see `duplex.data.speech`)."""
