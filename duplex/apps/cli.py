@@ -19,6 +19,7 @@ COMMANDS: list[tuple[str | None, str, str]] = [
     (None, "doctor", "duplex.apps.doctor"),
     (None, "talk", "duplex.apps.talk"),
     (None, "replay", "duplex.apps.replay"),
+    ("bench", "engine", "duplex.streamer.bench"),
     ("eval", "recall", "duplex.model.recall"),
     ("train", "recall", "duplex.model.recall_train"),
     ("bench", "codec", "duplex.codecs.bench"),
