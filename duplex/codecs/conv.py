@@ -25,6 +25,45 @@ from torch import nn
 from duplex.streaming import StreamingModule, StreamState, keep_masked
 
 
+def conv1d_gemm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: int = 1,
+    dilation: int = 1,
+) -> torch.Tensor:
+    """Unpadded 1-d convolution as one matrix product (im2col).
+
+    Why: on a CPU, PyTorch's convolution falls back to slow generic kernels for the short inputs
+    of frame-by-frame streaming (a few time steps), several times slower than this product.
+    x [B, C_in, L], weight [C_out, C_in, k] -> [B, C_out, (L - k_eff) // stride + 1].
+    """
+    c_out, c_in, k = weight.shape
+    k_eff = (k - 1) * dilation + 1
+    # [B, C_in, T, k_eff] -> taps [B, C_in, T, k] -> [B, T, C_in * k]
+    cols = x.unfold(-1, k_eff, stride)[..., ::dilation]
+    B, _, T, _ = cols.shape
+    cols = cols.permute(0, 2, 1, 3).reshape(B, T, c_in * k)
+    # [B, T, C_out] -> [B, C_out, T]
+    y = cols @ weight.reshape(c_out, c_in * k).t()
+    if bias is not None:
+        y = y + bias
+    return y.transpose(1, 2)
+
+
+class FastConv1d(nn.Conv1d):
+    """nn.Conv1d (padding 0, groups 1) that runs as a matrix product in eval mode.
+
+    Training keeps PyTorch's convolution (fast for long inputs and backward); evaluation, where
+    streaming feeds a few steps at a time, uses `conv1d_gemm`. Same parameters, same state dict.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or self.groups != 1 or self.padding not in (0, (0,)):
+            return super().forward(x)
+        return conv1d_gemm(x, self.weight, self.bias, self.stride[0], self.dilation[0])
+
+
 @dataclass
 class ConvState(StreamState):
     """Input history of a causal convolution: [B, C_in, k_eff - stride]."""

@@ -29,7 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from duplex.codecs.base import StreamingCodec
-from duplex.codecs.conv import StreamingConv1d, StreamingConvTranspose1d, StreamingSequential
+from duplex.codecs.conv import (
+    FastConv1d,
+    StreamingConv1d,
+    StreamingConvTranspose1d,
+    StreamingSequential,
+    conv1d_gemm,
+)
 
 
 @dataclass
@@ -81,12 +87,12 @@ class ResBlock(StreamingSequential):
     """x + W2 gelu(causal_conv_k3_dilated(norm(x))): a residual block that streams."""
 
     def __init__(self, channels: int, dilation: int) -> None:
-        conv = nn.Conv1d(channels, channels, 3, dilation=dilation)
+        conv = FastConv1d(channels, channels, 3, dilation=dilation)
         super().__init__(
             ChannelNorm(channels),
             StreamingConv1d.from_conv1d(conv),
             nn.GELU(),
-            nn.Conv1d(channels, channels, 1),
+            FastConv1d(channels, channels, 1),
         )
         out = self.layers[-1]
         assert isinstance(out, nn.Conv1d)
@@ -118,7 +124,9 @@ class _Analysis(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = torch.cat([self.basis, self.learned], dim=0)
-        return F.conv1d(x, w, stride=self.hop)
+        if self.training:
+            return F.conv1d(x, w, stride=self.hop)
+        return conv1d_gemm(x, w, None, stride=self.hop)
 
 
 class _OverlapAdd(nn.Module):
@@ -153,11 +161,11 @@ class SmallEncoder(StreamingSequential):
             *[ResBlock(cfg.hi_channels, d) for d in cfg.enc_hi_dilations],
             ChannelNorm(cfg.hi_channels),
             StreamingConv1d.from_conv1d(
-                nn.Conv1d(cfg.hi_channels, cfg.lo_channels, down, stride=down)
+                FastConv1d(cfg.hi_channels, cfg.lo_channels, down, stride=down)
             ),
             *[ResBlock(cfg.lo_channels, d) for d in cfg.enc_lo_dilations],
             ChannelNorm(cfg.lo_channels),
-            nn.Conv1d(cfg.lo_channels, cfg.latent_dim, 1),
+            FastConv1d(cfg.lo_channels, cfg.latent_dim, 1),
         )
 
 
@@ -167,7 +175,7 @@ class _Features(nn.Module):
     def __init__(self, bins: int, learned: int, channels: int) -> None:
         super().__init__()
         self.bins = bins
-        self.proj = nn.Conv1d(bins + learned, channels, 1)
+        self.proj = FastConv1d(bins + learned, channels, 1)
 
     def forward(self, a: torch.Tensor) -> torch.Tensor:
         # a [B, 2*bins + L, J]
@@ -202,7 +210,7 @@ class _SpectralHead(nn.Module):
         bins = n_fft // 2 + 1
         self.bins = bins
         self.norm = ChannelNorm(channels)
-        self.proj = nn.Conv1d(channels, 2 * bins, 1)
+        self.proj = FastConv1d(channels, 2 * bins, 1)
         win = torch.hann_window(n_fft, periodic=True)
         # hann windows at hop n_fft/4 sum to 2: scale so overlap-add of unit frames is unit gain
         self.register_buffer("window", win * (hop * 2 / n_fft), persistent=False)
@@ -223,10 +231,10 @@ class SmallDecoder(StreamingSequential):
     def __init__(self, cfg: SmallCodecConfig) -> None:
         up = cfg.frame_size // cfg.hop
         super().__init__(
-            StreamingConv1d.from_conv1d(nn.Conv1d(cfg.latent_dim, cfg.lo_channels, 3)),
+            StreamingConv1d.from_conv1d(FastConv1d(cfg.latent_dim, cfg.lo_channels, 3)),
             *[ResBlock(cfg.lo_channels, d) for d in cfg.dec_lo_dilations],
             ChannelNorm(cfg.lo_channels),
-            nn.Conv1d(cfg.lo_channels, cfg.hi_channels * up, 1),
+            FastConv1d(cfg.lo_channels, cfg.hi_channels * up, 1),
             _PixelShuffle1d(up),
             *[ResBlock(cfg.hi_channels, d) for d in cfg.dec_hi_dilations],
             _SpectralHead(cfg.hi_channels, cfg.n_fft, cfg.hop),
