@@ -10,7 +10,11 @@ DESCRIPTION = """Talk to the model locally.
 
 Audio comes from the microphone (or --input WAV) and goes to the speaker (or --output WAV);
 the model hears you while it speaks, one model step per codec frame (20 ms with the default
-codec). Its words (inner monologue) and a live transcript of you are printed as they arrive.
+codec). In a terminal a TUI shows both transcripts, latency (p50/p99 per stage and a sparkline),
+input/output levels and session facts; type a line and press Enter to send text. Keys: F1 help,
+F2 mute the microphone, F3 pause, F5 save state (to --save-state, default duplex.dstate), F6 load
+that state, F7 reset, Ctrl+Q quit. With --headless (or when stdout is not a terminal) the
+transcripts and a stats line per second are printed instead.
 
 Examples:
   duplex talk --input question.wav --output reply.wav --headless
@@ -39,7 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--headless",
         action="store_true",
-        help="print transcripts and a stats line per second (the only front end so far)",
+        help="print transcripts and a stats line per second instead of the TUI "
+        "(automatic when stdout is not a terminal)",
     )
     p.add_argument("--json", action="store_true", help="with --headless: JSON lines")
     p.add_argument("--realtime", action="store_true", help="pace file input at the frame rate")
@@ -105,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"duplex talk: {e}", file=sys.stderr)
         return 2
+    if not args.headless and sys.stdout.isatty():
+        return run_tui(args, cfg, model, codec, audio)
     max_frames = None
     if args.max_seconds:
         max_frames = int(args.max_seconds * codec.frame_rate)
@@ -130,4 +137,35 @@ def run(args: argparse.Namespace) -> int:
             path = engine.save_session(session, args.save_state)
             print(f"[state] saved to {path}", flush=True)
         print(f"[done] {session.frame} frames; model said: {''.join(session.transcript)!r}")
+    return 0
+
+
+def run_tui(args: argparse.Namespace, cfg, model, codec, audio) -> int:
+    """The Textual front end; returns when the user quits."""
+    from duplex.apps.tui import DuplexApp, TalkOptions
+    from duplex.streamer.audio import AudioUnavailableError
+    from duplex.streamer.conversation import open_session
+    from duplex.streamer.engine import Engine
+    from duplex.streamer.statefile import StateFileError
+
+    with Engine(model, codec, slots=1) as engine:
+        try:
+            session = open_session(engine, cfg, args.record)
+        except (StateFileError, FileExistsError, ValueError) as e:
+            print(f"duplex talk: {e}", file=sys.stderr)
+            return 2
+        if args.text:
+            session.type_text(args.text)
+        try:
+            audio.start()
+        except AudioUnavailableError as e:
+            print(f"duplex talk: {e}", file=sys.stderr)
+            return 3
+        app = DuplexApp(engine, session, audio, TalkOptions(args.save_state or "duplex.dstate"))
+        app.run()
+        if app.worker.error:
+            print(f"duplex talk: {app.worker.error}", file=sys.stderr)
+            return 3
+        s = app.session
+        print(f"[done] {s.frame} frames; model said: {''.join(s.transcript)!r}")
     return 0

@@ -1,0 +1,296 @@
+"""The Textual front end of `duplex talk`: transcripts, latency, levels, typing, controls.
+
+Threads: a worker thread runs the frame loop (audio in -> engine -> audio out) and only ever
+puts plain data on a queue; the app drains that queue on a timer (10 Hz) and is the only code
+that touches widgets. Commands from the keyboard go the other way on a second queue and are
+applied by the worker between frames, so the engine is only ever used from one thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.css.query import NoMatches
+from textual.widgets import Footer, Header, Input, Log, Sparkline, Static
+
+from duplex.streamer.audio import AudioBackend, AudioUnavailableError
+from duplex.streamer.engine import Engine, Session
+from duplex.streamer.statefile import StateFileError
+
+HELP_TEXT = (
+    "Type and press Enter to send text to the model (it enters your text stream frame by frame). "
+    "F2 mute mic · F3 pause · F5 save state · F6 load state · F7 reset · F1 help · Ctrl+Q quit"
+)
+
+
+def _level_db(x: np.ndarray) -> float:
+    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
+    return max(-60.0, 20 * np.log10(rms + 1e-9))
+
+
+def _meter(db: float, width: int = 20) -> str:
+    n = round((db + 60) / 60 * width)
+    return "█" * n + "·" * (width - n) + f" {db:5.1f} dB"
+
+
+@dataclass
+class TalkOptions:
+    """What the TUI needs beyond the engine: where states go, how the session was configured."""
+
+    state_path: str = "duplex.dstate"
+    sampling: object = None
+
+
+class Worker(threading.Thread):
+    """The frame loop. Never touches widgets: it reads `commands` and writes `updates`."""
+
+    def __init__(self, engine: Engine, session: Session, audio: AudioBackend) -> None:
+        super().__init__(daemon=True, name="duplex-frames")
+        self.engine, self.session, self.audio = engine, session, audio
+        self.commands: queue.Queue = queue.Queue()
+        self.updates: queue.Queue = queue.Queue(maxsize=10_000)
+        self.muted = False
+        self.paused = False
+        self.ended = False
+        self.error: str | None = None
+
+    def _post(self, **item: object) -> None:
+        with contextlib.suppress(queue.Full):
+            self.updates.put_nowait(item)
+
+    def _apply(self, cmd: tuple) -> bool:
+        kind = cmd[0]
+        if kind == "stop":
+            return False
+        if kind == "type":
+            self.session.type_text(cmd[1])
+        elif kind == "mute":
+            self.muted = not self.muted
+            self._post(notice="microphone muted" if self.muted else "microphone on")
+        elif kind == "pause":
+            self.paused = not self.paused
+            self._post(notice="paused" if self.paused else "resumed")
+        elif kind == "save":
+            path = self.engine.save_session(self.session, cmd[1])
+            self._post(notice=f"state saved to {path}")
+        elif kind in ("load", "reset"):
+            sampling, recorder = self.session.sampling, self.session.recorder
+            self.session.recorder = None
+            self.engine.leave(self.session)
+            try:
+                state = cmd[1] if kind == "load" else None
+                self.session = self.engine.join(sampling, state=state)
+            except (StateFileError, ValueError, OSError) as e:
+                self.session = self.engine.join(sampling)
+                self._post(notice=f"could not load state: {e}; started fresh")
+            else:
+                what = (
+                    f"state loaded from {cmd[1]} (frame {self.session.frame})"
+                    if kind == "load"
+                    else "conversation reset"
+                )
+                self._post(notice=what, reset=True)
+            self.session.recorder = recorder
+        return True
+
+    def run(self) -> None:
+        fs = self.engine.frame_size
+        try:
+            while True:
+                while not self.commands.empty():
+                    if not self._apply(self.commands.get_nowait()):
+                        return
+                if self.paused or self.ended:
+                    time.sleep(0.02)
+                    continue
+                frame = self.audio.read_frame()
+                if frame is None:
+                    self.ended = True
+                    self._post(notice="input ended (Ctrl+Q quits)")
+                    continue
+                heard = np.zeros(fs, np.float32) if self.muted else frame
+                res = self.engine.step({self.session: heard})[self.session]
+                self.audio.write_frame(res.pcm)
+                for key, value in self.audio.counters().items():
+                    setattr(self.engine.stats, key, value)
+                self._post(
+                    text=res.text,
+                    user_text=res.user_text,
+                    level_in=_level_db(heard),
+                    level_out=_level_db(res.pcm),
+                )
+        except AudioUnavailableError as e:
+            self.error = str(e)
+            self._post(notice=f"audio stopped: {e}")
+        finally:
+            self.audio.close()
+
+
+class DuplexApp(App):
+    """`duplex talk` in a terminal."""
+
+    TITLE = "duplex"
+    CSS = """
+    #panes { height: 1fr; }
+    .pane { width: 1fr; border: round $accent; }
+    #bottom { height: 9; }
+    #latency { width: 2fr; border: round $secondary; }
+    #levels { width: 1fr; border: round $secondary; }
+    #facts { width: 1fr; border: round $secondary; }
+    #spark { height: 2; }
+    #notice { height: 1; color: $warning; }
+    """
+    BINDINGS: ClassVar[list[Binding]] = [
+        Binding("f1", "help", "Help"),
+        Binding("f2", "mute", "Mute mic"),
+        Binding("f3", "pause", "Pause"),
+        Binding("f5", "save", "Save state"),
+        Binding("f6", "load", "Load state"),
+        Binding("f7", "reset", "Reset"),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+
+    def __init__(
+        self, engine: Engine, session: Session, audio: AudioBackend, options: TalkOptions
+    ) -> None:
+        super().__init__()
+        self.engine = engine
+        self.options = options
+        self.worker = Worker(engine, session, audio)
+        self.spark_data: list[float] = []
+
+    @property
+    def session(self) -> Session:
+        return self.worker.session
+
+    def compose(self) -> ComposeResult:
+        yield Header(show_clock=True)
+        with Horizontal(id="panes"):
+            you = Log(id="you", classes="pane")
+            you.border_title = "You"
+            yield you
+            model = Log(id="model", classes="pane")
+            model.border_title = "Model"
+            yield model
+        with Horizontal(id="bottom"):
+            with Vertical(id="latency"):
+                yield Static("latency: waiting for frames", id="latency_text")
+                yield Sparkline([0.0], id="spark")
+            yield Static("", id="levels")
+            yield Static("", id="facts")
+        yield Static("", id="notice")
+        yield Input(placeholder="type to the model, Enter to send", id="typed")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#latency").border_title = "Latency"
+        self.query_one("#levels").border_title = "Levels"
+        self.query_one("#facts").border_title = "Session"
+        self.worker.start()
+        self.set_interval(0.1, self.refresh_from_worker)
+
+    def refresh_from_worker(self) -> None:
+        """Drain the worker's updates and redraw (throttled to this timer's rate)."""
+        try:
+            self._redraw()
+        except NoMatches:
+            # The timer can fire once more while the app is shutting down.
+            return
+
+    def _redraw(self) -> None:
+        you, model = self.query_one("#you", Log), self.query_one("#model", Log)
+        level_in = level_out = None
+        notices = []
+        while True:
+            try:
+                u = self.worker.updates.get_nowait()
+            except queue.Empty:
+                break
+            if u.get("reset"):
+                you.clear()
+                model.clear()
+            if u.get("user_text"):
+                you.write(u["user_text"])
+            if u.get("text"):
+                model.write(u["text"])
+            if "level_in" in u:
+                level_in, level_out = u["level_in"], u["level_out"]
+            if u.get("notice"):
+                notices.append(u["notice"])
+        if notices:
+            self.query_one("#notice", Static).update(notices[-1])
+        snap = self.engine.stats.snapshot()
+        st = snap["stages_ms"]
+        if snap["frames"]:
+            self.query_one("#latency_text", Static).update(
+                "        p50     p99  (ms)\n"
+                + "\n".join(
+                    f"{k:7s}{st[k]['p50']:6.1f}  {st[k]['p99']:6.1f}"
+                    for k in ("encode", "model", "decode", "total")
+                )
+                + f"\nframe {snap['frame_ms']:.1f} ms · real-time factor "
+                f"{snap['real_time_factor']:.2f}"
+            )
+            self.spark_data = self.engine.stats.recent("total", 120)
+            self.query_one("#spark", Sparkline).data = list(self.spark_data)
+        if level_in is not None:
+            self.query_one("#levels", Static).update(
+                f"in  {_meter(level_in)}\nout {_meter(level_out)}"
+                + ("\nMUTED" if self.worker.muted else "")
+                + ("\nPAUSED" if self.worker.paused else "")
+            )
+        model_ = self.engine.model
+        log_tokens = 0
+        reader = model_.backbone.reader
+        if reader is not None and reader.is_streaming:
+            log_tokens = reader.lengths()[self.session.slot]
+        self.query_one("#facts", Static).update(
+            f"frames {self.session.frame}\nlog tokens {log_tokens}\n"
+            f"state {model_.state_bytes() / 1e3:.0f} KB\nlog {model_.host_bytes() / 1e3:.0f} KB\n"
+            f"drops {snap['dropped_input_frames']} underruns {snap['output_underruns']}"
+        )
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        text = event.value
+        if text:
+            self.worker.commands.put(("type", text + " "))
+            self.query_one("#you", Log).write_line(f"> {text}")
+        event.input.value = ""
+
+    def action_help(self) -> None:
+        self.query_one("#notice", Static).update(HELP_TEXT)
+
+    def action_mute(self) -> None:
+        self.worker.commands.put(("mute",))
+
+    def action_pause(self) -> None:
+        self.worker.commands.put(("pause",))
+
+    def action_save(self) -> None:
+        self.worker.commands.put(("save", self.options.state_path))
+
+    def action_load(self) -> None:
+        if not Path(self.options.state_path).is_file():
+            self.query_one("#notice", Static).update(
+                f"no state at {self.options.state_path}: save one first (F5)"
+            )
+            return
+        self.worker.commands.put(("load", self.options.state_path))
+
+    def action_reset(self) -> None:
+        self.worker.commands.put(("reset",))
+
+    async def action_quit(self) -> None:
+        self.worker.commands.put(("stop",))
+        self.worker.join(timeout=5)
+        self.exit()

@@ -1,0 +1,141 @@
+"""The TUI through Textual's Pilot on a WAV input, and in a real terminal (tmux)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from textual.widgets import Log, Static
+
+from duplex.apps.tui import DuplexApp, TalkOptions
+from duplex.codecs.small import SmallCodec, SmallCodecConfig
+from duplex.model.duplex_lm import load
+from duplex.streamer.audio import FileAudio
+from duplex.streamer.engine import Engine, SamplingConfig
+from duplex.streamer.statefile import read_header
+
+CODEC = os.environ.get("DUPLEX_TEST_CODEC", "default")
+
+
+@pytest.fixture
+def wav(tmp_path):
+    p = tmp_path / "in.wav"
+    t = np.arange(16000 * 30) / 16000
+    sf.write(p, (0.3 * np.sin(2 * np.pi * 200 * t)).astype(np.float32), 16000)
+    return p
+
+
+async def _until(pilot, cond, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await pilot.pause(0.1)
+
+
+async def test_pilot_transcripts_latency_and_every_key(tmp_path, wav) -> None:
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    codec = SmallCodec(SmallCodecConfig()).eval()
+    model = load("tiny")
+    state = tmp_path / "s.dstate"
+    audio = FileAudio(16000, 320, wav, tmp_path / "out.wav", realtime=True, tail_frames=100)
+    # Greedy text so the random model writes something into the model pane.
+    sampling = SamplingConfig(seed=1, text_temperature=1.5, text_top_k=0)
+    with Engine(model, codec, slots=1) as engine:
+        session = engine.join(sampling)
+        audio.start()
+        app = DuplexApp(engine, session, audio, TalkOptions(str(state)))
+        async with app.run_test(size=(120, 40)) as pilot:
+            await _until(pilot, lambda: app.session.frame > 30)
+            await pilot.pause(0.3)
+            assert "".join(app.query_one("#model", Log).lines).strip()
+            latency = str(app.query_one("#latency_text", Static).render())
+            assert "total" in latency and "p99" in latency
+            assert len(app.spark_data) > 5
+
+            # Typing goes to the user's text stream.
+            await pilot.click("#typed")
+            await pilot.press(*"hi", "enter")
+            await _until(pilot, lambda: "> hi" in "".join(app.query_one("#you", Log).lines))
+
+            await pilot.press("f2")
+            await _until(pilot, lambda: app.worker.muted)
+            await pilot.press("f2")
+            await _until(pilot, lambda: not app.worker.muted)
+
+            await pilot.press("f5")
+            await _until(pilot, lambda: state.is_file())
+            saved = app.session
+            await _until(pilot, lambda: saved.frame > 20)
+            await pilot.press("f6")
+            await _until(pilot, lambda: app.session is not saved)
+            await _until(pilot, lambda: "state loaded" in str(app.query_one("#notice").render()))
+            # The loaded session continues from the frame the state was saved at.
+            frame = read_header(state)["meta"]["frame"]
+            assert f"(frame {frame})" in str(app.query_one("#notice").render())
+            assert frame < saved.frame
+
+            loaded = app.session
+            await pilot.press("f7")
+            await _until(pilot, lambda: app.session is not loaded)
+            await _until(pilot, lambda: "reset" in str(app.query_one("#notice").render()))
+
+            await pilot.press("f3")
+            await _until(pilot, lambda: app.worker.paused)
+            frozen = app.session.frame
+            await pilot.pause(0.5)
+            assert app.session.frame == frozen
+            await pilot.press("f3")
+            await _until(pilot, lambda: app.session.frame > frozen)
+
+            await pilot.press("ctrl+q")
+            await asyncio.sleep(0.2)
+        assert not app.worker.is_alive()
+
+
+@pytest.mark.slow
+def test_tmux_screen_shows_panes_and_latency(tmp_path, wav) -> None:
+    tmux = shutil.which("tmux")
+    assert tmux, "tmux is missing: run `make setup`"
+    name = f"duplex-test-{os.getpid()}"
+    cmd = (
+        f"{sys.executable} -m duplex talk --codec {CODEC} --input {wav} "
+        f"--output {tmp_path / 'out.wav'} --realtime --save-state {tmp_path / 's.dstate'}"
+    )
+    subprocess.run(
+        [tmux, "new-session", "-d", "-s", name, "-x", "120", "-y", "40", cmd],
+        check=True,
+        cwd=tmp_path,
+    )
+    try:
+        screen = ""
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            screen = subprocess.run(
+                [tmux, "capture-pane", "-p", "-t", name], capture_output=True, text=True
+            ).stdout
+            if "total" in screen and "p99" in screen and "frames" in screen:
+                break
+            time.sleep(0.5)
+        assert "You" in screen and "Model" in screen, screen
+        assert "Latency" in screen and "total" in screen, screen
+        assert "Levels" in screen and "Session" in screen, screen
+        subprocess.run([tmux, "send-keys", "-t", name, "C-q"], check=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            alive = subprocess.run([tmux, "has-session", "-t", name], capture_output=True)
+            if alive.returncode != 0:
+                break
+            time.sleep(0.3)
+        assert alive.returncode != 0, "Ctrl+Q did not quit"
+    finally:
+        subprocess.run([tmux, "kill-session", "-t", name], capture_output=True)
