@@ -19,6 +19,8 @@ COMMANDS: list[tuple[str | None, str, str]] = [
     (None, "doctor", "duplex.apps.doctor"),
     (None, "talk", "duplex.apps.talk"),
     (None, "replay", "duplex.apps.replay"),
+    (None, "serve", "duplex.apps.serve"),
+    (None, "connect", "duplex.apps.connect"),
     ("bench", "engine", "duplex.streamer.bench"),
     ("eval", "recall", "duplex.model.recall"),
     ("train", "recall", "duplex.model.recall_train"),

@@ -335,8 +335,9 @@ class DuplexServer:
             results = await loop.run_in_executor(self._executor, self.engine.step, frames)
         except Exception as e:
             print(f"duplex serve: engine step failed: {e!r}", file=sys.stderr)
-            for c in batch:
-                asyncio.create_task(self._fatal(c, P.ErrorCode.INTERNAL, f"engine failed: {e}"))
+            await asyncio.gather(
+                *(self._fatal(c, P.ErrorCode.INTERNAL, f"engine failed: {e}") for c in batch)
+            )
             return
         self.ticks += 1
         done = time.monotonic()
@@ -358,13 +359,15 @@ class DuplexServer:
     def _send_stats(self, live: list[Conn]) -> None:
         snap = self.engine.stats.snapshot()
         engine = {
-            "stages_ms": {k: {"p50": v["p50"], "p99": v["p99"]} for k, v in snap["stages_ms"].items()},
+            "stages_ms": {
+                k: {"p50": v["p50"], "p99": v["p99"]} for k, v in snap["stages_ms"].items()
+            },
             "real_time_factor": snap["real_time_factor"],
             "frame_ms": snap["frame_ms"],
         }
         for c in live:
             lat = np.fromiter(c.latency_ms, dtype=np.float64)
-            p50, p99 = (np.percentile(lat, [50, 99]).tolist() if lat.size else (0.0, 0.0))
+            p50, p99 = np.percentile(lat, [50, 99]).tolist() if lat.size else (0.0, 0.0)
             c.send(
                 P.encode(
                     P.Stats(

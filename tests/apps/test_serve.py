@@ -8,6 +8,7 @@ the server shows up as a mismatch.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -173,7 +174,12 @@ async def test_two_concurrent_sessions_each_equal_their_solo_run(parts) -> None:
     async with running(parts, max_sessions=4, queue_frames=64) as server:
         async with client(server, seed=11, tokens=1) as a, client(server, seed=22, tokens=1) as b:
             assert a.hello.session != b.hello.session
-            assert a.hello.frame_size == FS and a.hello.accepts == ["PCM", "TYPE", "CONTROL", "PING"]
+            assert a.hello.frame_size == FS and a.hello.accepts == [
+                "PCM",
+                "TYPE",
+                "CONTROL",
+                "PING",
+            ]
             await a.ws.send(P.encode(P.Text("hi"), "client"))
             await asyncio.gather(a.send_frames(fa), b.send_frames(fb))
             (aa, ta, _), (ab, tb, _) = await asyncio.gather(a.collect(n), b.collect(n))
@@ -198,7 +204,9 @@ async def test_token_checked_before_upgrade(parts) -> None:
             assert info.value.response.status_code == 401
         async with connect(_url(server, token="s3cret")) as ws:
             assert isinstance(P.parse_server(await ws.recv(), None), P.Hello)
-        async with connect(_url(server), additional_headers={"Authorization": "Bearer s3cret"}) as ws:
+        async with connect(
+            _url(server), additional_headers={"Authorization": "Bearer s3cret"}
+        ) as ws:
             assert isinstance(P.parse_server(await ws.recv(), None), P.Hello)
 
 
@@ -213,13 +221,15 @@ async def test_healthz_and_bad_query(parts) -> None:
 
 
 async def test_oversize_message_closes_1009(parts) -> None:
-    async with running(parts, max_sessions=1, max_message_bytes=4096) as server:
-        async with client(server) as c:
-            await c.ws.send(b"\x41" + bytes(5000))
-            with pytest.raises(ConnectionClosed) as info:
-                while True:
-                    await c.recv()
-            assert info.value.rcvd.code == 1009
+    async with (
+        running(parts, max_sessions=1, max_message_bytes=4096) as server,
+        client(server) as c,
+    ):
+        await c.ws.send(b"\x41" + bytes(5000))
+        with pytest.raises(ConnectionClosed) as info:
+            while True:
+                await c.recv()
+        assert info.value.rcvd.code == 1009
 
 
 BAD = [
@@ -298,48 +308,49 @@ async def test_full_server_1013_and_disconnect_frees_the_slot(parts) -> None:
 
 
 async def test_idle_timeout_closes_4000(parts) -> None:
-    async with running(parts, max_sessions=1, idle_timeout=0.5) as server:
-        async with client(server) as c:
-            await c.expect_close(P.ErrorCode.IDLE, 4000)
+    async with running(parts, max_sessions=1, idle_timeout=0.5) as server, client(server) as c:
+        await c.expect_close(P.ErrorCode.IDLE, 4000)
 
 
 async def test_ping_stats_save_load_reset(parts) -> None:
     frames = _frames(4, 16)
-    async with running(parts, max_sessions=2, queue_frames=64, stats_interval=0.1) as server:
-        async with client(server, seed=3, tokens=1) as c:
-            await c.ws.send(P.encode(P.Ping(123456789), "client"))
-            await c.send_frames(frames[:8])
-            _, _, other = await c.collect(8)
-            assert any(isinstance(m, P.Ping) and m.nonce == 123456789 for m in other)
-            await c.ws.send(P.encode(P.Control(P.Op.SAVE_STATE), "client"))
-            while not isinstance(msg := await c.recv(), P.State):
-                pass
-            blob = msg.blob
-            await c.send_frames(frames[8:], 8)
-            first, text1, other = await c.collect(8)
-            stats = [m.data for m in other if isinstance(m, P.Stats)]
-            assert stats and stats[-1]["session"] == c.hello.session
-            assert stats[-1]["dropped_input_frames"] == 0
-            await c.ws.send(P.encode(P.Control(P.Op.LOAD_STATE, blob), "client"))
-            while not isinstance(msg := await c.recv(), P.Event):
-                pass
-            assert msg.data == {"event": "state_loaded", "frame": 8}
-            await c.send_frames(frames[8:], 8)
-            again, text2, _ = await c.collect(8)
-            # Text is compared as tokens only: a state file does not carry the engine's
-            # half-decoded UTF-8 bytes, so the first pieces after a load may split differently.
-            assert_same(text2, text1, text=False)
-            # A corrupt state is refused; the session goes on where it was.
-            await c.ws.send(P.encode(P.Control(P.Op.LOAD_STATE, P.STATE_MAGIC + b"junk"), "client"))
-            while not isinstance(msg := await c.recv(), P.Error):
-                pass
-            assert msg.code == P.ErrorCode.STATE and "LOAD_STATE failed" in msg.message
-            await c.ws.send(P.encode(P.Control(P.Op.RESET), "client"))
-            while not isinstance(msg := await c.recv(), P.Event):
-                pass
-            assert msg.data == {"event": "reset", "frame": 0}
-            await c.send_frames(frames[:4])
-            _, fresh, _ = await c.collect(4)
+    async with (
+        running(parts, max_sessions=2, queue_frames=64, stats_interval=0.1) as server,
+        client(server, seed=3, tokens=1) as c,
+    ):
+        await c.ws.send(P.encode(P.Ping(123456789), "client"))
+        await c.send_frames(frames[:8])
+        _, _, other = await c.collect(8)
+        assert any(isinstance(m, P.Ping) and m.nonce == 123456789 for m in other)
+        await c.ws.send(P.encode(P.Control(P.Op.SAVE_STATE), "client"))
+        while not isinstance(msg := await c.recv(), P.State):
+            pass
+        blob = msg.blob
+        await c.send_frames(frames[8:], 8)
+        _first, text1, other = await c.collect(8)
+        stats = [m.data for m in other if isinstance(m, P.Stats)]
+        assert stats and stats[-1]["session"] == c.hello.session
+        assert stats[-1]["dropped_input_frames"] == 0
+        await c.ws.send(P.encode(P.Control(P.Op.LOAD_STATE, blob), "client"))
+        while not isinstance(msg := await c.recv(), P.Event):
+            pass
+        assert msg.data == {"event": "state_loaded", "frame": 8}
+        await c.send_frames(frames[8:], 8)
+        _again, text2, _ = await c.collect(8)
+        # Text is compared as tokens only: a state file does not carry the engine's
+        # half-decoded UTF-8 bytes, so the first pieces after a load may split differently.
+        assert_same(text2, text1, text=False)
+        # A corrupt state is refused; the session goes on where it was.
+        await c.ws.send(P.encode(P.Control(P.Op.LOAD_STATE, P.STATE_MAGIC + b"junk"), "client"))
+        while not isinstance(msg := await c.recv(), P.Error):
+            pass
+        assert msg.code == P.ErrorCode.STATE and "LOAD_STATE failed" in msg.message
+        await c.ws.send(P.encode(P.Control(P.Op.RESET), "client"))
+        while not isinstance(msg := await c.recv(), P.Event):
+            pass
+        assert msg.data == {"event": "reset", "frame": 0}
+        await c.send_frames(frames[:4])
+        _, fresh, _ = await c.collect(4)
     assert_same(fresh, _solo(parts, 3, frames[:4]))
 
 
@@ -368,8 +379,20 @@ def test_cli_sigterm_closes_1001_and_records(tmp_path) -> None:
     codec = _codec_file(tmp_path / "codec.safetensors")
     rec = tmp_path / "rec"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "duplex", "serve", "--port", "0", "--codec", str(codec)]
-        + ["--record", str(rec), "--token", "tok"],
+        [
+            sys.executable,
+            "-m",
+            "duplex",
+            "serve",
+            "--port",
+            "0",
+            "--codec",
+            str(codec),
+            "--record",
+            str(rec),
+            "--token",
+            "tok",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -400,3 +423,82 @@ def test_cli_sigterm_closes_1001_and_records(tmp_path) -> None:
     (session_dir,) = list(rec.iterdir())
     frames, mismatch, _ = replay(session_dir, verbose=False)
     assert frames == 10 and mismatch is None
+
+
+def _connect_args(*argv: str) -> argparse.Namespace:
+    from duplex.apps import connect as connect_cmd
+
+    p = argparse.ArgumentParser()
+    connect_cmd.add_arguments(p)
+    return p.parse_args(list(argv))
+
+
+async def test_connect_client_streams_a_wav_and_saves_state(parts, tmp_path, capsys) -> None:
+    import soundfile as sf
+
+    from duplex.apps import connect as connect_cmd
+
+    wav = tmp_path / "in.wav"
+    sf.write(wav, P.int16_to_pcm(np.concatenate(_frames(8, 50))), 16000, subtype="PCM_16")
+    out, state = tmp_path / "out.wav", tmp_path / "end.dstate"
+    # A queue deep enough that a slow (loaded) machine drops nothing: every frame is answered.
+    async with running(parts, max_sessions=2, token="tok", queue_frames=64) as server:
+        args = _connect_args(
+            _url(server), "--token", "tok", "--input", str(wav), "--output", str(out)
+        )
+        args.tail, args.save_state, args.seed, args.text = 0.2, str(state), 4, "hey"
+        cfg = connect_cmd.ConnectConfig(
+            url=args.url, token="tok", seed=4, text="hey", tail_seconds=0.2, save_state=str(state)
+        )
+        code = await connect_cmd._main(cfg, args)
+        printed = capsys.readouterr().out
+        assert code == 0, printed
+        bad = await connect_cmd._main(connect_cmd.ConnectConfig(url=args.url, token="nope"), args)
+        assert bad == 4
+    assert "[connected] session" in printed and "[stats] sent" in printed
+    done = printed.strip().splitlines()[-1]
+    # 50 frames of input plus 10 of tail, every one answered.
+    assert done.startswith("[done] sent 60 frames, received 60"), done
+    y, sr = sf.read(out, dtype="int16")
+    assert sr == 16000 and 50 * FS <= y.size <= 60 * FS and np.abs(y).max() > 0
+    assert state.read_bytes().startswith(P.STATE_MAGIC)
+
+
+def test_jitter_buffer_waits_drops_old_and_counts_underruns() -> None:
+    from duplex.apps.connect import JitterBuffer
+
+    jb = JitterBuffer(target=2, max_frames=4)
+    frame = [np.full(4, i, np.int16) for i in range(8)]
+    jb.push(frame[0])
+    assert jb.pull(4) is None
+    jb.push(frame[1])
+    assert jb.pull(4)[0] == 0 and jb.pull(4)[0] == 1
+    assert not jb.pull(4).any() and jb.underruns == 1
+    for f in frame[2:7]:
+        jb.push(f)
+    # Five waiting > max 4: dropped down to the target 2, newest kept.
+    assert jb.depth == 2 and jb.dropped == 3
+    assert jb.pull(4)[0] == 5
+
+
+def test_connect_gives_up_on_an_unreachable_server() -> None:
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "duplex",
+            "connect",
+            "ws://127.0.0.1:9",
+            "--retries",
+            "1",
+            "--output",
+            os.devnull,
+            "--seconds",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 5, r.stderr
+    assert "retrying in 0.5 s" in r.stderr and "giving up after 2 tries" in r.stderr
