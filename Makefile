@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# The main job: talk to the shipped model on a shipped recording; the TUI in a terminal (it quits
+# when the recording ends), printed transcripts and stats otherwise. The reply lands in demo-reply.wav.
 demo: setup
-	$(BIN)/duplex doctor
+	$(BIN)/duplex talk --input duplex/assets/hello.wav --output demo-reply.wav --realtime --exit-at-end
 
 test: setup
 	$(BIN)/python -m pytest

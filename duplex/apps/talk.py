@@ -17,6 +17,7 @@ that state, F7 reset, Ctrl+Q quit. With --headless (or when stdout is not a term
 transcripts and a stats line per second are printed instead.
 
 Examples:
+  duplex talk --input question.wav --output reply.wav          (TUI in a terminal)
   duplex talk --input question.wav --output reply.wav --headless
   duplex talk --input in.wav --output out.wav --record runs/session1 --headless
   duplex talk --state saved.dstate --input in.wav --output out.wav --headless
@@ -48,6 +49,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--json", action="store_true", help="with --headless: JSON lines")
     p.add_argument("--realtime", action="store_true", help="pace file input at the frame rate")
+    p.add_argument(
+        "--exit-at-end", action="store_true", help="TUI: quit when the input file has ended"
+    )
     p.add_argument("--tail", type=float, default=1.0, help="seconds of silence after --input")
     p.add_argument("--max-seconds", type=float, help="stop after this many seconds of audio")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
@@ -161,7 +165,8 @@ def run_tui(args: argparse.Namespace, cfg, model, codec, audio) -> int:
         except AudioUnavailableError as e:
             print(f"duplex talk: {e}", file=sys.stderr)
             return 3
-        app = DuplexApp(engine, session, audio, TalkOptions(args.save_state or "duplex.dstate"))
+        options = TalkOptions(args.save_state or "duplex.dstate", args.exit_at_end)
+        app = DuplexApp(engine, session, audio, options)
         app.run()
         if app.worker.error:
             print(f"duplex talk: {app.worker.error}", file=sys.stderr)

@@ -48,7 +48,7 @@ class TalkOptions:
     """What the TUI needs beyond the engine: where states go, how the session was configured."""
 
     state_path: str = "duplex.dstate"
-    sampling: object = None
+    exit_at_end: bool = False
 
 
 class Worker(threading.Thread):
@@ -168,6 +168,7 @@ class DuplexApp(App):
         self.options = options
         self.worker = Worker(engine, session, audio)
         self.spark_data: list[float] = []
+        self._exiting = False
 
     @property
     def session(self) -> Session:
@@ -229,6 +230,9 @@ class DuplexApp(App):
                 notices.append(u["notice"])
         if notices:
             self.query_one("#notice", Static).update(notices[-1])
+        if self.options.exit_at_end and self.worker.ended and not self._exiting:
+            self._exiting = True
+            self.run_worker(self.action_quit())
         snap = self.engine.stats.snapshot()
         st = snap["stages_ms"]
         if snap["frames"]:
