@@ -69,3 +69,17 @@ def rel_rms(x: torch.Tensor, ref: torch.Tensor) -> float:
     ref = ref.double()
     denom = ref.pow(2).mean().sqrt().clamp_min(1e-30)
     return ((x - ref).pow(2).mean().sqrt() / denom).item()
+
+
+def single_thread():
+    """Run a test module on one intra-op thread, restoring the setting afterwards.
+
+    These tests are mostly loops of tiny ops; on a small shared machine two OpenMP threads spin
+    against other processes and run them 10-25x slower than one thread does.
+    """
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)

@@ -19,11 +19,20 @@ from duplex.kernels import (
 )
 from duplex.kernels.gated_delta import common
 from duplex.kernels.gated_delta.chunk import chunk_gated_delta_rule_torch
-from tests.kernels.gdn_helpers import cotangents, make_inputs, rel_rms, run_with_grads
+from tests.kernels.gdn_helpers import (
+    cotangents,
+    make_inputs,
+    rel_rms,
+    run_with_grads,
+    single_thread,
+)
 
 TS = [1, 63, 64, 65, 1000]
 HEAD_DIMS = [32, 60, 64, 100]
 OPS = {"chunk": chunk_gated_delta_rule, "fused_recurrent": fused_recurrent_gated_delta_rule}
+
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
 
 @pytest.fixture(autouse=True)

@@ -19,7 +19,13 @@ import torch
 
 from duplex.kernels import naive_recurrent_gated_delta_rule
 from duplex.kernels.gated_delta import common
-from tests.kernels.gdn_helpers import cotangents, make_inputs, rel_rms, run_with_grads
+from tests.kernels.gdn_helpers import (
+    cotangents,
+    make_inputs,
+    rel_rms,
+    run_with_grads,
+    single_thread,
+)
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     raise RuntimeError(
@@ -35,6 +41,9 @@ def kernels():
         importlib.import_module("duplex.kernels.gated_delta.triton_chunk"),
         importlib.import_module("duplex.kernels.gated_delta.triton_recurrent"),
     ]
+
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
 
 @pytest.fixture(autouse=True)

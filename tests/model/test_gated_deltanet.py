@@ -6,6 +6,9 @@ import pytest
 import torch
 
 from duplex.model.gated_deltanet import GatedDeltaNet, GatedDeltaNetConfig, GatedDeltaNetState
+from tests.kernels.gdn_helpers import single_thread
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(single_thread)
 
 
 def _layer(dtype=torch.float64, seed=0, **kw) -> GatedDeltaNet:
