@@ -113,6 +113,10 @@ class JitterBuffer:
         return len(self.frames)
 
 
+class Retry(Exception):
+    """The server turned the session away for now (full, shutting down): try again later."""
+
+
 class ServerRefused(Exception):
     """The server refused the session for good (auth, protocol, policy): do not retry."""
 
@@ -181,6 +185,9 @@ class Client:
             except AudioUnavailableError as e:
                 print(f"duplex connect: {e}", file=sys.stderr)
                 return 3
+            except P.ProtocolError as e:
+                print(f"duplex connect: bad message from the server: {e}", file=sys.stderr)
+                return 6
             except (ValueError, FileNotFoundError) as e:
                 print(f"duplex connect: {e}", file=sys.stderr)
                 return 2
@@ -190,7 +197,7 @@ class Client:
                     print("duplex connect: the server refused the token (401)", file=sys.stderr)
                     return 4
                 reason = f"HTTP {status}"
-            except (OSError, ConnectionClosed, TimeoutError) as e:
+            except (OSError, ConnectionClosed, TimeoutError, Retry) as e:
                 reason = str(e) or type(e).__name__
             failures += 1
             if failures > self.cfg.retries:
@@ -209,6 +216,7 @@ class Client:
 
     async def _session(self) -> None:
         from websockets.asyncio.client import connect
+        from websockets.exceptions import ConnectionClosed
 
         headers = {"Authorization": f"Bearer {self.cfg.token}"} if self.cfg.token else None
         ctx = None
@@ -224,6 +232,12 @@ class Client:
             open_timeout=10,
         ) as ws:
             hello = P.parse_server(await asyncio.wait_for(ws.recv(), 30), None)
+            if isinstance(hello, P.Error):
+                with contextlib.suppress(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), 10)
+                if hello.code == P.ErrorCode.FULL:
+                    raise Retry(f"server busy: {hello.message}")
+                raise ServerRefused(f"the server refused the session: {hello.message}", 6)
             if not isinstance(hello, P.Hello):
                 raise ServerRefused(f"the server's first message was {type(hello).__name__}", 6)
             if "PCM" not in hello.accepts:

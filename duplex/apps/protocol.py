@@ -390,6 +390,10 @@ def parse_server(
     if kind == Kind.HELLO:
         _, version = _need(data, _HDR_HELLO, kind)
         return _hello(version, _json_object(data[_HDR_HELLO.size :], "HELLO body"))
+    if kind == Kind.ERROR:
+        # Allowed before HELLO: a server that is full says so instead of shaking hands.
+        _, code = _need(data, _HDR_ERROR, kind)
+        return Error(code, _utf8(data[_HDR_ERROR.size :], "ERROR message"))
     if fmt is None:
         raise ProtocolError(f"{kind.name} before HELLO: the handshake must come first")
     if kind == Kind.AUDIO:
@@ -422,9 +426,6 @@ def parse_server(
         if not isinstance(obj.get("event"), str):
             raise ProtocolError('EVENT body lacks an "event" string')
         return Event(obj)
-    if kind == Kind.ERROR:
-        _, code = _need(data, _HDR_ERROR, kind)
-        return Error(code, _utf8(data[_HDR_ERROR.size :], "ERROR message"))
     if kind == Kind.STATE:
         return State(_state_blob(data[1:], "STATE message"))
     _, nonce = _need(data, _HDR_NONCE, kind)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -120,7 +121,8 @@ class Client:
         return msg
 
     async def recv(self, timeout: float = 30.0):
-        return P.parse_server(await asyncio.wait_for(self.ws.recv(), timeout), self.hello.format())
+        fmt = self.hello.format() if self.hello is not None else None
+        return P.parse_server(await asyncio.wait_for(self.ws.recv(), timeout), fmt)
 
     async def send_frames(self, frames: list[np.ndarray], start: int = 0) -> None:
         for i, f in enumerate(frames):
@@ -295,9 +297,8 @@ async def test_full_server_1013_and_disconnect_frees_the_slot(parts) -> None:
     async with running(parts, max_sessions=1) as server:
         async with client(server) as first:
             async with connect(_url(server)) as ws:
-                c = Client(ws)
-                c.hello = P.Hello(1, "", "", "", "", 16000, FS, 50.0, 8, 256, [], "", 0)
-                await c.expect_close(P.ErrorCode.FULL, 1013)
+                # No HELLO: the first message is the ERROR, then the close.
+                await Client(ws).expect_close(P.ErrorCode.FULL, 1013)
             await first.send_frames(_frames(1, 2))
             await first.collect(2)
         # No waiting: the next client takes the slot the first one left.
@@ -502,3 +503,42 @@ def test_connect_gives_up_on_an_unreachable_server() -> None:
     )
     assert r.returncode == 5, r.stderr
     assert "retrying in 0.5 s" in r.stderr and "giving up after 2 tries" in r.stderr
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+async def test_tls_wss(parts, tmp_path) -> None:
+    import ssl
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cmd = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost".split()
+    cmd += ["-keyout", str(key), "-out", str(cert), "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(cmd, check=True, capture_output=True)
+    ctx = ssl.create_default_context(cafile=str(cert))
+    async with running(parts, max_sessions=1, certfile=str(cert), keyfile=str(key)) as server:
+        url = f"wss://127.0.0.1:{server.port}/"
+        async with connect(url, ssl=ctx) as ws:
+            c = Client(ws)
+            await c.handshake()
+            await c.send_frames(_frames(1, 2))
+            audio, _, _ = await c.collect(2)
+            assert len(audio) == 2
+        # A client that does not trust the certificate gets no session.
+        with pytest.raises(ssl.SSLCertVerificationError):
+            async with connect(url, ssl=ssl.create_default_context()):
+                pass
+
+
+async def test_connect_retries_while_the_server_is_full(parts, tmp_path, capsys) -> None:
+    from duplex.apps import connect as connect_cmd
+
+    async with running(parts, max_sessions=1, queue_frames=64) as server:
+        args = _connect_args(_url(server), "--output", str(tmp_path / "o.wav"), "--seconds", "0.2")
+        args.tail = 0.0
+        cfg = connect_cmd.ConnectConfig(url=args.url, backoff=0.2, retries=5, max_seconds=0.2)
+        async with client(server):
+            task = asyncio.create_task(connect_cmd._main(cfg, args))
+            await asyncio.sleep(0.5)
+            assert not task.done()
+        assert await asyncio.wait_for(task, 60) == 0
+    err = capsys.readouterr().err
+    assert "server busy" in err and "retrying in 0.2 s" in err
