@@ -510,8 +510,9 @@ async def test_tls_wss(parts, tmp_path) -> None:
     import ssl
 
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cmd = "openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=localhost".split()
-    cmd += ["-keyout", str(key), "-out", str(cert), "-addext", "subjectAltName=IP:127.0.0.1"]
+    cmd = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    cmd += ["-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"]
+    cmd += ["-keyout", str(key), "-out", str(cert)]
     subprocess.run(cmd, check=True, capture_output=True)
     ctx = ssl.create_default_context(cafile=str(cert))
     async with running(parts, max_sessions=1, certfile=str(cert), keyfile=str(key)) as server:
