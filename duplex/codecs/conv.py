@@ -16,6 +16,7 @@ Rows whose exec mask is False compute, then keep their old state (`keep_masked`)
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,10 @@ class ConvState(StreamState):
 class StreamingConv1d(StreamingModule):
     """Causal 1-d convolution around `conv`, a module computing an unpadded convolution.
 
+    `gemm`, when given, is the plain nn.Conv1d inside `conv` (e.g. under a weight-norm hook);
+    streaming in eval mode then computes it as a matrix product, which is several times faster on
+    a CPU for the few time steps of a frame.
+
     Input length must be a multiple of `stride`; output length is input length // stride.
     """
 
@@ -84,9 +89,14 @@ class StreamingConv1d(StreamingModule):
         kernel_size: int,
         stride: int = 1,
         dilation: int = 1,
+        gemm: nn.Conv1d | None = None,
     ) -> None:
         super().__init__()
         self.conv = conv
+        # Optional: the plain nn.Conv1d inside `conv`, run as a matrix product when streaming in
+        # eval mode (short inputs; see conv1d_gemm). Its output must equal `conv`'s.
+        self.gemm = gemm
+        self._weight: torch.Tensor | None = None
         self.in_channels = in_channels
         self.stride = stride
         self.k_eff = (kernel_size - 1) * dilation + 1
@@ -102,6 +112,7 @@ class StreamingConv1d(StreamingModule):
         return cls(conv, conv.in_channels, conv.kernel_size[0], conv.stride[0], conv.dilation[0])
 
     def init_state(self, batch_size: int) -> ConvState:
+        self._weight = None
         p = next(iter(self.parameters()), None)
         dev = p.device if p is not None else torch.device("cpu")
         dt = p.dtype if p is not None else torch.float32
@@ -123,7 +134,17 @@ class StreamingConv1d(StreamingModule):
         assert isinstance(st, ConvState)
         # [B, C_in, pad + T]
         buf = torch.cat([st.history.to(x.dtype), x], dim=-1)
-        y = self.conv(buf)
+        if self.gemm is not None and not self.training:
+            c = self.gemm
+            if self._weight is None:
+                # forward pre-hooks compute parametrised weights (EnCodec's weight norm); weights
+                # do not change in eval mode, so once per streaming session is enough
+                for hook in c._forward_pre_hooks.values():
+                    hook(c, (buf,))
+                self._weight = c.weight.detach().clone()
+            y = conv1d_gemm(buf, self._weight, c.bias, self.stride, c.dilation[0])
+        else:
+            y = self.conv(buf)
         if self.pad:
             st.history = keep_masked(buf[..., buf.shape[-1] - self.pad :], st.history, st.exec_mask)
         return y
@@ -152,11 +173,16 @@ class StreamingConvTranspose1d(StreamingModule):
         kernel_size: int,
         stride: int,
         bias: torch.Tensor | None = None,
+        gemm: nn.ConvTranspose1d | None = None,
     ) -> None:
         super().__init__()
         if kernel_size < stride:
             raise ValueError(f"kernel {kernel_size} shorter than stride {stride} is not supported")
         self.convtr = convtr
+        # Optional: the plain nn.ConvTranspose1d inside `convtr`, run as a matrix product plus
+        # overlap-add when streaming in eval mode (see StreamingConv1d.gemm).
+        self.gemm = gemm
+        self._weight: torch.Tensor | None = None
         self.out_channels = out_channels
         self.kernel_size = kernel_size
         self.stride = stride
@@ -167,6 +193,7 @@ class StreamingConvTranspose1d(StreamingModule):
         return self._bias_ref[0]
 
     def init_state(self, batch_size: int) -> ConvTrState:
+        self._weight = None
         p = next(iter(self.parameters()), None)
         dev = p.device if p is not None else torch.device("cpu")
         dt = p.dtype if p is not None else torch.float32
@@ -180,15 +207,18 @@ class StreamingConvTranspose1d(StreamingModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x [B, C_in, T] -> [B, C_out, T * stride]
         T = x.shape[-1]
-        y = self.convtr(x)
         n_out = T * self.stride
         st = self.stream_state
         if st is None:
-            return y[..., :n_out]
+            return self.convtr(x)[..., :n_out]
         assert isinstance(st, ConvTrState)
         b = self.bias
-        if b is not None:
-            y = y - b.view(1, -1, 1)
+        if self.gemm is not None and not self.training:
+            y = self._gemm_no_bias(x)
+        else:
+            y = self.convtr(x)
+            if b is not None:
+                y = y - b.view(1, -1, 1)
         n = self.kernel_size - self.stride
         if n:
             y = torch.cat([y[..., :n] + st.tail.to(y.dtype), y[..., n:]], dim=-1)
@@ -197,6 +227,24 @@ class StreamingConvTranspose1d(StreamingModule):
         if b is not None:
             out = out + b.view(1, -1, 1)
         return out
+
+    def _gemm_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.gemm
+        assert c is not None
+        if self._weight is None:
+            # parametrised weights (weight norm) are computed by forward pre-hooks; fixed in eval
+            for hook in c._forward_pre_hooks.values():
+                hook(c, (x,))
+            self._weight = c.weight.detach().clone()
+        w = self._weight
+        c_in, c_out, k = w.shape
+        T = x.shape[-1]
+        # [B, T, C_in] @ [C_in, C_out * k] -> [B, T, C_out * k] -> [B, C_out * k, T]
+        cols = (x.transpose(1, 2) @ w.reshape(c_in, c_out * k)).transpose(1, 2)
+        L = (T - 1) * self.stride + k
+        # overlap-add the T pieces of length k at hop `stride` -> [B, C_out, L]
+        out = F.fold(cols, output_size=(1, L), kernel_size=(1, k), stride=(1, self.stride))
+        return out[:, :, 0]
 
 
 @dataclass
@@ -240,7 +288,13 @@ class StreamingLSTM(StreamingModule):
             assert isinstance(st, LSTMState)
             # state [B, L, H] -> [L, B, H]
             hc = (st.h.transpose(0, 1).contiguous(), st.c.transpose(0, 1).contiguous())
-            y, (h, c) = self.lstm(xt, hc)
+            # oneDNN's LSTM costs ~10 ms per call on a single time step (it re-lays out the
+            # weights); PyTorch's native kernel takes well under 1 ms there.
+            with warnings.catch_warnings():
+                # the flags context warns about TF32 on Intel GPUs, irrelevant here
+                warnings.simplefilter("ignore", UserWarning)
+                with torch.backends.mkldnn.flags(enabled=False):
+                    y, (h, c) = self.lstm(xt, hc)
             st.h = keep_masked(h.transpose(0, 1), st.h, st.exec_mask)
             st.c = keep_masked(c.transpose(0, 1), st.c, st.exec_mask)
         if self.skip:

@@ -96,13 +96,28 @@ def _wrap(m: nn.Module) -> nn.Module:
         if not m.causal:
             raise ValueError("only causal EnCodec models can stream")
         c = m.conv.conv
-        return StreamingConv1d(m.conv, c.in_channels, c.kernel_size[0], c.stride[0], c.dilation[0])
+        # With weight norm the norm module is an Identity, so the inner Conv1d is the whole op.
+        plain = isinstance(m.conv.norm, nn.Identity) and c.groups == 1 and c.padding == (0,)
+        return StreamingConv1d(
+            m.conv,
+            c.in_channels,
+            c.kernel_size[0],
+            c.stride[0],
+            c.dilation[0],
+            gemm=c if plain else None,
+        )
     if isinstance(m, SConvTranspose1d):
         if not m.causal or m.trim_right_ratio != 1.0:
             raise ValueError("only causal EnCodec models with trim_right_ratio=1 can stream")
         c = m.convtr.convtr
+        plain = isinstance(m.convtr.norm, nn.Identity) and c.groups == 1 and c.padding == (0,)
         return StreamingConvTranspose1d(
-            m.convtr, c.out_channels, c.kernel_size[0], c.stride[0], bias=c.bias
+            m.convtr,
+            c.out_channels,
+            c.kernel_size[0],
+            c.stride[0],
+            bias=c.bias,
+            gemm=c if plain else None,
         )
     if isinstance(m, SLSTM):
         return StreamingLSTM(m.lstm, skip=m.skip)

@@ -97,3 +97,29 @@ def test_bad_length_raises() -> None:
         conv(torch.randn(1, 1, 10))
     with pytest.raises(ValueError, match="padding=0"):
         StreamingConv1d.from_conv1d(nn.Conv1d(1, 2, 3, padding=1))
+
+
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_gemm_paths_equal_module_paths(chunk: int) -> None:
+    # weight-normed convs (as in EnCodec): the GEMM path must use the hook-computed weights
+    torch.manual_seed(3)
+    wn = torch.nn.utils.weight_norm
+    conv = wn(nn.Conv1d(3, 4, 5, stride=2, dilation=1))
+    ct = wn(nn.ConvTranspose1d(4, 2, 6, stride=2))
+    with torch.no_grad():
+        conv.weight_g.mul_(1.7)
+        ct.weight_g.mul_(0.6)
+    plain = StreamingSequential(
+        StreamingConv1d(conv, 3, 5, 2), StreamingConvTranspose1d(ct, 2, 6, 2, bias=ct.bias)
+    ).eval()
+    fast = StreamingSequential(
+        StreamingConv1d(conv, 3, 5, 2, gemm=conv),
+        StreamingConvTranspose1d(ct, 2, 6, 2, bias=ct.bias, gemm=ct),
+    ).eval()
+    x = torch.randn(2, 3, 2 * 17)
+    with torch.no_grad():
+        off = plain(x)
+        a = _stream(plain, x, 2, chunk)
+        b = _stream(fast, x, 2, chunk)
+    assert _rel(a, off) < 1e-6
+    assert _rel(b, off) < 1e-6
