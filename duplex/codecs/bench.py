@@ -46,8 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--utterances", type=int, default=96, help="held-out utterances for quality")
     p.add_argument("--frames", type=int, default=400, help="timed frames at batch 1")
     p.add_argument("--batch-frames", type=int, default=60, help="timed frames at batch 16")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     p.add_argument("--no-encodec", action="store_true", help="skip EnCodec speed figures")
 
 

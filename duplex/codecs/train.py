@@ -35,7 +35,7 @@ class TrainConfig:
 
     seed: int = 0
     steps: int = 20000
-    budget_minutes: float = 70.0
+    budget_minutes: float = 72.0
     batch_size: int = 12
     segment_s: float = 1.0
     lr: float = 1e-3
@@ -225,24 +225,35 @@ checkpoints go to --out-dir every 500 steps and --resume continues from the last
 weights (safetensors, config in the metadata) go to --weights, by default the package's shipped
 file, which `duplex.codecs.load("default")` loads.
 
-Reproduce the shipped codec:
+Reproduce the shipped codec (the defaults are the shipped run's settings):
   duplex train codec --data-dir data --out-dir runs/codec --seed 0
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = TrainConfig()
-    p.add_argument("--data-dir", type=Path, default=Path("data"))
-    p.add_argument("--out-dir", type=Path, default=Path("runs/codec"))
-    p.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--steps", type=int, default=d.steps)
-    p.add_argument("--budget-minutes", type=float, default=d.budget_minutes)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--segment-s", type=float, default=d.segment_s)
-    p.add_argument("--lr", type=float, default=d.lr)
-    p.add_argument("--threads", type=int, default=d.threads)
-    p.add_argument("--corpus-utterances", type=int, default=d.corpus_utterances)
+    p.add_argument(
+        "--data-dir", type=Path, default=Path("data"), help="corpus folder (made if missing)"
+    )
+    p.add_argument(
+        "--out-dir", type=Path, default=Path("runs/codec"), help="checkpoint and log folder"
+    )
+    p.add_argument(
+        "--weights", type=Path, default=DEFAULT_WEIGHTS, help="final weights (.safetensors)"
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="model init and data order")
+    p.add_argument("--steps", type=int, default=d.steps, help="maximum optimiser steps")
+    p.add_argument("--budget-minutes", type=float, default=d.budget_minutes, help="wall-time limit")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="clips per step")
+    p.add_argument("--segment-s", type=float, default=d.segment_s, help="clip length (s)")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
+    p.add_argument(
+        "--corpus-utterances",
+        type=int,
+        default=d.corpus_utterances,
+        help="utterances in the synthetic training corpus",
+    )
     p.add_argument("--resume", action="store_true", help="continue from --out-dir/checkpoint.pt")
 
 

@@ -717,10 +717,12 @@ Example:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--split", choices=["train", "eval"], default="train")
+    p.add_argument(
+        "--split", choices=["train", "eval"], default="train", help="voices and sentences to use"
+    )
     p.add_argument("--n", type=int, default=3000, help="number of utterances")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sample-rate", type=int, default=16000)
+    p.add_argument("--seed", type=int, default=0, help="voices, texts and gaps")
+    p.add_argument("--sample-rate", type=int, default=16000, help="output rate (Hz)")
     p.add_argument("--out", type=Path, required=True, help="output .npz path")
 
 
