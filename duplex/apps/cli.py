@@ -25,6 +25,7 @@ COMMANDS: list[tuple[str | None, str, str]] = [
     ("eval", "recall", "duplex.model.recall"),
     ("train", "recall", "duplex.model.recall_train"),
     ("bench", "codec", "duplex.codecs.bench"),
+    ("bench", "gdn", "duplex.kernels.gated_delta.bench"),
     ("train", "codec", "duplex.codecs.train"),
     ("data", "speech", "duplex.data.speech"),
 ]
