@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from duplex.kernels.gwa import gather_window_proj, window_attend_factored
@@ -404,22 +405,24 @@ class GuidedWindowAttention(nn.Module):
         P = self.read_cfg.pos_digits
         # meta: [B, T, k, d] per-candidate features
         place = torch.arange(P, device=x.device)
-        meta = (
-            self.slot[None, None]
-            + self.match[read.match]
-            + self.digits[place, read.digits].sum(dim=-2)
-        )
+        # meta: [B, T, k, d] per-candidate features (slot, matched length)
+        meta = self.slot[None, None] + self.match[read.match]
+        # The anchor's position digits are extra slots of its window ("where I looked" as
+        # readable items): dig: [B, T, k, P, d], one embedding per (place, digit value).
+        dig = self.digits[place, read.digits]
         # keys and values are linear in (token + offset + candidate): project each part once.
-        # tok_k: [B, T, k, W, H*D]
+        # tok_k: [B, T, k, W + P, H, D]
         tok_k = gather_window_proj(embedding, self.k_proj.weight, read.ids)
         tok_v = gather_window_proj(embedding, self.v_proj.weight, read.ids)
-        tok_k = tok_k.reshape(B, T, k_n, W, H, D)
-        tok_v = tok_v.reshape(B, T, k_n, W, H, D)
-        rel_k = self.k_proj(self.rel).reshape(W, H, D)
-        rel_v = self.v_proj(self.rel).reshape(W, H, D)
+        tok_k = torch.cat([tok_k, self.k_proj(dig)], dim=3).reshape(B, T, k_n, W + P, H, D)
+        tok_v = torch.cat([tok_v, self.v_proj(dig)], dim=3).reshape(B, T, k_n, W + P, H, D)
+        rel_k = F.pad(self.k_proj(self.rel), (0, 0, 0, P)).reshape(W + P, H, D)
+        rel_v = F.pad(self.v_proj(self.rel), (0, 0, 0, P)).reshape(W + P, H, D)
         meta_k = self.k_proj(meta).reshape(B, T, k_n, H, D)
         meta_v = self.v_proj(meta).reshape(B, T, k_n, H, D)
-        mask = read.mask & read.valid[..., None]
+        # mask: [B, T, k, W + P]; digit slots are readable wherever the candidate is valid
+        mask = torch.cat([read.mask, read.valid[..., None].expand(B, T, k_n, P)], dim=-1)
+        mask = mask & read.valid[..., None]
         q = self.q_proj(x).reshape(B, T, H, D)
         o = window_attend_factored(
             q, tok_k, tok_v, rel_k, rel_v, meta_k, meta_v, mask, self.null_k, self.null_v

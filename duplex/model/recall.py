@@ -245,16 +245,16 @@ def training_sample(T: int, rng: np.random.Generator) -> Sample:
     """
     offset = int(rng.integers(0, POS_BASE**POS_DIGITS - T))
     u = rng.random()
-    if u < 0.4:
+    if u < 0.3:
         kl = int(rng.integers(1, 3))
         P = int(rng.integers(8, 49))
         pool = int(rng.integers(math.isqrt(P) + 2, 16)) if kl == 2 else None
         s = mqar(T, rng, pairs=P, queries=min(P, 32), key_len=kl, key_pool=pool)
-    elif u < 0.5:
+    elif u < 0.35:
         s = passkey(T, rng)
-    elif u < 0.65:
+    elif u < 0.5:
         s = niah(T, rng, asked=2)
-    elif u < 0.8:
+    elif u < 0.7:
         s = copy_task(T, rng, span=48, min_back=T // 4)
     else:
         s = position(T, rng, asked=2, offset=offset, items=int(rng.integers(4, 24)))
