@@ -84,6 +84,29 @@ def table(reports: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pivot(reports: list[dict]) -> str:
+    """Accuracy with item counts: one row per model and task, one column per context."""
+    ctxs = sorted({r["context"] for r in reports})
+    head = "| model | task | " + " | ".join(f"{n // K}K" for n in ctxs) + " |"
+    lines = [head, "|---|---|" + "---|" * len(ctxs)]
+    for model in GRID:
+        for task in TASKS:
+            cells = []
+            for n in ctxs:
+                r = [
+                    x for x in reports if (x["model"], x["task"], x["context"]) == (model, task, n)
+                ]
+                if not r:
+                    cells.append("")
+                elif "error" in r[0]:
+                    cells.append("error")
+                else:
+                    cells.append(f"{r[0]['accuracy']:.3f} ({r[0]['correct']}/{r[0]['items']})")
+            if any(cells):
+                lines.append(f"| {model} | {task} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plots(reports: list[dict]) -> None:
     import matplotlib
 
@@ -158,9 +181,10 @@ def main() -> int:
                 path.write_text(json.dumps(reports, indent=1))
                 acc = rep.get("accuracy", rep.get("error"))
                 print(f"{model:12s} {task:9s} {n:>8d}: {acc}", flush=True)
-    (OUT / "gwa_recall.md").write_text(table(reports))
+    text = pivot(reports) + "\n" + table(reports)
+    (OUT / "gwa_recall.md").write_text(text)
     plots(reports)
-    print(table(reports))
+    print(text)
     return 0
 
 
