@@ -17,6 +17,12 @@ import pytest
 # Tests never download: point torch hub at an empty private folder unless the user set one.
 os.environ.setdefault("TORCH_HOME", tempfile.mkdtemp(prefix="duplex-torch-home-"))
 
+import torch
+
+# One intra-op thread: the test tensors are small, and on a 2-core machine shared with other
+# processes (subprocess tests, the sound server) more threads oversubscribe and run far slower.
+torch.set_num_threads(1)
+
 
 @dataclass
 class PulseSink:
