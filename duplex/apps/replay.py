@@ -14,6 +14,7 @@ time), with the same model, codec, sampling seed, starting state and typed text,
 tokens are compared with the recorded ones. A recording cut short (a killed process) replays up
 to its last complete frame.
 
+  duplex replay runs/session1                     watch it again in the TUI (real time)
   duplex replay runs/session1 --headless          print the conversation and the comparison
   duplex replay runs/session1 --check             exit 1 unless every token matches
   duplex replay runs/session1 --output again.wav  also write the replayed audio
@@ -25,7 +26,11 @@ Exit status: 0 when all tokens match (or without --check), 1 on a mismatch with 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("dir", metavar="DIR", help="the recording directory")
     p.add_argument("--check", action="store_true", help="exit 1 unless every token matches")
-    p.add_argument("--headless", action="store_true", help="print (the only front end so far)")
+    p.add_argument(
+        "--headless",
+        action="store_true",
+        help="print instead of showing the TUI (automatic with --check or without a terminal)",
+    )
     p.add_argument("--output", metavar="WAV", help="write the replayed model audio here")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
 
@@ -89,6 +94,38 @@ def replay(directory: str | Path, output: str | Path | None = None, verbose: boo
     return len(rec.frames), mismatch, recorded_audio
 
 
+def replay_tui(directory: str | Path, output: str | Path | None) -> int:
+    """Show a recording replayed through the engine in the TUI, paced at the frame rate."""
+    from duplex.apps.tui import DuplexApp, TalkOptions
+    from duplex.streamer.audio import FileAudio
+    from duplex.streamer.conversation import ConversationConfig, load_parts
+    from duplex.streamer.engine import Engine
+    from duplex.streamer.recording import Recording
+
+    rec = Recording.load(directory)
+    cfg = ConversationConfig(**rec.header["config"])
+    initial = Path(directory) / "initial.dstate"
+    cfg.state = str(initial) if initial.is_file() else None
+    model, codec = load_parts(cfg)
+    schedule: dict[int, list[str]] = {}
+    for c in rec.controls:
+        if c["kind"] == "type":
+            schedule.setdefault(c["i"], []).append(c["text"])
+    audio = FileAudio(
+        codec.sample_rate,
+        codec.frame_size,
+        output_path=output,
+        realtime=True,
+        signal=rec.audio_in,
+    )
+    with Engine(model, codec, slots=1) as engine:
+        session = engine.join(cfg.sampling, state=cfg.state)
+        audio.start()
+        options = TalkOptions(schedule=schedule, title=f"duplex replay {directory}")
+        DuplexApp(engine, session, audio, options).run()
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -96,6 +133,12 @@ def run(args: argparse.Namespace) -> int:
     from duplex.streamer.statefile import StateFileError
 
     torch.set_num_threads(max(1, args.threads))
+    if not args.headless and not args.check and sys.stdout.isatty():
+        try:
+            return replay_tui(args.dir, args.output)
+        except (RecordingError, StateFileError, ValueError, FileNotFoundError, KeyError) as e:
+            print(f"duplex replay: {e}", file=sys.stderr)
+            return 2
     try:
         n, mismatch, _ = replay(args.dir, args.output)
     except (RecordingError, StateFileError, ValueError, FileNotFoundError, KeyError) as e:

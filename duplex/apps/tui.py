@@ -49,14 +49,24 @@ class TalkOptions:
 
     state_path: str = "duplex.dstate"
     exit_at_end: bool = False
+    schedule: dict[int, list[str]] | None = None
+    title: str = "duplex"
 
 
 class Worker(threading.Thread):
     """The frame loop. Never touches widgets: it reads `commands` and writes `updates`."""
 
-    def __init__(self, engine: Engine, session: Session, audio: AudioBackend) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        session: Session,
+        audio: AudioBackend,
+        schedule: dict[int, list[str]] | None = None,
+    ) -> None:
         super().__init__(daemon=True, name="duplex-frames")
         self.engine, self.session, self.audio = engine, session, audio
+        # Text typed at given frames (a recording being replayed types what its user typed).
+        self.schedule = schedule or {}
         self.commands: queue.Queue = queue.Queue()
         self.updates: queue.Queue = queue.Queue(maxsize=10_000)
         self.muted = False
@@ -118,6 +128,8 @@ class Worker(threading.Thread):
                     self.ended = True
                     self._post(notice="input ended (Ctrl+Q quits)")
                     continue
+                for text in self.schedule.get(self.session.frame, ()):
+                    self.session.type_text(text)
                 heard = np.zeros(fs, np.float32) if self.muted else frame
                 res = self.engine.step({self.session: heard})[self.session]
                 self.audio.write_frame(res.pcm)
@@ -166,7 +178,8 @@ class DuplexApp(App):
         super().__init__()
         self.engine = engine
         self.options = options
-        self.worker = Worker(engine, session, audio)
+        self.worker = Worker(engine, session, audio, options.schedule)
+        self.title = options.title
         self.spark_data: list[float] = []
         self._exiting = False
 

@@ -153,9 +153,13 @@ class FileAudio(AudioBackend):
         realtime: bool = False,
         tail_frames: int = 0,
         silence_frames: int = 0,
+        signal: np.ndarray | None = None,
     ) -> None:
         super().__init__(sample_rate, frame_size)
-        if input_path is not None:
+        if signal is not None:
+            # Audio already in memory at the codec rate (a recording being replayed).
+            x = np.asarray(signal, dtype=np.float32).reshape(-1)
+        elif input_path is not None:
             x = read_audio_file(input_path, sample_rate)
         else:
             x = np.zeros(silence_frames * frame_size, dtype=np.float32)

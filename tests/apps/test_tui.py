@@ -139,3 +139,63 @@ def test_tmux_screen_shows_panes_and_latency(tmp_path, wav) -> None:
         assert alive.returncode != 0, "Ctrl+Q did not quit"
     finally:
         subprocess.run([tmux, "kill-session", "-t", name], capture_output=True)
+
+
+@pytest.mark.slow
+def test_tmux_replay_shows_the_recorded_conversation(tmp_path, wav) -> None:
+    tmux = shutil.which("tmux")
+    assert tmux, "tmux is missing: run `make setup`"
+    rec = tmp_path / "rec"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "duplex",
+            "talk",
+            "--codec",
+            CODEC,
+            "--input",
+            str(wav),
+            "--headless",
+            "--record",
+            str(rec),
+            "--text",
+            "zebra",
+            "--max-seconds",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    name = f"duplex-replay-{os.getpid()}"
+    subprocess.run(
+        [
+            tmux,
+            "new-session",
+            "-d",
+            "-s",
+            name,
+            "-x",
+            "120",
+            "-y",
+            "40",
+            f"{sys.executable} -m duplex replay {rec}",
+        ],
+        check=True,
+    )
+    try:
+        screen = ""
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            screen = subprocess.run(
+                [tmux, "capture-pane", "-p", "-t", name], capture_output=True, text=True
+            ).stdout
+            if "zebra" in screen and "total" in screen:
+                break
+            time.sleep(0.5)
+        assert "duplex replay" in screen and "zebra" in screen, screen
+        subprocess.run([tmux, "send-keys", "-t", name, "C-q"], check=True)
+    finally:
+        subprocess.run([tmux, "kill-session", "-t", name], capture_output=True)
