@@ -4,7 +4,8 @@ Design: one asyncio event loop does all networking; one stepping task owns the e
 engine operation (join, leave, typed text, save/load state, reset, step) runs in that task, in
 order, on a single worker thread, so the engine is never touched concurrently and a session is
 never stepped after it left. Each tick (one codec frame of wall time) the task takes at most one
-frame from every session that has one and steps them all in one batched call. Input queues are
+frame from every session that has one and steps them all in one batched call; while any session
+has a backlog, ticks follow each other without waiting, so a burst is worked off. Input queues are
 bounded: when a client (or the server) falls behind, the oldest audio is dropped and counted,
 because stale audio is worth less than keeping up. Output queues are bounded the same way, so a
 client that stops reading cannot make the server buffer without limit.
@@ -85,6 +86,8 @@ class ServeConfig:
     out_queue_messages: int = 512
     flood_rate: float = 150.0
     flood_burst: float = 250.0
+    control_rate: float = 2.0
+    control_burst: float = 5.0
     stats_interval: float = 1.0
     record: str | None = None
     certfile: str | None = None
@@ -232,10 +235,17 @@ class DuplexServer:
             self._stepper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._stepper
-        for conn in list(self.conns):
-            if conn.session is not None:
-                self.engine.leave(conn.session)
         self._executor.shutdown(wait=True)
+        # Leaves queued by the closing handlers never reached the stepper: run them here.
+        while self._ops:
+            fn, fut = self._ops.popleft()
+            if fut is None:
+                with contextlib.suppress(Exception):
+                    fn()
+            elif not fut.done():
+                fut.cancel()
+        for conn in list(self.conns):
+            self._leave(conn)
 
     def _process_request(self, connection: Any, request: Any) -> Any:
         """Health checks and authentication, before any websocket upgrade."""
@@ -321,10 +331,12 @@ class DuplexServer:
                 self._send_stats(live)
             next_t += period
             delay = next_t - loop.time()
-            if delay > 0:
+            if delay > 0 and not any(c.inbox for c in live):
                 await asyncio.sleep(delay)
             else:
-                # Behind: step again at once, and do not try to make up the lost ticks later.
+                # Behind (the step overran its frame), or a session has a backlog (a burst from
+                # the network): step again at once, so queues drain instead of keeping the delay
+                # for good; the frame clock restarts from now.
                 next_t = loop.time()
                 await asyncio.sleep(0)
 
@@ -435,15 +447,22 @@ class DuplexServer:
             load_state(new, self.engine.model_fingerprint, self.engine.codec_fingerprint)
             backup = self.engine.save_session(conn.session, Path(d) / "backup.dstate")
             self.engine.leave(conn.session)
+            conn.session = None
             try:
                 conn.session = self._join(conn, new)
             except BaseException:
-                conn.session = self._join(conn, backup)
+                try:
+                    conn.session = self._join(conn, backup)
+                except BaseException as e:
+                    raise RuntimeError(
+                        f"cannot restore the session after a failed load: {e}"
+                    ) from e
                 raise
         return int(conn.session.frame)
 
     def _reset(self, conn: Conn) -> int:
         self.engine.leave(conn.session)
+        conn.session = None
         conn.session = self._join(conn, None)
         return int(conn.session.frame)
 
@@ -549,6 +568,8 @@ class DuplexServer:
         from websockets.exceptions import ConnectionClosed
 
         bucket = TokenBucket(self.cfg.flood_rate, self.cfg.flood_burst)
+        # State loads and saves cost engine time every session waits for: a tighter limit.
+        controls = TokenBucket(self.cfg.control_rate, self.cfg.control_burst)
         while not conn.closed:
             try:
                 async with asyncio.timeout(self.cfg.idle_timeout):
@@ -572,6 +593,13 @@ class DuplexServer:
                 msg = P.parse_client(data, self.fmt)
             except P.ProtocolError as e:
                 await self._fatal(conn, e.code, str(e))
+                return
+            if isinstance(msg, P.Control) and not controls.take(now):
+                await self._fatal(
+                    conn,
+                    P.ErrorCode.FLOOD,
+                    f"more than {self.cfg.control_rate:g} CONTROL requests/s sustained",
+                )
                 return
             await self._dispatch(conn, msg, now)
 

@@ -279,12 +279,18 @@ async def test_each_malformed_input_closes_only_its_own_session(parts) -> None:
                         with contextlib.suppress(ConnectionClosed):
                             await flood.ws.send(P.encode(P.Ping(i), "client"))
                     seen.append(await flood.expect_close(P.ErrorCode.FLOOD, 1008))
+                async with client(server) as controls:
+                    for _ in range(20):
+                        with contextlib.suppress(ConnectionClosed):
+                            await controls.ws.send(P.encode(P.Control(P.Op.RESET), "client"))
+                    seen.append(await controls.expect_close(P.ErrorCode.FLOOD, 1008))
                 return seen
 
             (got, text, _), _, seen, _ = await asyncio.gather(
                 good.collect(n), stream_slowly(), misbehave(), asyncio.sleep(0)
             )
-            assert len(seen) == len(BAD) + 1
+            assert len(seen) == len(BAD) + 2
+            assert "CONTROL requests/s" in seen[-1]
             # Each bad client got a message that says what was wrong.
             assert any("one frame is 320 int16 samples" in s for s in seen), seen
         await asyncio.sleep(0.2)
