@@ -22,6 +22,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+# Sleeping (not spinning) OpenMP waiters: on a shared machine spinning threads fight other
+# processes for the cores. Takes effect only if torch is not imported yet (benchmarks/gated_delta.py
+# sets it first); the value in force is recorded in the results.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 HELP = "gated delta rule: chunked vs naive vs SDPA tokens/s, step latency, state size"
 DESCRIPTION = """Benchmark the gated delta rule (the fixed-state mixer) on this machine.
 

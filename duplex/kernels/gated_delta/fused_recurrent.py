@@ -74,16 +74,17 @@ def fused_recurrent_gated_delta_rule_torch(
     decay = g.to(dt).exp().permute(1, 0, 2)[..., None, None]
     bt = beta.to(dt).permute(1, 0, 2)[..., None, None]
     outs = []
-    for t in range(T):
+    # unbind: one stack in the backward instead of a full-size gradient per indexed step
+    steps = zip(*(x.unbind(0) for x in (qs, kt, vt, decay, bt)), strict=True)
+    for q_t, k_t, v_t, d_t, b_t in steps:
         # S: [B, H, K, V]; k_t: [B, H, 1, K]; v_t: [B, H, 1, V]
-        S = S * decay[t]
-        k_t = kt[t]
-        delta = (vt[t] - k_t @ S) * bt[t]
+        S = S * d_t
+        delta = (v_t - k_t @ S) * b_t
         # rank-1 update k_t^T delta: [B, H, K, 1] x [B, H, 1, V]
         S = torch.baddbmm(
             S.view(B * H, K, V), k_t.view(B * H, 1, K).transpose(1, 2), delta.view(B * H, 1, V)
         ).view(B, H, K, V)
-        outs.append(qs[t] @ S)
+        outs.append(q_t @ S)
     # outs: T x [B, H, 1, V] -> [B, T, H, V]
     o = torch.cat(outs, dim=2).transpose(1, 2)
     return o.to(in_dtype), (S if output_final_state else None)

@@ -33,13 +33,15 @@ def naive_recurrent_gated_delta_rule(
     q, k, v, g, beta = (x.to(dt) for x in (q, k, v, g, beta))
     S = q.new_zeros(d.B, d.H, d.K, d.V) if initial_state is None else initial_state.to(dt)
     outs = []
-    for t in range(d.T):
-        # S: [B, H, K, V]; q_t, k_t: [B, H, K]; v_t: [B, H, V]; g_t, beta_t: [B, H]
-        S = S * g[:, t].exp()[:, :, None, None]
-        k_t = k[:, t]
+    # unbind, not indexing in the loop: its backward is one stack, where per-step indexing would
+    # allocate a full-size gradient for every step (quadratic in T).
+    steps = zip(*(x.unbind(1) for x in (q, k, v, g, beta)), strict=True)
+    for q_t, k_t, v_t, g_t, b_t in steps:
+        # S: [B, H, K, V]; q_t, k_t: [B, H, K]; v_t: [B, H, V]; g_t, b_t: [B, H]
+        S = S * g_t.exp()[:, :, None, None]
         predicted = torch.einsum("bhk,bhkv->bhv", k_t, S)
-        delta = beta[:, t, :, None] * (v[:, t] - predicted)
+        delta = b_t[:, :, None] * (v_t - predicted)
         S = S + k_t[:, :, :, None] * delta[:, :, None, :]
-        outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t] * scale, S))
+        outs.append(torch.einsum("bhk,bhkv->bhv", q_t * scale, S))
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(d.B, 0, d.H, d.V)
     return o.to(in_dtype), (S if output_final_state else None)
