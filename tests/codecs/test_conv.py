@@ -123,3 +123,22 @@ def test_gemm_paths_equal_module_paths(chunk: int) -> None:
         b = _stream(fast, x, 2, chunk)
     assert _rel(a, off) < 1e-6
     assert _rel(b, off) < 1e-6
+
+
+@pytest.mark.parametrize("kind", ["conv", "convtr", "lstm"])
+def test_each_primitive_prefix_gives_prefix(kind: str) -> None:
+    torch.manual_seed(4)
+    if kind == "conv":
+        m: nn.Module = StreamingConv1d.from_conv1d(nn.Conv1d(2, 3, 6, stride=2, dilation=1))
+        step_in, step_out = 2, 1
+    elif kind == "convtr":
+        ct = nn.ConvTranspose1d(2, 3, 6, stride=2)
+        m = StreamingConvTranspose1d(ct, 3, 6, 2, bias=ct.bias)
+        step_in, step_out = 1, 2
+    else:
+        m = StreamingLSTM(nn.LSTM(2, 2, 2))
+        step_in, step_out = 1, 1
+    x = torch.randn(2, 2, step_in * 20)
+    full = m(x)
+    for n in (1, 6, 13):
+        assert torch.allclose(m(x[..., : step_in * n]), full[..., : step_out * n], atol=1e-6)
