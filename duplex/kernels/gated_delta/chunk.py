@@ -87,11 +87,13 @@ def chunk_gated_delta_rule_torch(
     C = min(chunk_size, T)
     N = -(-T // C)
     pad = N * C - T
-    # Padded steps have k = 0, beta = 0, g = 0: they leave the state exactly as it was.
-    q, k, v = (F.pad(x.to(dt), (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
-    g, beta = (F.pad(x.to(dt), (0, 0, 0, pad)) for x in (g, beta))
-    # [B, N*C, H, D] -> [B, H, N, C, D]
-    q, k, v = (x.view(B, N, C, H, -1).permute(0, 3, 1, 2, 4) for x in (q, k, v))
+    q, k, v, g, beta = (x.to(dt) for x in (q, k, v, g, beta))
+    if pad:
+        # Padded steps have k = 0, beta = 0, g = 0: they leave the state exactly as it was.
+        q, k, v = (F.pad(x, (0, 0, 0, 0, 0, pad)) for x in (q, k, v))
+        g, beta = (F.pad(x, (0, 0, 0, pad)) for x in (g, beta))
+    # [B, N*C, H, D] -> [B, H, N, C, D], made contiguous once so no product copies them again
+    q, k, v = (x.view(B, N, C, H, -1).permute(0, 3, 1, 2, 4).contiguous() for x in (q, k, v))
     g, beta = (x.view(B, N, C, H).permute(0, 3, 1, 2) for x in (g, beta))
 
     G = g.cumsum(-1)
@@ -100,25 +102,29 @@ def chunk_gated_delta_rule_torch(
     D = (G[..., :, None] - G[..., None, :]).masked_fill(~tril, float("-inf")).exp()
     # D: [B, H, N, C, C]
     kb = k * beta[..., None]
-    A = (kb @ k.transpose(-1, -2) * D).tril(-1)
+    kT = k.transpose(-1, -2).contiguous()
+    A = (kb @ kT * D).tril(-1)
     Tinv = UnitLowerInverse.apply(A)
-    rhs = torch.cat([v * beta[..., None], kb * G.exp()[..., None]], dim=-1)
-    # rhs: [B, H, N, C, V + K] -> U: [B, H, N, C, V], Wk: [B, H, N, C, K]
-    U, Wk = (Tinv @ rhs).split([V, K], dim=-1)
+    # U: [B, H, N, C, V]; Wk: [B, H, N, C, K]
+    U = Tinv @ (v * beta[..., None])
+    Wk = Tinv @ (kb * G.exp()[..., None])
     qs = q * scale
-    P = qs @ k.transpose(-1, -2) * D
+    P = qs @ kT * D
     Qg = qs * G.exp()[..., None]
     G_last = G[..., -1:]
+    # KdT: [B, H, N, K, C]; gl: [B, H, N]
     KdT = (k * (G_last - G).exp()[..., None]).transpose(-1, -2)
-    # M: [B, H, N, K, K]; Nv: [B, H, N, K, V]
-    eye = torch.eye(K, dtype=dt, device=q.device)
-    M = G_last.exp()[..., None] * eye - KdT @ Wk
-    Nv = KdT @ U
-    S_all, S_final = ChunkStatePass.apply(
-        M.reshape(B * H, N, K, K), Nv.reshape(B * H, N, K, V), S0.reshape(B * H, K, V)
+    gl = G_last[..., 0].exp()
+    W, S_all, S_final = ChunkRecurrence.apply(
+        U.reshape(B * H, N, C, V),
+        Wk.reshape(B * H, N, C, K),
+        KdT.reshape(B * H, N, K, C),
+        gl.reshape(B * H, N),
+        S0.reshape(B * H, K, V),
     )
+    # W: [B, H, N, C, V]; S_all: [B, H, N, K, V]
+    W = W.view(B, H, N, C, V)
     S_all = S_all.view(B, H, N, K, V)
-    W = U - Wk @ S_all
     o = Qg @ S_all + P @ W
     # o: [B, H, N, C, V] -> [B, T, H, V]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]
@@ -149,38 +155,54 @@ class UnitLowerInverse(torch.autograd.Function):
         return -(TinvT @ dT @ TinvT).tril(-1)
 
 
-class ChunkStatePass(torch.autograd.Function):
-    """The sequential part: S_{n+1} = M_n S_n + N_n over chunks, with a hand-written backward.
+class ChunkRecurrence(torch.autograd.Function):
+    """The sequential part, with a hand-written backward.
 
-    Inputs M [BH, N, K, K], Nv [BH, N, K, V], S0 [BH, K, V]. Returns the state at the start of
-    every chunk [BH, N, K, V] and the final state [BH, K, V]. Autograd through a Python loop of
-    indexing would allocate a full-size gradient per chunk (quadratic in T); here the backward is
-    one reverse loop of small matrix products, and dM comes out as one batched product.
+    Per chunk n (S the state at its start): W_n = U_n - Wk_n S; S <- gl_n S + KdT_n W_n.
+    Inputs U [BH, N, C, V], Wk [BH, N, C, K], KdT [BH, N, K, C], gl [BH, N], S0 [BH, K, V].
+    Returns W [BH, N, C, V], the state at the start of every chunk [BH, N, K, V] and the final
+    state [BH, K, V]. Only two small products per chunk run in the loop; everything else is
+    batched over chunks. Autograd through a Python loop of indexing would allocate a full-size
+    gradient per chunk (quadratic in T); here the backward is one reverse loop plus batched
+    products.
     """
 
     @staticmethod
-    def forward(ctx, M: torch.Tensor, Nv: torch.Tensor, S0: torch.Tensor):
-        BH, N, K, V = Nv.shape
-        S_all = new_buffer((BH, N, K, V), Nv.dtype, Nv.device)
+    def forward(ctx, U, Wk, KdT, gl, S0):
+        BH, N, C, V = U.shape
+        K = Wk.shape[-1]
+        W = new_buffer((BH, N, C, V), U.dtype, U.device)
+        S_all = new_buffer((BH, N, K, V), U.dtype, U.device)
         S = S0
         for n in range(N):
             S_all[:, n] = S
-            S = torch.baddbmm(Nv[:, n], M[:, n], S)
-        ctx.save_for_backward(M, S_all)
-        return S_all, S
+            W[:, n] = torch.baddbmm(U[:, n], Wk[:, n], S, alpha=-1.0)
+            S = torch.baddbmm(S * gl[:, n, None, None], KdT[:, n], W[:, n])
+        ctx.save_for_backward(Wk, KdT, gl, S_all, W)
+        return W, S_all, S
 
     @staticmethod
-    def backward(ctx, dS_all: torch.Tensor | None, dS_final: torch.Tensor | None):
-        M, S_all = ctx.saved_tensors
-        BH, N, K, V = S_all.shape
+    def backward(ctx, dW, dS_all, dS_final):
+        Wk, KdT, gl, S_all, W = ctx.saved_tensors
+        N = S_all.shape[1]
         g = torch.zeros_like(S_all[:, 0]) if dS_final is None else dS_final.contiguous()
-        dNv = new_buffer((BH, N, K, V), S_all.dtype, S_all.device)
-        MT = M.transpose(-1, -2)
+        # dWt: total gradient of each W_n; dS_next: dL/d(state after chunk n)
+        dWt = new_buffer(tuple(W.shape), W.dtype, W.device)
+        dS_next = new_buffer(tuple(S_all.shape), W.dtype, W.device)
+        Kd = KdT.transpose(-1, -2)
+        WkT = Wk.transpose(-1, -2)
         for n in range(N - 1, -1, -1):
-            # g is dL/dS_{n+1} here; it becomes dL/dS_n
-            dNv[:, n] = g
-            g = torch.bmm(MT[:, n], g)
+            dS_next[:, n] = g
+            if dW is None:
+                dWt[:, n] = torch.bmm(Kd[:, n], g)
+            else:
+                dWt[:, n] = torch.baddbmm(dW[:, n], Kd[:, n], g)
+            # dL/dS_n = gl_n dS_{n+1} - Wk_n^T dW_n (+ the direct gradient of S_all[n])
+            g = torch.baddbmm(g * gl[:, n, None, None], WkT[:, n], dWt[:, n], alpha=-1.0)
             if dS_all is not None:
                 g = g + dS_all[:, n]
-        dM = dNv @ S_all.transpose(-1, -2)
-        return dM, dNv, g
+        dU = dWt
+        dWk = -(dWt @ S_all.transpose(-1, -2))
+        dKdT = dS_next @ W.transpose(-1, -2)
+        dgl = (S_all * dS_next).sum((-1, -2))
+        return dU, dWk, dKdT, dgl, g
