@@ -36,7 +36,8 @@ to --output WAV (every frame received, in order) or the speaker, through a jitte
 drops old audio to catch up (with a file it reports what a speaker would have played). The
 model's words and the transcript of you are printed as they arrive, with a stats line per second
 (round-trip time, frame latency, jitter-buffer depth, drops, underruns, server-side drops).
-A dropped connection is retried with exponential backoff (--retries).
+A dropped connection is retried with exponential backoff (--retries); the server starts a new
+session then (save the state with --save-state to keep a conversation).
 
 Examples:
   duplex connect ws://127.0.0.1:8998 --input question.wav --output reply.wav
@@ -135,6 +136,7 @@ class Counters:
     rtt_ms: float | None = None
     server: dict[str, Any] = field(default_factory=dict)
     reconnects: int = 0
+    sessions: int = 0
     transcript: list[str] = field(default_factory=list)
 
 
@@ -176,6 +178,7 @@ class Client:
         delay = self.cfg.backoff
         failures = 0
         while True:
+            sessions = self.c.sessions
             try:
                 await self._session()
                 return 0
@@ -199,6 +202,9 @@ class Client:
                 reason = f"HTTP {status}"
             except (OSError, ConnectionClosed, TimeoutError, Retry) as e:
                 reason = str(e) or type(e).__name__
+            if self.c.sessions > sessions:
+                # The connection had worked: a new outage gets the whole retry budget again.
+                failures, delay = 0, self.cfg.backoff
             failures += 1
             if failures > self.cfg.retries:
                 print(
@@ -250,6 +256,7 @@ class Client:
             ):
                 raise ServerRefused("after reconnecting, the server has another audio format", 6)
             self.hello = hello
+            self.c.sessions += 1
             self.sent_at.clear()
             self.emit(
                 {"hello": vars(hello)},
@@ -396,9 +403,7 @@ class Client:
             return
         if rcvd in (1003, 1008, 1009, 4000):
             raise ServerRefused(f"the server closed the session ({rcvd}: {ws.close_reason})", 6)
-        from websockets.exceptions import ConnectionClosedError
-
-        raise ConnectionClosedError(ws.close_rcvd, ws.close_sent)
+        raise Retry(f"the server closed the connection ({rcvd}: {ws.close_reason or 'no reason'})")
 
     def _handle(self, msg: Any) -> None:
         if isinstance(msg, P.Audio):

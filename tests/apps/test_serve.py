@@ -549,3 +549,37 @@ async def test_connect_retries_while_the_server_is_full(parts, tmp_path, capsys)
         assert await asyncio.wait_for(task, 60) == 0
     err = capsys.readouterr().err
     assert "server busy" in err and "retrying in 0.2 s" in err
+
+
+async def test_connect_reconnects_after_the_server_restarts(parts, tmp_path, capsys) -> None:
+    import soundfile as sf
+
+    from duplex.apps import connect as connect_cmd
+
+    wav = tmp_path / "in.wav"
+    sf.write(wav, P.int16_to_pcm(np.concatenate(_frames(8, 100))), 16000, subtype="PCM_16")
+    model, codec = parts
+    with Engine(model, codec, slots=1) as eng:
+        cfg = ServeConfig(port=0, max_sessions=1, queue_frames=64, ping_interval=None)
+        first = DuplexServer(eng, cfg)
+        await first.start()
+        port = first.port
+        args = _connect_args(f"ws://127.0.0.1:{port}/", "--input", str(wav))
+        args.tail = 0.0
+        ccfg = connect_cmd.ConnectConfig(url=args.url, backoff=0.2, retries=10, tail_seconds=0)
+        task = asyncio.create_task(connect_cmd._main(ccfg, args))
+        await asyncio.sleep(1.0)
+        await first.stop()
+        await asyncio.sleep(0.3)
+        second = DuplexServer(eng, ServeConfig(**{**vars(cfg), "port": port}))
+        await second.start()
+        try:
+            code = await asyncio.wait_for(task, 60)
+        finally:
+            await second.stop()
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "connection lost" in captured.err
+    assert captured.out.count("[connected] session") == 2
+    done = captured.out.strip().splitlines()[-1]
+    assert done.startswith("[done] sent 100 frames"), done
