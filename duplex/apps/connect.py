@@ -164,6 +164,7 @@ class Client:
         self.sent_at: dict[int, float] = {}
         self.seq = 0
         self.input_done = False
+        self.last_audio = time.monotonic()
         self.state_saved = asyncio.Event()
 
     def emit(self, obj: dict[str, Any], line: str) -> None:
@@ -320,8 +321,10 @@ class Client:
             next_t += period
             await asyncio.sleep(max(0.0, next_t - loop.time()))
         # Let the last answers arrive, then save the state if asked and say goodbye.
-        deadline = loop.time() + max(2.0, 3 * self.cfg.jitter_max * period)
-        while self.sent_at and loop.time() < deadline:
+        # A server that is behind still answers: wait while answers keep coming (at most 30 s),
+        # give up after 2 s without one.
+        end = loop.time() + 30.0
+        while self.sent_at and loop.time() < end and time.monotonic() - self.last_audio < 2.0:
             await asyncio.sleep(period)
         if self.cfg.save_state:
             await ws.send(P.encode(P.Control(P.Op.SAVE_STATE), "client"))
@@ -414,6 +417,7 @@ class Client:
                 # Frames the server dropped never come back; forget them.
                 del self.sent_at[k]
             self.c.received += 1
+            self.last_audio = time.monotonic()
             self.jitter.push(msg.pcm)
             self.sink.received(P.int16_to_pcm(msg.pcm))
         elif isinstance(msg, P.Text):

@@ -52,9 +52,9 @@ one step per codec frame (20 ms with the default codec). Clients send PCM int16 
 text, control requests (save state, load state, reset) and pings; the server sends audio, the
 model's text, a transcript of the user, stats once a second, errors and saved states.
 
-Security: a token (--token, or the DUPLEX_TOKEN environment variable) must then be sent as
-`Authorization: Bearer TOKEN` or `?token=TOKEN`; a wrong or missing one is refused with HTTP 401
-before the websocket upgrade. Listening on a non-loopback address without a token is refused
+Security: with a token set (--token, or the DUPLEX_TOKEN environment variable), clients must send
+it as `Authorization: Bearer TOKEN` or `?token=TOKEN`; a wrong or missing one is refused with HTTP
+401 before the websocket upgrade. Listening on a non-loopback address without a token is refused
 unless --insecure is given. --certfile/--keyfile enable TLS (wss://). GET /healthz answers 200.
 
 Limits: --max-sessions (a further client gets close code 1013), --max-message (a bigger message
@@ -639,7 +639,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8998, help="port (default 8998; 0 picks one)")
     p.add_argument("--model", default="tiny", help="model name or .safetensors (default: tiny)")
-    p.add_argument("--codec", default="default", help="codec name or .safetensors")
+    p.add_argument(
+        "--codec", default="default", help="codec name or .safetensors (default: default)"
+    )
     p.add_argument("--token", help="required client token (default: $DUPLEX_TOKEN)")
     p.add_argument(
         "--insecure",
