@@ -583,3 +583,21 @@ async def test_connect_reconnects_after_the_server_restarts(parts, tmp_path, cap
     assert captured.out.count("[connected] session") == 2
     done = captured.out.strip().splitlines()[-1]
     assert done.startswith("[done] sent 100 frames"), done
+
+
+@pytest.mark.audio
+async def test_connect_with_microphone_and_speaker(parts, pulse_sink, capsys) -> None:
+    """The device path: PortAudio on the PulseAudio null sink as microphone and speaker."""
+    from duplex.apps import connect as connect_cmd
+
+    async with running(parts, max_sessions=1, queue_frames=64) as server:
+        args = _connect_args(_url(server), "--device", "pulse", "--seconds", "2")
+        cfg = connect_cmd.ConnectConfig(url=args.url, max_seconds=2.0)
+        code = await asyncio.wait_for(connect_cmd._main(cfg, args), 90)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    done = out.strip().splitlines()[-1]
+    # 2 s of microphone frames went out; the answers came back and were played.
+    assert done.startswith("[done] sent 100 frames"), done
+    received = int(done.split("received ")[1].split(";")[0])
+    assert received >= 50, done
