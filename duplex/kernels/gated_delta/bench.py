@@ -48,7 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
-    p.add_argument("--repeats", type=int, default=5, help="runs per measurement (best is kept)")
+    p.add_argument("--repeats", type=int, default=7, help="runs per measurement (best is kept)")
     p.add_argument("--short-context", type=int, default=1024)
     p.add_argument("--long-context", type=int, default=1_000_000)
     p.add_argument("--steps", type=int, default=800, help="timed single-token steps per context")
