@@ -101,16 +101,17 @@ def chunk_gated_delta_rule_torch(
     tril = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     D = (G[..., :, None] - G[..., None, :]).masked_fill(~tril, float("-inf")).exp()
     # D: [B, H, N, C, C]
+    eG = G.exp()
     kb = k * beta[..., None]
-    kT = k.transpose(-1, -2).contiguous()
+    kT = k.transpose(-1, -2)
     A = (kb @ kT * D).tril(-1)
     Tinv = UnitLowerInverse.apply(A)
     # U: [B, H, N, C, V]; Wk: [B, H, N, C, K]
     U = Tinv @ (v * beta[..., None])
-    Wk = Tinv @ (kb * G.exp()[..., None])
-    qs = q * scale
-    P = qs @ kT * D
-    Qg = qs * G.exp()[..., None]
+    Wk = Tinv @ (k * (beta * eG)[..., None])
+    # P and Qg without the query scale: it is applied once, to the output
+    P = q @ kT * D
+    Qg = q * eG[..., None]
     G_last = G[..., -1:]
     # KdT: [B, H, N, K, C]; gl: [B, H, N]
     KdT = (k * (G_last - G).exp()[..., None]).transpose(-1, -2)
@@ -125,7 +126,14 @@ def chunk_gated_delta_rule_torch(
     # W: [B, H, N, C, V]; S_all: [B, H, N, K, V]
     W = W.view(B, H, N, C, V)
     S_all = S_all.view(B, H, N, K, V)
-    o = Qg @ S_all + P @ W
+    # o = scale (Qg S + P W): [B, H, N, C, V]
+    o = torch.baddbmm(
+        (Qg @ S_all).view(B * H * N, C, V),
+        P.reshape(B * H * N, C, C),
+        W.reshape(B * H * N, C, V),
+        beta=scale,
+        alpha=scale,
+    ).view(B, H, N, C, V)
     # o: [B, H, N, C, V] -> [B, T, H, V]
     o = o.permute(0, 2, 3, 1, 4).reshape(B, N * C, H, V)[:, :T]
     final = S_final.view(B, H, K, V) if output_final_state else None
