@@ -73,7 +73,11 @@ def replay(directory: str | Path, output: str | Path | None = None, verbose: boo
             for c in controls.get(start + i, []):
                 if c["kind"] == "type":
                     session.type_text(c["text"])
-            res = engine.step({session: rec.input_frame(i)})[session]
+            if ev.get("codes_in"):
+                # The client ran the codec: the recorded codes are what the model heard.
+                res = engine.step({}, codes={session: ev["tokens_in"]})[session]
+            else:
+                res = engine.step({session: rec.input_frame(i)})[session]
             if out is not None:
                 out.write_frame(res.pcm)
             if res.tokens_out != ev["tokens_out"] and mismatch is None:

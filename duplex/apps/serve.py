@@ -139,7 +139,8 @@ class Conn:
     latency_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=500))
 
     def push_input(self, seq: int, pcm: np.ndarray, t: float) -> None:
-        """Queue one input frame; a full queue drops its oldest frame (counted)."""
+        """Queue one input frame (int16 PCM, or int64 codec codes when the client runs the
+        codec); a full queue drops its oldest frame (counted)."""
         if len(self.inbox) >= self.queue_frames:
             self.inbox.popleft()
             self.dropped_input_frames += 1
@@ -342,9 +343,14 @@ class DuplexServer:
 
     async def _step(self, batch: dict[Conn, tuple[int, np.ndarray, float]]) -> None:
         loop = asyncio.get_running_loop()
-        frames = {c.session: P.int16_to_pcm(pcm) for c, (_, pcm, _) in batch.items()}
+        frames = {
+            c.session: P.int16_to_pcm(x) for c, (_, x, _) in batch.items() if x.dtype == np.int16
+        }
+        codes = {c.session: x.tolist() for c, (_, x, _) in batch.items() if x.dtype != np.int16}
         try:
-            results = await loop.run_in_executor(self._executor, self.engine.step, frames)
+            results = await loop.run_in_executor(
+                self._executor, lambda: self.engine.step(frames, codes)
+            )
         except Exception as e:
             print(f"duplex serve: engine step failed: {e!r}", file=sys.stderr)
             await asyncio.gather(
@@ -484,7 +490,7 @@ class DuplexServer:
             frame_rate=float(e.frame_rate),
             num_codebooks=int(e.K),
             cardinality=self.fmt.cardinality,
-            accepts=["PCM", "TYPE", "CONTROL", "PING"],
+            accepts=["PCM", "CODES", "TYPE", "CONTROL", "PING"],
             session=conn.sid,
             max_message_bytes=self.cfg.max_message_bytes,
             max_text_bytes=self.fmt.max_text_bytes,
@@ -614,11 +620,7 @@ class DuplexServer:
             text = msg.text
             self._op_nowait(lambda: conn.session.type_text(text))
         elif isinstance(msg, P.Codes):
-            await self._fatal(
-                conn,
-                P.ErrorCode.UNSUPPORTED,
-                "this server takes PCM audio only (the engine has no codec-token input yet)",
-            )
+            conn.push_input(msg.frame, np.asarray(msg.codes, dtype=np.int64), now)
         elif isinstance(msg, P.Control):
             try:
                 if msg.op == P.Op.SAVE_STATE:

@@ -86,6 +86,7 @@ class Session:
     pending_c0: collections.deque = field(default_factory=collections.deque)
     typed: collections.deque = field(default_factory=collections.deque)
     recorder: Recorder | None = None
+    explicit_sampling: bool = True
     transcript: list[str] = field(default_factory=list)
     user_transcript: list[str] = field(default_factory=list)
     _text_bytes: bytearray = field(default_factory=bytearray)
@@ -166,13 +167,16 @@ class Engine:
         state: str | Path | None = None,
         recorder: Recorder | None = None,
     ) -> Session:
-        """Start a session in a free slot: fresh, or continuing a saved state file."""
+        """Start a session in a free slot: fresh, or continuing a saved state file.
+
+        With a state and no `sampling`, the session samples as the saved one did."""
         if not self._open:
             raise RuntimeError("use the engine inside `with engine:`")
         used = {s.slot for s in self.sessions.values()}
         free = [i for i in range(self.slots) if i not in used]
         if not free:
             raise RuntimeError(f"all {self.slots} slots are busy")
+        explicit = sampling is not None
         sampling = sampling or SamplingConfig()
         slot = free[0]
         rows = torch.zeros(self.slots, dtype=torch.bool)
@@ -184,6 +188,7 @@ class Engine:
             generator=torch.Generator().manual_seed(sampling.seed),
             prev_audio=torch.full((self.K,), self.model.cfg.audio_pad, dtype=torch.long),
             recorder=recorder,
+            explicit_sampling=explicit,
         )
         if state is not None:
             self._load_into(session, Path(state))
@@ -201,9 +206,26 @@ class Engine:
             session.recorder.close()
             session.recorder = None
 
-    def step(self, frames: dict[Session, np.ndarray]) -> dict[Session, FrameResult]:
-        """One frame for every session in `frames` (pcm [frame_size] float32 each)."""
+    def step(
+        self,
+        frames: dict[Session, np.ndarray],
+        codes: dict[Session, list[int]] | None = None,
+    ) -> dict[Session, FrameResult]:
+        """One frame for every session in `frames` (pcm [frame_size] float32 each) and in
+        `codes` (the user's K codec codes for this frame, when the client runs the codec)."""
         S, K, fs = self.slots, self.K, self.frame_size
+        codes = codes or {}
+        both = set(frames) & set(codes)
+        if both:
+            raise ValueError(f"sessions {[s.id for s in both]} sent both audio and codes")
+        given = {}
+        for s, c in codes.items():
+            c = torch.as_tensor(c, dtype=torch.long).reshape(-1)
+            if c.numel() != K or int(c.min()) < 0 or int(c.max()) >= self.model.cfg.codebook_size:
+                raise ValueError(
+                    f"session {s.id}: expected {K} codes in [0, {self.model.cfg.codebook_size})"
+                )
+            given[s] = c
         t0 = time.perf_counter()
         active = torch.zeros(S, dtype=torch.bool)
         pcm = torch.zeros(S, 1, fs)
@@ -217,14 +239,21 @@ class Engine:
             # 16-bit resolution, as every device and wire format carries: recordings then hold
             # exactly what the model heard, and replays are exact.
             pcm[s.slot, 0] = torch.from_numpy(quantize16(x))
+        stepping = [*frames, *given]
         with torch.no_grad():
-            self.codec.set_exec_mask(active)
-            codes_in = self.codec.encode_step(pcm)[..., 0]
+            if frames:
+                self.codec.set_exec_mask(active)
+                codes_in = self.codec.encode_step(pcm)[..., 0]
+            else:
+                codes_in = torch.zeros(S, K, dtype=torch.long)
+            for s, c in given.items():
+                codes_in[s.slot] = c
+                active[s.slot] = True
             t1 = time.perf_counter()
             prev_audio = torch.full((S, K), self.model.cfg.audio_pad, dtype=torch.long)
             prev_text = torch.full((S,), PAD, dtype=torch.long)
             prev_user = torch.full((S,), PAD, dtype=torch.long)
-            for s in frames:
+            for s in stepping:
                 prev_audio[s.slot] = s.prev_audio
                 prev_text[s.slot] = s.prev_text
                 prev_user[s.slot] = s.typed.popleft() if s.typed else s.prev_user_text
@@ -233,7 +262,7 @@ class Engine:
             out_codes = torch.zeros(S, K, 1, dtype=torch.long)
             decoding = torch.zeros(S, dtype=torch.bool)
             sampled = {}
-            for s in frames:
+            for s in stepping:
                 g, sp = s.generator, s.sampling
                 r = s.slot
                 text = int(sample(logits.text[r : r + 1], sp.text_temperature, sp.text_top_k, g))
@@ -280,6 +309,7 @@ class Engine:
                     y,
                     tokens_in=res.tokens_in,
                     tokens_out=res.tokens_out,
+                    codes_in=s in given,
                     user_text_in=int(prev_user[r]),
                     text=piece,
                     ms={
@@ -318,6 +348,8 @@ class Engine:
             "sampling": asdict(session.sampling),
             "transcript": "".join(session.transcript),
             "user_transcript": "".join(session.user_transcript),
+            "text_bytes": list(session._text_bytes),
+            "user_bytes": list(session._user_bytes),
         }
         return save_state(path, tensors, meta, self.model_fingerprint, self.codec_fingerprint)
 
@@ -350,7 +382,13 @@ class Engine:
         session.prev_audio = prev_audio.clone()
         session.frame, session.prev_text, session.prev_user_text = fields[0], fields[1], fields[2]
         session.pending_c0 = collections.deque(fields[3])
+        if session.explicit_sampling is False and isinstance(meta.get("sampling"), dict):
+            # No sampling asked for: continue with the settings the state was saved with.
+            session.sampling = SamplingConfig(**meta["sampling"])
         session.typed = collections.deque(meta.get("typed", []))
+        # Half-decoded UTF-8 characters continue where they stopped.
+        session._text_bytes = bytearray(meta.get("text_bytes", []))
+        session._user_bytes = bytearray(meta.get("user_bytes", []))
         if meta.get("transcript"):
             session.transcript = [meta["transcript"]]
         if meta.get("user_transcript"):

@@ -178,6 +178,7 @@ async def test_two_concurrent_sessions_each_equal_their_solo_run(parts) -> None:
             assert a.hello.session != b.hello.session
             assert a.hello.frame_size == FS and a.hello.accepts == [
                 "PCM",
+                "CODES",
                 "TYPE",
                 "CONTROL",
                 "PING",
@@ -250,7 +251,12 @@ BAD = [
     ("bad utf-8", bytes([P.Kind.TYPE]) + b"\xc3\x28", P.ErrorCode.BAD_MESSAGE, 1008),
     ("unknown control", bytes([P.Kind.CONTROL, 9]), P.ErrorCode.BAD_MESSAGE, 1008),
     ("state without magic", bytes([P.Kind.CONTROL, 2]) + b"nope", P.ErrorCode.BAD_MESSAGE, 1008),
-    ("codes", P.encode(P.Codes(0, [1] * 8)), P.ErrorCode.UNSUPPORTED, 1003),
+    (
+        "code out of range",
+        P.encode(P.Codes(0, [1] * 8))[:-2] + b"\xff\xff",
+        P.ErrorCode.BAD_MESSAGE,
+        1008,
+    ),
     ("ping too long", P.encode(P.Ping(5), "client") + b"x", P.ErrorCode.BAD_MESSAGE, 1008),
 ]
 
@@ -297,6 +303,27 @@ async def test_each_malformed_input_closes_only_its_own_session(parts) -> None:
         assert server.active == 0
     assert [m.frame for m in got] == list(range(n))
     assert_same(text, ref)
+
+
+async def test_codes_client_gets_what_a_pcm_client_gets(parts) -> None:
+    """A client that runs the codec itself sends CODES; its session equals the PCM solo run."""
+    _, codec = parts
+    frames = _frames(6, 12)
+    ref = _solo(parts, 8, frames)
+    with torch.no_grad(), codec.streaming(1):
+        codes = [
+            codec.encode_step(torch.from_numpy(P.int16_to_pcm(f))[None, None])[0, :, 0].tolist()
+            for f in frames
+        ]
+    async with (
+        running(parts, max_sessions=2, queue_frames=64) as server,
+        client(server, seed=8, tokens=1) as c,
+    ):
+        assert "CODES" in c.hello.accepts
+        for i, k in enumerate(codes):
+            await c.ws.send(P.encode(P.Codes(i, k), "client"))
+        _, got, _ = await c.collect(len(frames))
+    assert_same(got, ref)
 
 
 async def test_full_server_1013_and_disconnect_frees_the_slot(parts) -> None:

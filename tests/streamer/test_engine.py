@@ -80,12 +80,14 @@ def test_batched_equals_alone_with_joins_leaves_and_skips(parts) -> None:
 def test_save_state_then_many_sessions_continue_identically(parts, tmp_path) -> None:
     model, codec = parts
     warm, cont = _audio(4, 15), _audio(5, 10)
+    sampling = SamplingConfig(seed=7, text_temperature=1.5, text_top_k=0)
     with Engine(model, codec, slots=1) as eng:
-        s = eng.join(SamplingConfig(seed=7))
+        s = eng.join(sampling)
         for f in warm:
             eng.step({s: f})
         path = eng.save_session(s, tmp_path / "prompt.dstate")
-        ref = [eng.step({s: f})[s].tokens_out for f in cont]
+        ref = [(r.tokens_out, r.text, r.user_text) for r in (eng.step({s: f})[s] for f in cont)]
+    assert any(text for _, text, _ in ref), "the test needs some text after the save"
     with Engine(model, codec, slots=3) as eng:
         other = eng.join(SamplingConfig(seed=1))
         s1 = eng.join(state=path)
@@ -93,8 +95,8 @@ def test_save_state_then_many_sessions_continue_identically(parts, tmp_path) -> 
         got1, got2 = [], []
         for f in cont:
             res = eng.step({s1: f, s2: f, other: f})
-            got1.append(res[s1].tokens_out)
-            got2.append(res[s2].tokens_out)
+            got1.append((res[s1].tokens_out, res[s1].text, res[s1].user_text))
+            got2.append((res[s2].tokens_out, res[s2].text, res[s2].user_text))
     assert got1 == ref and got2 == ref
     assert s1.frame == 25
 
@@ -151,3 +153,21 @@ def test_full_engine_refuses_a_session(parts) -> None:
         eng.join()
         with pytest.raises(RuntimeError, match="busy"):
             eng.join()
+
+
+def test_codes_in_equals_pcm_in(parts) -> None:
+    """A client that runs the codec itself gets exactly what a PCM client gets."""
+    model, codec = parts
+    frames = _audio(8, 12)
+    with Engine(model, codec, slots=2) as eng:
+        a = eng.join(SamplingConfig(seed=5))
+        b = eng.join(SamplingConfig(seed=5))
+        for f in frames:
+            ra = eng.step({a: f})[a]
+            rb = eng.step({}, codes={b: ra.tokens_in})[b]
+            assert rb.tokens_out == ra.tokens_out
+            np.testing.assert_array_equal(rb.pcm, ra.pcm)
+        with pytest.raises(ValueError, match="expected 8 codes"):
+            eng.step({}, codes={a: [1, 2, 3]})
+        with pytest.raises(ValueError, match="both"):
+            eng.step({a: frames[0]}, codes={a: ra.tokens_in})
