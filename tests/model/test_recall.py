@@ -131,3 +131,11 @@ def test_eval_cli_runs_and_reports(tmp_path, capsys):
     assert rep["state_bytes"] > 0 and rep["host_bytes_per_token"] > 0
     # an untrained model is at chance: the suite does not hand out accuracy
     assert rep["accuracy"] < 0.2
+
+
+@pytest.mark.parametrize("task,context,threshold", [("mqar", 4096, 0.99), ("niah", 4096, 0.99)])
+def test_shipped_gwa_model_recalls(task, context, threshold):
+    """The shipped recall-gwa answers from far back in a context 16x its training length."""
+    rep = R.evaluate("recall-gwa", task, context, trials=2, seed=11, asked=4)
+    assert rep.items >= 8
+    assert rep.accuracy >= threshold, rep
