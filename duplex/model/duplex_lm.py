@@ -166,9 +166,11 @@ class DuplexLM(StreamingModule):
         return torch.where(text != PAD, text, user)
 
     def _audio_embed(self, table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        # codes [B, T, K] -> sum over k of table[k, codes[..., k]] : [B, T, d]
-        K = codes.shape[-1]
-        return sum(table[k][codes[..., k]] for k in range(K))
+        # codes [B, T, K] -> sum over k of table[k, codes[..., k]] : [B, T, d], as one gather
+        # from the flattened [K * (card + 1), d] table.
+        K, rows, d = table.shape
+        offsets = torch.arange(K, device=codes.device) * rows
+        return F.embedding(codes + offsets, table.reshape(K * rows, d)).sum(-2)
 
     def _inputs(
         self,
