@@ -19,7 +19,13 @@ from duplex.codecs.encodec_stream import (
 from duplex.codecs.small import SmallCodec
 
 torch.set_num_threads(1)
-torch.set_grad_enabled(False)
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    """These tests only run codecs forward; grad mode is per test, never global."""
+    with torch.no_grad():
+        yield
 
 
 def _small() -> SmallCodec:
