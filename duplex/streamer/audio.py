@@ -268,7 +268,7 @@ class DeviceAudio(AudioBackend):
         self.in_fifo = FrameFifo(frame_size, max_frames=max_queue_frames)
         self.out_fifo = BlockFifo(frame_size, max_frames=max_queue_frames, prefill=prefill_frames)
         self.blocksize = blocksize
-        self.stream = None
+        self.in_stream = self.out_stream = None
         if self.device_rate != sample_rate:
             self._up = StreamResampler(self.device_rate, sample_rate)
             self._down = StreamResampler(sample_rate, self.device_rate)
@@ -289,39 +289,61 @@ class DeviceAudio(AudioBackend):
             info = self.sd.query_devices(self.in_dev, "input")
             return int(info["default_samplerate"])
 
-    def _callback(self, indata, outdata, frames, time_info, status) -> None:
+    def _in_callback(self, indata, frames, time_info, status) -> None:
         if status.input_overflow:
             self.input_overflows += 1
-        if status.output_underflow:
-            self.output_underflows += 1
         x = indata[:, 0].astype(np.float32) / 32768.0
         if self._up is not None:
             x = self._up.process(x)
         self.in_fifo.push(x)
+
+    def _out_callback(self, outdata, frames, time_info, status) -> None:
+        if status.output_underflow:
+            self.output_underflows += 1
         fifo = self.out_fifo if self._down is None else self._out_dev_fifo
         y = fifo.pull(frames)
         outdata[:, 0] = np.clip(np.round(y * 32767.0), -32768, 32767).astype(np.int16)
 
+    @property
+    def streams(self) -> list:
+        return [s for s in (self.in_stream, self.out_stream) if s is not None]
+
     def start(self) -> None:
-        if self.stream is not None:
+        """Open one input and one output stream. Two half-duplex streams rather than one duplex
+        stream: PortAudio's ALSA duplex stream couples both directions in one poll loop and
+        gives up on both when the sound server stalls either."""
+        if self.streams:
             return
+        common = dict(
+            samplerate=self.device_rate,
+            blocksize=self.blocksize,
+            channels=1,
+            dtype="int16",
+            latency=self.latency,
+        )
         try:
-            self.stream = self.sd.Stream(
-                samplerate=self.device_rate,
-                blocksize=self.blocksize,
-                device=(self.in_dev, self.out_dev),
-                channels=1,
-                dtype="int16",
-                latency=self.latency,
-                callback=self._callback,
+            self.in_stream = self.sd.InputStream(
+                device=self.in_dev, callback=self._in_callback, **common
             )
-            self.stream.start()
+            self.out_stream = self.sd.OutputStream(
+                device=self.out_dev, callback=self._out_callback, **common
+            )
+            self.out_stream.start()
+            self.in_stream.start()
         except Exception as e:
-            self.stream = None
+            self._close_streams()
             raise AudioUnavailableError(
                 f"cannot open the audio device ({e}). Try `--device NAME`, or run on files with "
                 "`--input in.wav --output out.wav`; `duplex doctor` lists the devices."
             ) from None
+
+    def _close_streams(self) -> None:
+        for st in self.streams:
+            with contextlib.suppress(Exception):
+                st.stop()
+            with contextlib.suppress(Exception):
+                st.close()
+        self.in_stream = self.out_stream = None
 
     def read_frame(self, timeout: float = 2.0) -> np.ndarray | None:
         """The next microphone frame. A stream that PortAudio gave up on (it does after a long
@@ -332,7 +354,7 @@ class DeviceAudio(AudioBackend):
             if f is not None:
                 self.dropped_input_frames = self.in_fifo.dropped_frames
                 return f
-            if self.stream is not None and not self.stream.active:
+            if self.streams and not all(st.active for st in self.streams):
                 self._restart()
                 deadline = time.monotonic() + timeout
             if time.monotonic() > deadline:
@@ -345,9 +367,7 @@ class DeviceAudio(AudioBackend):
                 f"the audio stream failed {self.restarts + 1} times; giving up"
             )
         self.restarts += 1
-        old, self.stream = self.stream, None
-        with contextlib.suppress(Exception):
-            old.close()
+        self._close_streams()
         self.start()
 
     def write_frame(self, pcm: np.ndarray) -> None:
@@ -360,7 +380,4 @@ class DeviceAudio(AudioBackend):
         )
 
     def close(self) -> None:
-        if self.stream is not None:
-            self.stream.stop()
-            self.stream.close()
-            self.stream = None
+        self._close_streams()
