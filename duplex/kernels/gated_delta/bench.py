@@ -38,7 +38,8 @@ Tables printed:
   streaming state bytes per layer.
 
 Results go to OUT/gated_delta.json and OUT/gated_delta.png (OUT: --out, default
-benchmarks/results). Each figure is the best of --repeats runs, measured in this one process.
+benchmarks/results). Each figure is the best of --repeats runs, measured in this one process,
+the methods taking turns round by round so that load from other processes hits them alike.
 Use --threads to pin intra-op threads (default 2). --quick runs a short smoke version."""
 
 
@@ -55,20 +56,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--d-model", type=int, default=256, help="layer width for the step benchmark")
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test of the script")
-
-
-def _time(fn: Callable[[], object], repeats: int, budget_s: float = 20.0) -> dict[str, float]:
-    """Best and median wall time of fn over up to `repeats` runs after one warm-up run."""
-    t0 = time.perf_counter()
-    fn()
-    first = time.perf_counter() - t0
-    n = max(1, min(repeats, int(budget_s / max(first, 1e-6))))
-    times = []
-    for _ in range(n):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return {"best_s": min(times), "median_s": statistics.median(times), "runs": n}
 
 
 def _inputs(B: int, T: int, H: int, D: int, grad: bool):
@@ -91,7 +78,7 @@ def bench_throughput(args: argparse.Namespace) -> list[dict]:
     from duplex.kernels import chunk_gated_delta_rule, naive_recurrent_gated_delta_rule
 
     B, H, D = args.batch, args.heads, args.head_dim
-    rows = []
+    cases: dict[tuple[int, str, str], Callable[[], None]] = {}
     for T in args.lengths:
         x = _inputs(B, T, H, D, grad=False)
         xg = _inputs(B, T, H, D, grad=True)
@@ -120,31 +107,48 @@ def bench_throughput(args: argparse.Namespace) -> list[dict]:
         def sdpa_fwd_bwd(qg=qg, kg=kg, vg=vg):
             F.scaled_dot_product_attention(qg, kg, vg, is_causal=True).sum().backward()
 
-        cases = {
-            ("chunk", "fwd"): fwd(chunk_gated_delta_rule),
-            ("naive", "fwd"): fwd(naive_recurrent_gated_delta_rule),
-            ("sdpa_causal", "fwd"): sdpa_fwd,
-            ("chunk", "fwd+bwd"): fwd_bwd(chunk_gated_delta_rule),
-            ("naive", "fwd+bwd"): fwd_bwd(naive_recurrent_gated_delta_rule),
-            ("sdpa_causal", "fwd+bwd"): sdpa_fwd_bwd,
-        }
-        for (method, mode), fn in cases.items():
-            t = _time(fn, args.repeats)
-            rows.append(
-                {
-                    "T": T,
-                    "method": method,
-                    "mode": mode,
-                    **t,
-                    "tokens_per_s": B * T / t["best_s"],
-                    "tokens_per_s_median": B * T / t["median_s"],
-                }
-            )
-            print(
-                f"  T={T:6d} {method:12s} {mode:8s} {B * T / t['best_s']:12,.0f} tok/s "
-                f"(best of {t['runs']})",
-                flush=True,
-            )
+        cases[(T, "chunk", "fwd")] = fwd(chunk_gated_delta_rule)
+        cases[(T, "naive", "fwd")] = fwd(naive_recurrent_gated_delta_rule)
+        cases[(T, "sdpa_causal", "fwd")] = sdpa_fwd
+        cases[(T, "chunk", "fwd+bwd")] = fwd_bwd(chunk_gated_delta_rule)
+        cases[(T, "naive", "fwd+bwd")] = fwd_bwd(naive_recurrent_gated_delta_rule)
+        cases[(T, "sdpa_causal", "fwd+bwd")] = sdpa_fwd_bwd
+
+    # Round robin: every case runs once per round, so the runs of each case are spread over the
+    # whole benchmark and a burst of load from other processes hits all methods alike. A case
+    # whose runs already took more than its time budget sits out the later rounds.
+    # Cheap cases (under 0.1 s a run) run up to 5 times per round, so a fast method gets as
+    # many chances at a quiet moment as its slow rivals' single runs span.
+    times: dict[tuple[int, str, str], list[float]] = {c: [] for c in cases}
+    per_round: dict[tuple[int, str, str], int] = {}
+    for c, fn in cases.items():
+        t0 = time.perf_counter()
+        fn()
+        per_round[c] = max(1, min(5, int(0.1 / max(time.perf_counter() - t0, 1e-6))))
+    for r in range(args.repeats):
+        for c, fn in cases.items():
+            if r > 0 and sum(times[c]) > 20.0:
+                continue
+            for _ in range(per_round[c]):
+                t0 = time.perf_counter()
+                fn()
+                times[c].append(time.perf_counter() - t0)
+        print(f"  round {r + 1}/{args.repeats} done", flush=True)
+    rows = []
+    for (T, method, mode), ts in times.items():
+        best, med = min(ts), statistics.median(ts)
+        rows.append(
+            {
+                "T": T,
+                "method": method,
+                "mode": mode,
+                "best_s": best,
+                "median_s": med,
+                "runs": len(ts),
+                "tokens_per_s": B * T / best,
+                "tokens_per_s_median": B * T / med,
+            }
+        )
     return rows
 
 
@@ -238,17 +242,20 @@ def _interleaved(fns: dict[str, Callable[[], None]], rounds: int, per_call: int)
     for fn in fns.values():
         fn()
     samples: dict[str, list[float]] = {n: [] for n in fns}
-    for _ in range(max(rounds, 3)):
-        for n, fn in fns.items():
+    order = list(fns)
+    for r in range(max(rounds, 3)):
+        # alternate which context goes first, so a burst that tends to hit the second slot of a
+        # round does not always land on the same one
+        for n in order if r % 2 == 0 else order[::-1]:
             t0 = time.perf_counter()
-            fn()
+            fns[n]()
             samples[n].append((time.perf_counter() - t0) / per_call * 1e6)
     res = {
         n: {"best_us": min(s), "median_us": statistics.median(s), "samples": len(s)}
         for n, s in samples.items()
     }
-    # Each round times short then long back to back: the median of the per-round ratios cancels
-    # slow drift in machine load better than a ratio of two medians does.
+    # Each round times both back to back: the median of the per-round ratios cancels slow drift
+    # in machine load better than a ratio of two medians does.
     paired = [lo / sh for sh, lo in zip(samples["short"], samples["long"], strict=True)]
     res["ratio_long_over_short_paired_median"] = statistics.median(paired)
     res["ratio_long_over_short_median"] = res["long"]["median_us"] / res["short"]["median_us"]
