@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
+
+# Idle OpenMP threads sleep instead of spinning: on a few shared cores spinning threads starve
+# the audio path (measured 5x slower kernels). Must be set before torch is first imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from duplex import __version__
 
