@@ -27,6 +27,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 
 from duplex.apps import protocol as P
+from duplex.streamer.conversation import printable
 
 HELP = "talk to a `duplex serve` server: WAV files or microphone/speaker (headless)"
 DESCRIPTION = """Connect to a `duplex serve` server (ws:// or wss://) and talk to the model.
@@ -424,7 +425,7 @@ class Client:
             who = "model" if msg.stream == P.Stream.MODEL else "you"
             if who == "model":
                 self.c.transcript.append(msg.text)
-            self.emit({who: msg.text, "frame": msg.frame}, f"[{who}] {msg.text}")
+            self.emit({who: msg.text, "frame": msg.frame}, f"[{who}] {printable(msg.text)}")
         elif isinstance(msg, P.Ping):
             self.c.rtt_ms = (time.monotonic_ns() - msg.nonce) / 1e6
         elif isinstance(msg, P.Stats):

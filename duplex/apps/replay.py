@@ -39,7 +39,7 @@ def replay(directory: str | Path, output: str | Path | None = None, verbose: boo
     """Replay a recording; returns (frames compared, index of first mismatch or None)."""
 
     from duplex.streamer.audio import FileAudio
-    from duplex.streamer.conversation import ConversationConfig, load_parts
+    from duplex.streamer.conversation import ConversationConfig, load_parts, printable
     from duplex.streamer.engine import Engine
     from duplex.streamer.recording import Recording
 
@@ -89,9 +89,9 @@ def replay(directory: str | Path, output: str | Path | None = None, verbose: boo
                         file=sys.stderr,
                     )
             if verbose and res.text:
-                print(f"[model] {res.text}", flush=True)
+                print(f"[model] {printable(res.text)}", flush=True)
             if verbose and res.user_text:
-                print(f"[you] {res.user_text}", flush=True)
+                print(f"[you] {printable(res.user_text)}", flush=True)
         recorded_audio = rec.audio_out
     if out is not None:
         out.close()

@@ -24,6 +24,7 @@ from textual.css.query import NoMatches
 from textual.widgets import Footer, Header, Input, Log, Sparkline, Static
 
 from duplex.streamer.audio import AudioBackend, AudioUnavailableError
+from duplex.streamer.conversation import printable
 from duplex.streamer.engine import Engine, Session
 from duplex.streamer.statefile import StateFileError
 
@@ -234,9 +235,9 @@ class DuplexApp(App):
                 you.clear()
                 model.clear()
             if u.get("user_text"):
-                you.write(u["user_text"])
+                you.write(printable(u["user_text"]))
             if u.get("text"):
-                model.write(u["text"])
+                model.write(printable(u["text"]))
             if "level_in" in u:
                 level_in, level_out = u["level_in"], u["level_out"]
             if u.get("notice"):

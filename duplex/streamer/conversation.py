@@ -88,6 +88,12 @@ def run(
     return n
 
 
+def printable(text: str) -> str:
+    """Text safe to show in a terminal: control characters (an untrained model emits any byte,
+    ESC included) become U+FFFD, newlines and tabs stay."""
+    return "".join(c if c.isprintable() or c in "\n\t" else "\ufffd" for c in text)
+
+
 class HeadlessPrinter:
     """Prints transcripts as they grow and one stats line per second (for --headless)."""
 
@@ -101,9 +107,9 @@ class HeadlessPrinter:
 
     def __call__(self, res: FrameResult) -> None:
         if res.user_text:
-            self._emit({"you": res.user_text}, f"[you] {res.user_text}")
+            self._emit({"you": res.user_text}, f"[you] {printable(res.user_text)}")
         if res.text:
-            self._emit({"model": res.text}, f"[model] {res.text}")
+            self._emit({"model": res.text}, f"[model] {printable(res.text)}")
         now = time.monotonic()
         if now - self.last >= 1.0:
             self.last = now
