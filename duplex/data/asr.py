@@ -13,6 +13,7 @@ import math
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -98,7 +99,12 @@ class Judge:
         self._dir = tempfile.TemporaryDirectory(prefix="duplex-asr-")
         lm = Path(self._dir.name) / "vocab.arpa"
         lm.write_text("\n".join(lines))
-        self.decoder = Decoder(samprate=self.sample_rate, loglevel="FATAL", lm=str(lm))
+        self._lm = str(lm)
+
+    def _new_decoder(self) -> Any:
+        from pocketsphinx import Decoder
+
+        return Decoder(samprate=self.sample_rate, loglevel="FATAL", lm=self._lm)
 
     def transcribe(self, audio: np.ndarray | torch.Tensor, sample_rate: int) -> str:
         """Mono audio [T] (any rate; peak-normalised here) -> recognised words."""
@@ -106,7 +112,9 @@ class Judge:
         x = resample(x, sample_rate, self.sample_rate)
         x = x / x.abs().max().clamp_min(1e-4) * 0.7
         pcm = (x.numpy() * 32767).astype(np.int16).tobytes()
-        d = self.decoder
+        # A fresh decoder per utterance (~0.5 s): a reused one carries state (noise estimate,
+        # cepstral mean) from the previous utterance and changed about 1 transcript in 10.
+        d = self._new_decoder()
         d.start_utt()
         d.process_raw(pcm, full_utt=True)
         d.end_utt()

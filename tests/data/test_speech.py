@@ -114,3 +114,6 @@ def test_judge_hears_clean_speech_not_noise() -> None:
     # a weak judge on formant speech (about 0.5 here), but far above noise
     assert np.mean(accs) >= 0.35
     assert np.mean(accs_noise) < 0.1
+    # transcripts do not depend on what was decoded before
+    u = S.synthesize(S.EVAL_SENTENCES[0], S.Voice("en-us-nyc", "klatt4", rate=150, pitch=50))
+    assert judge.transcribe(u.audio, 16000) == Judge().transcribe(u.audio, 16000)
