@@ -6,11 +6,13 @@ Three measurements, each in one process so ratios compare like with like:
    against the frame duration.
 2. Batching: step time at N sessions for growing N; the largest N whose p99 (and mean) step
    stays under the frame duration; frames/s at batch 16 vs 16 sessions stepped one by one.
-3. Flat cost: step time and RSS after 1 minute of real steps, then after the text log has been
-   grown to 60 minutes (the log is the only part of a session that grows; the rest of the state
-   is fixed-size, so the hour is simulated by appending 59 minutes of text ids at the measured
-   non-pad rate instead of stepping 180,000 frames). State bytes per session next to the KV cache
-   a transformer of the same width and depth would hold for the same hour.
+3. Flat cost: two sessions in one engine after 1 minute of real steps; one of them then has its
+   text log grown to 60 minutes (the log is the only part of a session that grows; the rest of
+   the state is fixed-size, so the hour is simulated by appending 59 minutes of text ids at the
+   measured non-pad rate instead of stepping 180,000 frames). The two are stepped alone in
+   alternation, so the ratio of their median step times is measured under the same load. RSS
+   before and after the growth; state bytes per session next to the KV cache a transformer of
+   the same width and depth would hold for the same hour.
 """
 
 from __future__ import annotations
@@ -142,32 +144,26 @@ def one_by_one(model, codec, n: int, frames: int) -> float:
 
 
 def flat_cost(model, codec, minutes: float) -> dict:
+    """Two sessions in one engine: `young` has one minute of history, `old` has `minutes`.
+    They are stepped alone, alternately, so both see the same machine load (paired timing)."""
     from duplex.model.tokenizer import PAD
     from duplex.streamer.engine import Engine, SamplingConfig
 
     rate = codec.frame_rate
     one_min = int(60 * rate)
-    data = _frames(one_min + 400, codec.frame_size, 5)
-    with Engine(model, codec, slots=1) as eng:
-        s = eng.join(SamplingConfig(seed=0))
+    rounds = 300
+    data = _frames(one_min + rounds, codec.frame_size, 5)
+    with Engine(model, codec, slots=2) as eng:
+        young = eng.join(SamplingConfig(seed=0))
+        old = eng.join(SamplingConfig(seed=1))
         for f in data[:one_min]:
-            eng.step({s: f})
-
-        def measure(frames: list[np.ndarray]) -> float:
-            ts = []
-            for f in frames:
-                t0 = time.perf_counter()
-                eng.step({s: f})
-                ts.append(1000 * (time.perf_counter() - t0))
-            return float(np.median(ts))
-
-        at_1 = measure(data[one_min : one_min + 200])
+            eng.step({young: f, old: f})
         rss_1 = _rss_mb()
+        host_1 = model.host_bytes() / 2
         reader = model.backbone.reader
-        host_1 = model.host_bytes()
         grown = 0
         if reader is not None:
-            ref = reader.stream_state.rows[s.slot]
+            ref = reader.stream_state.rows[old.slot]
             log = ref.history.log.read(0, ref.length)
             non_pad = float(np.mean(log != PAD)) if log.size else 0.3
             n = int((minutes - 1) * 60 * rate)
@@ -178,15 +174,22 @@ def flat_cost(model, codec, minutes: float) -> dict:
             ref.history.append(ids)
             ref.length = len(ref.history)
             grown = n
-        at_60 = measure(data[one_min + 200 : one_min + 400])
         rss_60 = _rss_mb()
-        host_60 = model.host_bytes()
+        host_60 = model.host_bytes() - host_1
+        t_young, t_old = [], []
+        for i, f in enumerate(data[one_min:]):
+            order = ((young, t_young), (old, t_old)) if i % 2 else ((old, t_old), (young, t_young))
+            for s, ts in order:
+                t0 = time.perf_counter()
+                eng.step({s: f})
+                ts.append(1000 * (time.perf_counter() - t0))
         state = model.state_bytes()
         codec_state = sum(
             t[:1].numel() * t.element_size()
             for st in codec.get_state().values()
             for _, t in st.tensor_fields()
         )
+    at_1, at_60 = float(np.median(t_young)), float(np.median(t_old))
     bb = model.cfg.backbone
     hour_tokens = int(minutes * 60 * rate)
     kv_bf16 = len(bb.layers) * 2 * bb.d_model * 2 * hour_tokens
@@ -194,6 +197,7 @@ def flat_cost(model, codec, minutes: float) -> dict:
         "step_ms_after_1min": at_1,
         "step_ms_after_sim": at_60,
         "ratio": at_60 / at_1,
+        "paired_rounds": rounds,
         "rss_mb_after_1min": rss_1,
         "rss_mb_after_sim": rss_60,
         "rss_ratio": rss_60 / rss_1,
