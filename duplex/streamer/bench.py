@@ -42,7 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", default="1,2,4,8,12,16,24,32,48", help="session counts to try")
     p.add_argument("--batch-frames", type=int, default=100, help="frames per batch size")
     p.add_argument("--minutes", type=float, default=60.0, help="simulated conversation length")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: faster here)")
     p.add_argument("--out", default="benchmarks/results", help="results folder")
 
 
