@@ -42,16 +42,24 @@ class SamplingConfig:
 
 
 def sample(
-    logits: torch.Tensor, temperature: float, top_k: int, generator: torch.Generator
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, uniform: torch.Tensor
 ) -> torch.Tensor:
-    """Sample one id per row of logits [N, V] (top-k, temperature) with `generator`."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    k = min(top_k, logits.shape[-1]) if top_k > 0 else logits.shape[-1]
-    values, idx = logits.float().topk(k, dim=-1)
-    probs = torch.softmax(values / temperature, dim=-1)
-    choice = torch.multinomial(probs, 1, generator=generator)
-    return idx.gather(-1, choice)[:, 0]
+    """One id per row of logits [N, V], row n from its top_k[n] entries at temperature[n].
+
+    Gumbel-max: argmax(logit / T + G) with G = -log(-log(U)) draws from softmax(logit / T), so
+    all rows sample in one batched call while each row's randomness `uniform` [N, V] comes from
+    its own session's generator (a session's tokens never depend on its batch-mates).
+    Temperature <= 0 is greedy; top_k <= 0 keeps every entry.
+    """
+    V = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
+    values, idx = logits.float().topk(int(k.max()), dim=-1)
+    keep = torch.arange(values.shape[-1])[None, :] < k[:, None]
+    gumbel = -torch.log(-torch.log(uniform[:, : values.shape[-1]].clamp(1e-20, 1.0 - 1e-7)))
+    temp = temperature.clamp(min=1e-6)[:, None]
+    scores = torch.where(keep, values / temp + gumbel, torch.full_like(values, -torch.inf))
+    choice = torch.where(temperature > 0, scores.argmax(-1), torch.zeros_like(k))
+    return idx.gather(-1, choice[:, None])[:, 0]
 
 
 def quantize16(x: np.ndarray) -> np.ndarray:
@@ -261,15 +269,11 @@ class Engine:
             logits = self.model.step(codes_in, prev_audio, prev_text, prev_user)
             out_codes = torch.zeros(S, K, 1, dtype=torch.long)
             decoding = torch.zeros(S, dtype=torch.bool)
+            texts, audios, users = self._sample(stepping, logits)
             sampled = {}
-            for s in stepping:
-                g, sp = s.generator, s.sampling
+            for n, s in enumerate(stepping):
                 r = s.slot
-                text = int(sample(logits.text[r : r + 1], sp.text_temperature, sp.text_top_k, g))
-                audio = sample(logits.audio[r], sp.temperature, sp.top_k, g)
-                user = int(
-                    sample(logits.user_text[r : r + 1], sp.text_temperature, sp.text_top_k, g)
-                )
+                text, audio, user = int(texts[n]), audios[n], int(users[n])
                 sampled[s] = (text, audio, user)
                 s.pending_c0.append(int(audio[0]))
                 if len(s.pending_c0) > self.delay:
@@ -327,6 +331,31 @@ class Engine:
             total=1000 * (t3 - t0),
         )
         return results
+
+    def _sample(
+        self, stepping: list[Session], logits: Any
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Text [n], audio [n, K] and user-text [n] tokens for the stepping sessions, in one
+        batched draw per stream; each session's noise comes from its own generator."""
+        K, card = self.K, self.model.cfg.codebook_size
+        vt = logits.text.shape[-1]
+        rows = torch.tensor([s.slot for s in stepping])
+        # One draw per session per step, in a fixed layout: text | audio (K x card) | user text.
+        u = torch.stack([torch.rand(2 * vt + K * card, generator=s.generator) for s in stepping])
+        sp = [s.sampling for s in stepping]
+        t_temp = torch.tensor([x.text_temperature for x in sp])
+        t_k = torch.tensor([x.text_top_k for x in sp])
+        a_temp = torch.tensor([x.temperature for x in sp]).repeat_interleave(K)
+        a_k = torch.tensor([x.top_k for x in sp]).repeat_interleave(K)
+        texts = sample(logits.text[rows], t_temp, t_k, u[:, :vt])
+        audio = sample(
+            logits.audio[rows].reshape(-1, card),
+            a_temp,
+            a_k,
+            u[:, vt : vt + K * card].reshape(-1, card),
+        ).reshape(-1, K)
+        users = sample(logits.user_text[rows], t_temp, t_k, u[:, vt + K * card :])
+        return texts, audio, users
 
     def save_session(self, session: Session, path: str | Path) -> Path:
         """Save a session's whole state (model, codec, log, tokens, RNG) to a state file."""

@@ -171,3 +171,22 @@ def test_codes_in_equals_pcm_in(parts) -> None:
             eng.step({}, codes={a: [1, 2, 3]})
         with pytest.raises(ValueError, match="both"):
             eng.step({a: frames[0]}, codes={a: ra.tokens_in})
+
+
+def test_sampler_matches_softmax_and_respects_top_k() -> None:
+    from duplex.streamer.engine import sample
+
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]]).repeat(20000, 1)
+    g = torch.Generator().manual_seed(0)
+    u = torch.rand(20000, 5, generator=g)
+    n = len(logits)
+    got = sample(logits, torch.full((n,), 0.7), torch.full((n,), 3, dtype=torch.long), u)
+    freq = torch.bincount(got, minlength=5).float() / n
+    want = torch.softmax(torch.tensor([2.0, 1.0, 0.5]) / 0.7, 0)
+    assert freq[3:].sum() == 0, "sampled outside the top-k"
+    torch.testing.assert_close(freq[:3], want, atol=0.015, rtol=0)
+    greedy = sample(logits[:4], torch.zeros(4), torch.zeros(4, dtype=torch.long), u[:4])
+    assert greedy.tolist() == [0, 0, 0, 0]
+    # top_k <= 0 keeps everything: the least likely entry shows up at temperature 1.
+    anyk = sample(logits, torch.ones(n), torch.zeros(n, dtype=torch.long), u)
+    assert (anyk == 4).any()
