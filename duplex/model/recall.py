@@ -541,7 +541,8 @@ Tasks: mqar (pairs = min(65536, N/16), keys of 2 ids past 4096 pairs, 1024 queri
 niah (4-id keys, 8-id values; --asked needles per trial), copy (1000 ids from >= 100K back, N/8
 and N/2 when N is short), position (hex digits of an item's absolute index; --asked per trial).
 
-Models: recall-gwa, recall-gdr, recall-swa, recall-attn (shipped), or a .safetensors path.
+Models: the shipped ones in duplex/model/weights (recall-gwa, recall-gdr, ...) by name, or a
+.safetensors path (`duplex train recall` writes one).
 
 Example: duplex eval recall --model recall-gwa --task mqar --context 1048576 --trials 1 --json"""
 
