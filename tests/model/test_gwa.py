@@ -163,3 +163,21 @@ def test_factored_attend_equals_summed_keys():
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
     # a fully masked position reads only the null slot
     torch.testing.assert_close(got[0, 0], nv.expand(H, D), rtol=1e-12, atol=1e-12)
+
+
+def test_reads_are_the_same_when_the_history_spills_to_disk(tmp_path):
+    rng = np.random.default_rng(5)
+    ids = rng.integers(0, 12, size=3000)
+    base = GWAReadConfig(vocab_size=VOCAB, orders=(4, 2, 1), max_walk=64)
+    ram = History(base)
+    disk = History(GWAReadConfig(**{**base.__dict__, "ram_tokens": 256}), spill_dir=tmp_path)
+    i = 0
+    while i < ids.size:
+        n = min(int(rng.integers(1, 400)), ids.size - i)
+        ram.append(ids[i : i + n])
+        disk.append(ids[i : i + n])
+        a, b = ram.read(np.arange(i, i + n)), disk.read(np.arange(i, i + n))
+        for name in ("ids", "mask", "match", "digits", "valid", "anchors"):
+            np.testing.assert_array_equal(a[name], b[name])
+        i += n
+    assert disk.log.n_disk > 2000 and ram.log.n_disk == 0
