@@ -1,1 +1,28 @@
-"""Layers, the DuplexLM, configs, checkpoints and the token log used by guided window attention."""
+"""Layers, the DuplexLM, configs, checkpoints and the token log used by guided window attention.
+
+`load(name_or_path)` is the one entry point: the duplex models ("tiny", "small" or a DuplexLM
+safetensors file) and the recall models ("recall-gwa", "recall-gdr", ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+
+def load(name_or_path: str | Path, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """A shipped model by name, or a checkpoint file; see `available()`."""
+    from duplex.model import duplex_lm, recall
+
+    name = str(name_or_path)
+    if name in recall.MODELS or name.startswith("recall-"):
+        return recall.load_recall(name).to(device)
+    return duplex_lm.load(name_or_path, device)
+
+
+def available() -> list[str]:
+    """Every model name `load` accepts."""
+    from duplex.model import duplex_lm, recall
+
+    return [*sorted(duplex_lm.CONFIGS), *recall.MODELS]

@@ -124,3 +124,12 @@ def test_tokenizer() -> None:
     ids = tok.encode("héllo")
     assert all(0 <= i < 256 for i in ids)
     assert tok.decode([*ids, PAD, tok.eot_id]) == "héllo"
+
+
+def test_one_load_for_every_shipped_model() -> None:
+    import duplex.model as M
+    from duplex.model.backbone import Backbone
+
+    assert isinstance(M.load("tiny"), DuplexLM)
+    assert isinstance(M.load("recall-gwa"), Backbone)
+    assert {"tiny", "small", "recall-gwa"} <= set(M.available())
