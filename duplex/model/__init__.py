@@ -22,7 +22,8 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu") -> torch.
 
 
 def available() -> list[str]:
-    """Every model name `load` accepts."""
+    """Every model name `load` accepts: duplex configs and the recall models that ship weights."""
     from duplex.model import duplex_lm, recall
 
-    return [*sorted(duplex_lm.CONFIGS), *recall.MODELS]
+    shipped = [m for m in recall.MODELS if (recall.WEIGHTS_DIR / f"{m}.safetensors").is_file()]
+    return [*sorted(duplex_lm.CONFIGS), *shipped]

@@ -132,4 +132,7 @@ def test_one_load_for_every_shipped_model() -> None:
 
     assert isinstance(M.load("tiny"), DuplexLM)
     assert isinstance(M.load("recall-gwa"), Backbone)
-    assert {"tiny", "small", "recall-gwa"} <= set(M.available())
+    names = M.available()
+    assert {"tiny", "small", "recall-gwa"} <= set(names)
+    for name in names:
+        M.load(name)
