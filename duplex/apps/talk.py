@@ -88,11 +88,9 @@ def run(args: argparse.Namespace) -> int:
     from duplex.streamer.audio import AudioUnavailableError
     from duplex.streamer.conversation import (
         ConversationConfig,
-        HeadlessPrinter,
         load_parts,
         open_session,
     )
-    from duplex.streamer.conversation import run as run_conversation
     from duplex.streamer.engine import Engine, SamplingConfig
     from duplex.streamer.statefile import StateFileError
 
@@ -104,73 +102,69 @@ def run(args: argparse.Namespace) -> int:
     try:
         model, codec = load_parts(cfg)
     except (ValueError, FileNotFoundError) as e:
-        print(f"duplex talk: {e}", file=sys.stderr)
-        return 2
+        return _fail(e, 2)
     try:
         audio = make_audio(args, codec.sample_rate, codec.frame_size)
     except AudioUnavailableError as e:
-        print(f"duplex talk: {e}", file=sys.stderr)
-        return 3
+        return _fail(e, 3)
     except (ValueError, FileNotFoundError) as e:
-        print(f"duplex talk: {e}", file=sys.stderr)
-        return 2
-    if not args.headless and sys.stdout.isatty():
-        return run_tui(args, cfg, model, codec, audio)
-    max_frames = None
-    if args.max_seconds:
-        max_frames = int(args.max_seconds * codec.frame_rate)
+        return _fail(e, 2)
     with Engine(model, codec, slots=1) as engine:
         try:
             session = open_session(engine, cfg, args.record)
         except (StateFileError, FileExistsError, ValueError) as e:
-            print(f"duplex talk: {e}", file=sys.stderr)
-            return 2
+            return _fail(e, 2)
         if args.text:
             session.type_text(args.text)
-        printer = HeadlessPrinter(engine, session, json_lines=args.json)
-        try:
-            with audio:
-                run_conversation(engine, session, audio, printer, max_frames)
-        except AudioUnavailableError as e:
-            print(f"duplex talk: {e}", file=sys.stderr)
-            return 3
-        except KeyboardInterrupt:
-            pass
-        printer.stats_line()
-        if args.save_state:
-            path = engine.save_session(session, args.save_state)
-            print(f"[state] saved to {path}", flush=True)
-        print(f"[done] {session.frame} frames; model said: {''.join(session.transcript)!r}")
+        if not args.headless and sys.stdout.isatty():
+            return run_tui(args, engine, session, audio)
+        return run_headless(args, engine, session, audio)
+
+
+def _fail(error: object, status: int) -> int:
+    print(f"duplex talk: {error}", file=sys.stderr)
+    return status
+
+
+def run_headless(args: argparse.Namespace, engine, session, audio) -> int:
+    """Print transcripts and a stats line per second until the input ends."""
+    from duplex.streamer.audio import AudioUnavailableError
+    from duplex.streamer.conversation import HeadlessPrinter
+    from duplex.streamer.conversation import run as run_conversation
+
+    max_frames = None
+    if args.max_seconds:
+        max_frames = int(args.max_seconds * engine.frame_rate)
+    printer = HeadlessPrinter(engine, session, json_lines=args.json)
+    try:
+        with audio:
+            run_conversation(engine, session, audio, printer, max_frames)
+    except AudioUnavailableError as e:
+        return _fail(e, 3)
+    except KeyboardInterrupt:
+        pass
+    printer.stats_line()
+    if args.save_state:
+        path = engine.save_session(session, args.save_state)
+        print(f"[state] saved to {path}", flush=True)
+    print(f"[done] {session.frame} frames; model said: {''.join(session.transcript)!r}")
     return 0
 
 
-def run_tui(args: argparse.Namespace, cfg, model, codec, audio) -> int:
+def run_tui(args: argparse.Namespace, engine, session, audio) -> int:
     """The Textual front end; returns when the user quits."""
     from duplex.apps.tui import DuplexApp, TalkOptions
     from duplex.streamer.audio import AudioUnavailableError
-    from duplex.streamer.conversation import open_session
-    from duplex.streamer.engine import Engine
-    from duplex.streamer.statefile import StateFileError
 
-    with Engine(model, codec, slots=1) as engine:
-        try:
-            session = open_session(engine, cfg, args.record)
-        except (StateFileError, FileExistsError, ValueError) as e:
-            print(f"duplex talk: {e}", file=sys.stderr)
-            return 2
-        if args.text:
-            session.type_text(args.text)
-        try:
-            audio.start()
-        except AudioUnavailableError as e:
-            print(f"duplex talk: {e}", file=sys.stderr)
-            return 3
-        options = TalkOptions(args.save_state or "duplex.dstate", args.exit_at_end)
-        app = DuplexApp(engine, session, audio, options)
-        app.run()
-        if app.worker.error:
-            print(f"duplex talk: {app.worker.error}", file=sys.stderr)
-            return 3
-        s = app.session
-        print(f"[done] {s.frame} frames; model said: {''.join(s.transcript)!r}")
+    try:
+        audio.start()
+    except AudioUnavailableError as e:
+        return _fail(e, 3)
+    options = TalkOptions(args.save_state or "duplex.dstate", args.exit_at_end)
+    app = DuplexApp(engine, session, audio, options)
+    app.run()
+    if app.worker.error:
+        return _fail(app.worker.error, 3)
+    s = app.session
+    print(f"[done] {s.frame} frames; model said: {''.join(s.transcript)!r}")
     return 0
