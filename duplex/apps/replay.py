@@ -35,21 +35,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
 
 
-def replay(directory: str | Path, output: str | Path | None = None, verbose: bool = True):
-    """Replay a recording; returns (frames compared, index of first mismatch or None)."""
-
-    from duplex.streamer.audio import FileAudio
-    from duplex.streamer.conversation import ConversationConfig, load_parts, printable
-    from duplex.streamer.engine import Engine
+def open_recording(directory: str | Path):
+    """A recording with the config, model and codec it was made with (and its start state)."""
+    from duplex.streamer.conversation import ConversationConfig, load_parts
     from duplex.streamer.recording import Recording
 
     rec = Recording.load(directory)
-    for note in rec.notes:
-        print(f"[replay] note: {note}", file=sys.stderr)
     cfg = ConversationConfig(**rec.header["config"])
     initial = Path(directory) / "initial.dstate"
     cfg.state = str(initial) if initial.is_file() else None
     model, codec = load_parts(cfg)
+    return rec, cfg, model, codec
+
+
+def replay(directory: str | Path, output: str | Path | None = None, verbose: bool = True):
+    """Replay a recording; returns (frames compared, index of first mismatch or None)."""
+
+    from duplex.streamer.audio import FileAudio
+    from duplex.streamer.conversation import printable
+    from duplex.streamer.engine import Engine
+
+    rec, cfg, model, codec = open_recording(directory)
+    for note in rec.notes:
+        print(f"[replay] note: {note}", file=sys.stderr)
     out = None
     if output is not None:
         out = FileAudio(codec.sample_rate, codec.frame_size, None, output)
@@ -102,15 +110,9 @@ def replay_tui(directory: str | Path, output: str | Path | None) -> int:
     """Show a recording replayed through the engine in the TUI, paced at the frame rate."""
     from duplex.apps.tui import DuplexApp, TalkOptions
     from duplex.streamer.audio import FileAudio
-    from duplex.streamer.conversation import ConversationConfig, load_parts
     from duplex.streamer.engine import Engine
-    from duplex.streamer.recording import Recording
 
-    rec = Recording.load(directory)
-    cfg = ConversationConfig(**rec.header["config"])
-    initial = Path(directory) / "initial.dstate"
-    cfg.state = str(initial) if initial.is_file() else None
-    model, codec = load_parts(cfg)
+    rec, cfg, model, codec = open_recording(directory)
     schedule: dict[int, list[str]] = {}
     for c in rec.controls:
         if c["kind"] == "type":
