@@ -24,7 +24,7 @@ from textual.css.query import NoMatches
 from textual.widgets import Footer, Header, Input, Log, Sparkline, Static
 
 from duplex.streamer.audio import AudioBackend, AudioUnavailableError
-from duplex.streamer.conversation import printable
+from duplex.streamer.conversation import printable, step_frame
 from duplex.streamer.engine import Engine, Session
 from duplex.streamer.statefile import StateFileError
 
@@ -132,10 +132,7 @@ class Worker(threading.Thread):
                 for text in self.schedule.get(self.session.frame, ()):
                     self.session.type_text(text)
                 heard = np.zeros(fs, np.float32) if self.muted else frame
-                res = self.engine.step({self.session: heard})[self.session]
-                self.audio.write_frame(res.pcm)
-                for key, value in self.audio.counters().items():
-                    setattr(self.engine.stats, key, value)
+                res = step_frame(self.engine, self.session, self.audio, heard)
                 self._post(
                     text=res.text,
                     user_text=res.user_text,

@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 from duplex.streamer.audio import AudioBackend
 from duplex.streamer.engine import Engine, FrameResult, SamplingConfig, Session
 from duplex.streamer.recording import Recorder
@@ -62,6 +64,17 @@ def open_session(
     return engine.join(cfg.sampling, state=cfg.state, recorder=recorder)
 
 
+def step_frame(
+    engine: Engine, session: Session, audio: AudioBackend, frame: np.ndarray
+) -> FrameResult:
+    """One frame: step the engine on what was heard, play the reply, fold in the device counters."""
+    res = engine.step({session: frame})[session]
+    audio.write_frame(res.pcm)
+    for key, value in audio.counters().items():
+        setattr(engine.stats, key, value)
+    return res
+
+
 def run(
     engine: Engine,
     session: Session,
@@ -78,10 +91,7 @@ def run(
         frame = audio.read_frame()
         if frame is None:
             break
-        res = engine.step({session: frame})[session]
-        audio.write_frame(res.pcm)
-        for key, value in audio.counters().items():
-            setattr(engine.stats, key, value)
+        res = step_frame(engine, session, audio, frame)
         if on_frame is not None:
             on_frame(res)
         n += 1
