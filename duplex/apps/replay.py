@@ -128,7 +128,7 @@ def replay_tui(directory: str | Path, output: str | Path | None) -> int:
         session = engine.join(cfg.sampling, state=cfg.state)
         audio.start()
         options = TalkOptions(schedule=schedule, title=f"duplex replay {directory}")
-        DuplexApp(engine, session, audio, options).run()
+        DuplexApp.local(engine, session, audio, options).run()
     return 0
 
 

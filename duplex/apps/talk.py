@@ -161,10 +161,10 @@ def run_tui(args: argparse.Namespace, engine, session, audio) -> int:
     except AudioUnavailableError as e:
         return _fail(e, 3)
     options = TalkOptions(args.save_state or "duplex.dstate", args.exit_at_end)
-    app = DuplexApp(engine, session, audio, options)
+    app = DuplexApp.local(engine, session, audio, options)
     app.run()
     if app.worker.error:
         return _fail(app.worker.error, 3)
-    s = app.session
+    s = app.worker.session
     print(f"[done] {s.frame} frames; model said: {''.join(s.transcript)!r}")
     return 0

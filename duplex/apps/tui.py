@@ -1,9 +1,11 @@
-"""The Textual front end of `duplex talk`: transcripts, latency, levels, typing, controls.
+"""The Textual front end of `duplex talk`, `duplex connect` and `duplex replay`.
 
-Threads: a worker thread runs the frame loop (audio in -> engine -> audio out) and only ever
-puts plain data on a queue; the app drains that queue on a timer (10 Hz) and is the only code
-that touches widgets. Commands from the keyboard go the other way on a second queue and are
-applied by the worker between frames, so the engine is only ever used from one thread.
+The app shows transcripts, latency, levels and session facts, takes typed text and controls.
+What produces the conversation is a *feed*: a thread that runs the frame loop (the local engine
+in `Worker`, a websocket client in `duplex.apps.connect.RemoteFeed`) and only ever puts plain
+data on a queue; the app drains that queue on a timer (10 Hz) and is the only code that touches
+widgets. Commands from the keyboard go the other way on a second queue and are applied by the
+feed between frames, so the engine (or the connection) is only ever used from one thread.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import ClassVar, Protocol
 
 import numpy as np
 from textual.app import App, ComposeResult
@@ -54,8 +56,39 @@ class TalkOptions:
     title: str = "duplex"
 
 
+class Feed(Protocol):
+    """What the app needs from the thread that runs a conversation.
+
+    `updates` carries dicts with any of: text, user_text (transcript pieces), level_in,
+    level_out (dB), notice (a line for the status bar), reset (clear the transcripts).
+    `commands` takes tuples: ("type", text), ("mute",), ("pause",), ("save", path),
+    ("load", path), ("reset",), ("stop",).
+    """
+
+    updates: queue.Queue
+    commands: queue.Queue
+    muted: bool
+    paused: bool
+    ended: bool
+    error: str | None
+
+    def start(self) -> None: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+    def is_alive(self) -> bool: ...
+
+    def latency(self) -> tuple[str, list[float]] | None:
+        """The latency panel's text and sparkline values (None before the first frame)."""
+        ...
+
+    def facts(self) -> str:
+        """The session panel's text."""
+        ...
+
+
 class Worker(threading.Thread):
-    """The frame loop. Never touches widgets: it reads `commands` and writes `updates`."""
+    """The local frame loop (a `Feed`): reads `commands`, writes `updates`, no widgets."""
 
     def __init__(
         self,
@@ -145,9 +178,38 @@ class Worker(threading.Thread):
         finally:
             self.audio.close()
 
+    def latency(self) -> tuple[str, list[float]] | None:
+        snap = self.engine.stats.snapshot()
+        if not snap["frames"]:
+            return None
+        st = snap["stages_ms"]
+        text = (
+            "        p50     p99  (ms)\n"
+            + "\n".join(
+                f"{k:7s}{st[k]['p50']:6.1f}  {st[k]['p99']:6.1f}"
+                for k in ("encode", "model", "decode", "total")
+            )
+            + f"\nframe {snap['frame_ms']:.1f} ms · real-time factor "
+            f"{snap['real_time_factor']:.2f}"
+        )
+        return text, self.engine.stats.recent("total", 120)
+
+    def facts(self) -> str:
+        snap = self.engine.stats.snapshot()
+        model = self.engine.model
+        log_tokens = 0
+        reader = model.backbone.reader
+        if reader is not None and reader.is_streaming:
+            log_tokens = reader.lengths()[self.session.slot]
+        return (
+            f"frames {self.session.frame}\nlog tokens {log_tokens}\n"
+            f"state {model.state_bytes() / 1e3:.0f} KB\nlog {model.host_bytes() / 1e3:.0f} KB\n"
+            f"drops {snap['dropped_input_frames']} underruns {snap['output_underruns']}"
+        )
+
 
 class DuplexApp(App):
-    """`duplex talk` in a terminal."""
+    """A conversation in a terminal: `duplex talk`, `duplex connect` and `duplex replay`."""
 
     TITLE = "duplex"
     CSS = """
@@ -170,20 +232,20 @@ class DuplexApp(App):
         Binding("ctrl+q", "quit", "Quit", priority=True),
     ]
 
-    def __init__(
-        self, engine: Engine, session: Session, audio: AudioBackend, options: TalkOptions
-    ) -> None:
+    def __init__(self, feed: Feed, options: TalkOptions) -> None:
         super().__init__()
-        self.engine = engine
         self.options = options
-        self.worker = Worker(engine, session, audio, options.schedule)
+        self.worker = feed
         self.title = options.title
         self.spark_data: list[float] = []
         self._exiting = False
 
-    @property
-    def session(self) -> Session:
-        return self.worker.session
+    @classmethod
+    def local(
+        cls, engine: Engine, session: Session, audio: AudioBackend, options: TalkOptions
+    ) -> DuplexApp:
+        """The app over the local engine (talk, replay)."""
+        return cls(Worker(engine, session, audio, options.schedule), options)
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=True)
@@ -244,19 +306,10 @@ class DuplexApp(App):
         if self.options.exit_at_end and self.worker.ended and not self._exiting:
             self._exiting = True
             self.run_worker(self.action_quit())
-        snap = self.engine.stats.snapshot()
-        st = snap["stages_ms"]
-        if snap["frames"]:
-            self.query_one("#latency_text", Static).update(
-                "        p50     p99  (ms)\n"
-                + "\n".join(
-                    f"{k:7s}{st[k]['p50']:6.1f}  {st[k]['p99']:6.1f}"
-                    for k in ("encode", "model", "decode", "total")
-                )
-                + f"\nframe {snap['frame_ms']:.1f} ms · real-time factor "
-                f"{snap['real_time_factor']:.2f}"
-            )
-            self.spark_data = self.engine.stats.recent("total", 120)
+        latency = self.worker.latency()
+        if latency is not None:
+            text, self.spark_data = latency
+            self.query_one("#latency_text", Static).update(text)
             self.query_one("#spark", Sparkline).data = list(self.spark_data)
         if level_in is not None:
             self.query_one("#levels", Static).update(
@@ -264,16 +317,7 @@ class DuplexApp(App):
                 + ("\nMUTED" if self.worker.muted else "")
                 + ("\nPAUSED" if self.worker.paused else "")
             )
-        model_ = self.engine.model
-        log_tokens = 0
-        reader = model_.backbone.reader
-        if reader is not None and reader.is_streaming:
-            log_tokens = reader.lengths()[self.session.slot]
-        self.query_one("#facts", Static).update(
-            f"frames {self.session.frame}\nlog tokens {log_tokens}\n"
-            f"state {model_.state_bytes() / 1e3:.0f} KB\nlog {model_.host_bytes() / 1e3:.0f} KB\n"
-            f"drops {snap['dropped_input_frames']} underruns {snap['output_underruns']}"
-        )
+        self.query_one("#facts", Static).update(self.worker.facts())
 
     def on_input_submitted(self, event: Input.Submitted) -> None:
         text = event.value

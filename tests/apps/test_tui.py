@@ -53,9 +53,9 @@ async def test_pilot_transcripts_latency_and_every_key(tmp_path, wav) -> None:
     with Engine(model, codec, slots=1) as engine:
         session = engine.join(sampling)
         audio.start()
-        app = DuplexApp(engine, session, audio, TalkOptions(str(state)))
+        app = DuplexApp.local(engine, session, audio, TalkOptions(str(state)))
         async with app.run_test(size=(120, 40)) as pilot:
-            await _until(pilot, lambda: app.session.frame > 30)
+            await _until(pilot, lambda: app.worker.session.frame > 30)
             await pilot.pause(0.3)
             assert "".join(app.query_one("#model", Log).lines).strip()
             latency = str(app.query_one("#latency_text", Static).render())
@@ -74,28 +74,28 @@ async def test_pilot_transcripts_latency_and_every_key(tmp_path, wav) -> None:
 
             await pilot.press("f5")
             await _until(pilot, lambda: state.is_file())
-            saved = app.session
+            saved = app.worker.session
             await _until(pilot, lambda: saved.frame > 20)
             await pilot.press("f6")
-            await _until(pilot, lambda: app.session is not saved)
+            await _until(pilot, lambda: app.worker.session is not saved)
             await _until(pilot, lambda: "state loaded" in str(app.query_one("#notice").render()))
             # The loaded session continues from the frame the state was saved at.
             frame = read_header(state)["meta"]["frame"]
             assert f"(frame {frame})" in str(app.query_one("#notice").render())
             assert frame < saved.frame
 
-            loaded = app.session
+            loaded = app.worker.session
             await pilot.press("f7")
-            await _until(pilot, lambda: app.session is not loaded)
+            await _until(pilot, lambda: app.worker.session is not loaded)
             await _until(pilot, lambda: "reset" in str(app.query_one("#notice").render()))
 
             await pilot.press("f3")
             await _until(pilot, lambda: app.worker.paused)
-            frozen = app.session.frame
+            frozen = app.worker.session.frame
             await pilot.pause(0.5)
-            assert app.session.frame == frozen
+            assert app.worker.session.frame == frozen
             await pilot.press("f3")
-            await _until(pilot, lambda: app.session.frame > frozen)
+            await _until(pilot, lambda: app.worker.session.frame > frozen)
 
             await pilot.press("ctrl+q")
             await asyncio.sleep(0.2)
