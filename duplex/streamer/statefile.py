@@ -71,6 +71,9 @@ def fingerprint(module: torch.nn.Module, config: Any = None) -> str:
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
+    if t.numel() == 0:
+        # An empty tensor (a session with no history yet) has no bytes; viewing it fails.
+        return b""
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 

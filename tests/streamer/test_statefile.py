@@ -35,6 +35,21 @@ def test_round_trip(tmp_path) -> None:
     assert read_header(p)["model_fingerprint"] == "m1"
 
 
+def test_empty_tensors_round_trip(tmp_path) -> None:
+    # A session saved before its first frame holds empty tensors (no history yet), some with
+    # stride 0, as a slice of an expanded tensor has.
+    tensors = {
+        "ids": torch.zeros(0, dtype=torch.int64),
+        "strided": torch.zeros(1, dtype=torch.int64).expand(3)[:0],
+        "x": torch.randn(2, 0, 3),
+        "y": torch.ones(2),
+    }
+    assert tensors["strided"].stride() == (0,)
+    got, _ = load_state(save_state(tmp_path / "e.dstate", tensors, {}, "m", "c"), "m", "c")
+    for k, v in tensors.items():
+        assert got[k].dtype == v.dtype and got[k].shape == v.shape and torch.equal(got[k], v)
+
+
 def test_stream_rows_round_trip_through_a_file(tmp_path) -> None:
     m = Pair()
     x = torch.randn(3, 5, 3)
