@@ -119,6 +119,15 @@ class History:
         self.log = TokenLog(id_dtype(cfg.vocab_size), cfg.ram_tokens, spill_dir, "ids.bin")
         self.index = NgramIndex(self.log, cfg.index_config(), spill_dir)
         self.offset = 0
+        # Constants of every read, built once (a streaming step reads one position per stream).
+        k = cfg.n_candidates
+        self._slot_columns = cfg.slot_columns()
+        self._offsets = cfg.offsets()
+        self._back = np.arange(cfg.max_match, dtype=np.int64)
+        self._place = cfg.pos_base ** np.arange(cfg.pos_digits, dtype=np.int64)
+        # earlier[j, i]: slot i (>= 1) comes before slot j, so j repeating i's anchor is dropped.
+        self._earlier = np.tri(k, k, -1, dtype=bool)
+        self._earlier[:, 0] = False
 
     def __len__(self) -> int:
         return len(self.log)
@@ -137,49 +146,68 @@ class History:
 
     def read(self, ts: np.ndarray) -> dict[str, np.ndarray]:
         """Candidates and windows for positions `ts` [N] (already appended): numpy arrays."""
-        cfg = self.cfg
         ts = np.asarray(ts, dtype=np.int64)
-        N = ts.shape[0]
-        # anchors: [N, k]: slot 0 the local window (anchored at t), then orders high to low.
-        found = self.index.lookup(ts).reshape(N, -1)[:, cfg.slot_columns()]
-        anchors = np.concatenate([ts[:, None], found], axis=1)
-        k = anchors.shape[1]
-        for j in range(2, k):
-            for i in range(1, j):
-                anchors[:, j] = np.where(anchors[:, j] == anchors[:, i], -1, anchors[:, j])
-        valid = anchors >= 0
-        # match: how many ids ending at the anchor equal those ending at t (capped).
-        match = np.zeros((N, k), dtype=np.int64)
-        alive = valid.copy()
-        alive[:, 0] = False
-        for i in range(cfg.max_match):
-            a = anchors - i
-            ok = alive & (a >= 0) & (ts[:, None] - i >= 0)
-            ok &= self.log.gather(np.where(ok, a, -1), fill=0) == self.log.gather(
-                np.where(ok, ts[:, None] - i, -1), fill=0
-            )
-            match += ok
-            alive = ok
-        # windows: [N, k, W] positions, readable when inside [0, t]
-        pos = anchors[:, :, None] + cfg.offsets()[None, None, :]
-        mask = valid[:, :, None] & (pos >= 0) & (pos <= ts[:, None, None])
-        ids = self.log.gather(np.where(mask, pos, -1), fill=0).astype(np.int64)
-        absolute = np.where(valid, anchors + self.offset, 0)
-        digits = np.stack(
-            [(absolute // cfg.pos_base**i) % cfg.pos_base for i in range(cfg.pos_digits)], axis=-1
-        )
-        return {
-            "ids": ids,
-            "mask": mask,
-            "match": match,
-            "digits": digits,
-            "valid": valid,
-            "anchors": anchors,
-        }
+        return {name: v[0] for name, v in read_histories([self], ts[None]).items()}
 
     def close(self) -> None:
         self.log.close()
         self.index.close()
+
+
+def read_histories(histories: list[History], ts: np.ndarray) -> dict[str, np.ndarray]:
+    """`History.read` of R streams (same config) at positions ts [R, N]: arrays [R, N, ...].
+
+    Only the index lookups and one log gather run per stream; everything else runs once over all
+    rows, so a batched streaming step (one position per stream) pays numpy's per-call overhead
+    once per step rather than once per stream.
+    """
+    first = histories[0]
+    cfg = first.cfg
+    ts = np.asarray(ts, dtype=np.int64)
+    R, N = ts.shape
+    # anchors: [R, N, k]: slot 0 the local window (anchored at t), then orders high to low.
+    found = np.stack([h.index.lookup(t).reshape(N, -1) for h, t in zip(histories, ts)])
+    anchors = np.empty((R, N, cfg.n_candidates), dtype=np.int64)
+    anchors[..., 0] = ts
+    anchors[..., 1:] = found[..., first._slot_columns]
+    # A candidate (slot >= 2) whose anchor an earlier candidate slot already holds is dropped.
+    repeats = (anchors[..., :, None] == anchors[..., None, :]) & first._earlier
+    anchors[repeats.any(axis=-1)] = -1
+    valid = anchors >= 0
+    # apos: [R, N, k, max_match] and tpos: [R, N, max_match]: positions i back from anchor and t.
+    apos = anchors[..., None] - first._back
+    tpos = ts[..., None] - first._back
+    # windows: [R, N, k, W] positions, readable when inside [0, t]
+    pos = anchors[..., None] + first._offsets
+    mask = valid[..., None] & (pos >= 0) & (pos <= ts[..., None, None])
+    at_anchor, at_t, ids = _gather_rows(histories, apos, tpos, np.where(mask, pos, -1))
+    # match: how many ids ending at the anchor equal those ending at t (capped at max_match):
+    # the number of leading i (ids i back from both ends) where both exist and are equal.
+    same = valid[..., None] & (apos >= 0) & (tpos[..., None, :] >= 0)
+    same[:, :, 0] = False
+    same &= at_anchor == at_t[..., None, :]
+    match = np.logical_and.accumulate(same, axis=-1).sum(axis=-1, dtype=np.int64)
+    offsets = np.array([h.offset for h in histories], dtype=np.int64)
+    absolute = np.where(valid, anchors + offsets[:, None, None], 0)
+    digits = (absolute[..., None] // first._place) % cfg.pos_base
+    return {
+        "ids": ids.astype(np.int64),
+        "mask": mask,
+        "match": match,
+        "digits": digits,
+        "valid": valid,
+        "anchors": anchors,
+    }
+
+
+def _gather_rows(histories: list[History], *positions: np.ndarray) -> list[np.ndarray]:
+    """Log entries at each of `positions` ([R, ...], row r read from stream r's log, `fill` 0
+    outside it), with one gather per stream for all of them."""
+    R = len(histories)
+    flat = np.concatenate([p.reshape(R, -1) for p in positions], axis=1)
+    values = np.stack([h.log.gather(row) for h, row in zip(histories, flat)])
+    cuts = np.cumsum([p[0].size for p in positions])[:-1]
+    return [v.reshape(p.shape) for v, p in zip(np.split(values, cuts, axis=1), positions)]
 
 
 class _HistoryRef:
@@ -269,16 +297,18 @@ class WindowReaderState(StreamState):
         return WindowReaderState(batch_size=n, exec_mask=torch.ones(n, dtype=torch.bool), rows=rows)
 
 
-def _to_read(parts: list[dict[str, np.ndarray]], device: torch.device) -> WindowRead:
-    def stack(name: str) -> torch.Tensor:
-        return torch.from_numpy(np.stack([p[name] for p in parts])).to(device)
+def _to_read(arrays: dict[str, np.ndarray], device: torch.device) -> WindowRead:
+    """Batch-first numpy reads [B, T, ...] as a WindowRead on `device`."""
+
+    def tensor(name: str) -> torch.Tensor:
+        return torch.from_numpy(arrays[name]).to(device)
 
     return WindowRead(
-        ids=stack("ids"),
-        mask=stack("mask"),
-        match=stack("match"),
-        digits=stack("digits"),
-        valid=stack("valid"),
+        ids=tensor("ids"),
+        mask=tensor("mask"),
+        match=tensor("match"),
+        digits=tensor("digits"),
+        valid=tensor("valid"),
     )
 
 
@@ -305,14 +335,16 @@ class WindowReader(StreamingModule):
         """Reads for every position of whole sequences ids [B, T] (training / offline)."""
         B, T = ids.shape
         arr = ids.detach().cpu().numpy()
-        parts = []
+        histories = []
         for b in range(B):
             h = History(dataclasses.replace(self.cfg, ram_tokens=T + 1))
             h.offset = 0 if offsets is None else int(offsets[b])
             h.append(arr[b])
-            parts.append(h.read(np.arange(T)))
+            histories.append(h)
+        got = read_histories(histories, np.tile(np.arange(T), (B, 1)))
+        for h in histories:
             h.close()
-        return _to_read(parts, ids.device)
+        return _to_read(got, ids.device)
 
     def step(self, ids: torch.Tensor) -> WindowRead:
         """Append ids [B, T] to each stream's history and return their reads.
@@ -325,26 +357,39 @@ class WindowReader(StreamingModule):
         if st.batch_size != B:
             raise ValueError(f"reader streams {st.batch_size} rows, got {B}")
         arr = ids.detach().cpu().numpy()
-        parts = []
-        for b, ref in enumerate(st.rows):
-            if not bool(st.exec_mask[b]):
-                parts.append(self._empty_read(T))
-                continue
-            h = ref.sync()
-            start = len(h)
-            h.append(arr[b])
-            parts.append(h.read(np.arange(start, start + T)))
-            ref.length = len(h)
-        return _to_read(parts, ids.device)
+        rows = np.flatnonzero(st.exec_mask.cpu().numpy())
+        if rows.size == B:
+            return _to_read(self._append_and_read(rows, arr), ids.device)
+        out = self._empty_read(B, T)
+        if rows.size:
+            got = self._append_and_read(rows, arr)
+            for name, v in out.items():
+                v[rows] = got[name]
+        return _to_read(out, ids.device)
 
-    def _empty_read(self, T: int) -> dict[str, np.ndarray]:
+    def _append_and_read(self, rows: np.ndarray, arr: np.ndarray) -> dict[str, np.ndarray]:
+        """Append arr[b] [T] to the history of each row b in `rows`, then read all of them."""
+        st = self._require_streaming()
+        histories, starts = [], []
+        for b in rows:
+            ref = st.rows[b]
+            h = ref.sync()
+            starts.append(len(h))
+            h.append(arr[b])
+            ref.length = len(h)
+            histories.append(h)
+        ts = np.array(starts, dtype=np.int64)[:, None] + np.arange(arr.shape[1])
+        return read_histories(histories, ts)
+
+    def _empty_read(self, B: int, T: int) -> dict[str, np.ndarray]:
+        """What rows that read nothing get (zeros), [B, T, ...]."""
         k, W, P = self.cfg.n_candidates, self.cfg.window, self.cfg.pos_digits
         return {
-            "ids": np.zeros((T, k, W), dtype=np.int64),
-            "mask": np.zeros((T, k, W), dtype=bool),
-            "match": np.zeros((T, k), dtype=np.int64),
-            "digits": np.zeros((T, k, P), dtype=np.int64),
-            "valid": np.zeros((T, k), dtype=bool),
+            "ids": np.zeros((B, T, k, W), dtype=np.int64),
+            "mask": np.zeros((B, T, k, W), dtype=bool),
+            "match": np.zeros((B, T, k), dtype=np.int64),
+            "digits": np.zeros((B, T, k, P), dtype=np.int64),
+            "valid": np.zeros((B, T, k), dtype=bool),
         }
 
     def set_offsets(self, offsets: list[int]) -> None:

@@ -21,6 +21,7 @@ see ~max_load entries per bucket, so misses need > max_walk / max_load collision
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,14 +59,29 @@ class NgramIndexConfig:
 
 def ngram_hashes(ids: np.ndarray, m: int) -> np.ndarray:
     """64-bit hash of the m-gram ending at each position of `ids` [n] (first m-1 are unused)."""
+    return ngram_hashes_orders(ids, (m,))[m]
+
+
+def ngram_hashes_orders(ids: np.ndarray, orders: Iterable[int]) -> dict[int, np.ndarray]:
+    """`ngram_hashes(ids, m)` for every m in `orders`, in one pass.
+
+    The hash of order m is the state after the first m rounds of the same recurrence, so all
+    orders come from the rounds of the largest one instead of rehashing per order.
+    """
+    wanted = set(orders)
+    n = ids.shape[0]
     x = ids.astype(np.uint64) + np.uint64(1)
-    h = np.zeros(ids.shape[0], dtype=np.uint64)
-    for i in range(m):
-        shifted = np.zeros_like(x)
-        if i < x.shape[0]:
-            shifted[i:] = x[: x.shape[0] - i]
-        h = (h ^ shifted) * _STEP + np.uint64(i + 1)
-    return h
+    h = np.zeros(n, dtype=np.uint64)
+    out = {}
+    for i in range(max(wanted, default=0)):
+        # Round i: h = (h ^ ids shifted right by i, zero-filled) * _STEP + (i + 1), in place.
+        if i < n:
+            h[i:] ^= x[: n - i]
+        h *= _STEP
+        h += np.uint64(i + 1)
+        if i + 1 in wanted:
+            out[i + 1] = h.copy()
+    return out
 
 
 def _bucket(h: np.ndarray, bits: int) -> np.ndarray:
@@ -119,17 +135,37 @@ class NgramIndex:
             p.nbytes() for p in self.prev if p is not None
         )
 
-    def _insert(self, oi: int, start: int, stop: int) -> None:
-        """Index positions [start, stop) of order `orders[oi]`; appends their chain links."""
-        m = self.cfg.orders[oi]
-        lo = max(0, start - (m - 1))
+    def _insert(self, ois: Sequence[int], start: int, stop: int) -> None:
+        """Index positions [start, stop) of the orders `orders[oi]` for oi in `ois`.
+
+        The ids are read and hashed once for all those orders (a streaming step indexes one or a
+        few ids, so per-order reads and hashing would dominate its cost).
+        """
+        orders = self.cfg.orders
+        lo = max(0, start - (max(orders[oi] for oi in ois) - 1))
         ids = self.log.read(lo, stop)
-        h = ngram_hashes(ids, m)[start - lo :]
-        pos = np.arange(start, stop, dtype=np.int64)
+        hashes = ngram_hashes_orders(ids, [orders[oi] for oi in ois if not self.last_only(oi)])
+        for oi in ois:
+            m = orders[oi]
+            if self.last_only(oi):
+                b = ids[start - lo :].astype(np.int64)
+            else:
+                b = _bucket(hashes[m][start - lo :], self.bits[oi])
+            self._link(oi, start, b)
+
+    def _link(self, oi: int, start: int, b: np.ndarray) -> None:
+        """Chain positions [start, start + len(b)) of order `oi` into their buckets `b`."""
+        m = self.cfg.orders[oi]
+        pos = np.arange(start, start + b.shape[0], dtype=np.int64)
         has = pos >= m - 1
-        b = ids[start - lo :].astype(np.int64) if self.last_only(oi) else _bucket(h, self.bits[oi])
         prev = np.full(pos.shape[0], -1, dtype=np.int64)
-        if has.any():
+        if pos.shape[0] == 1:
+            # One new position (a streaming step): the sort below reduces to "link to the
+            # bucket's head, then become the head".
+            if has[0]:
+                prev[0] = self.head[oi][b[0]]
+                self.head[oi][b[0]] = start
+        elif has.any():
             bp, pp = b[has], pos[has]
             order = np.argsort(bp, kind="stable")
             bs, ps = bp[order], pp[order]
@@ -157,16 +193,14 @@ class NgramIndex:
         self.head[oi] = np.full(1 << bits, -1, dtype=np.int32)
         step = 1 << 20
         for s in range(0, self.n, step):
-            self._insert(oi, s, min(self.n, s + step))
+            self._insert([oi], s, min(self.n, s + step))
 
     def update(self) -> None:
         """Index every log entry appended since the last call."""
         stop = len(self.log)
         if stop == self.n:
             return
-        start = self.n
-        for oi in range(len(self.cfg.orders)):
-            self._insert(oi, start, stop)
+        self._insert(self._ois(), self.n, stop)
         self.n = stop
         need = self.bits_for(self.n)
         for oi in range(len(self.cfg.orders)):
@@ -241,7 +275,9 @@ class NgramIndex:
                     raise IndexError("exact unigram lookups must be of the last update's positions")
                 out[:, oi, 0] = links[ts - start]
                 continue
-            want = [self.log.gather(ts - i) for i in range(m)]
+            # want: [N, m] the m-gram ending at each t; candidates are compared in one gather.
+            back = np.arange(m, dtype=np.int64)
+            want = self.log.gather(ts[:, None] - back)
             cur = self.prev_links(oi, ts)
             count = np.zeros(ts.shape[0], dtype=np.int64)
             for _ in range(self.cfg.max_walk):
@@ -250,9 +286,7 @@ class NgramIndex:
                     break
                 idx = np.nonzero(live)[0]
                 c = cur[idx]
-                eq = np.ones(idx.shape[0], dtype=bool)
-                for i in range(m):
-                    eq &= self.log.gather(c - i) == want[i][idx]
+                eq = (self.log.gather(c[:, None] - back) == want[idx]).all(axis=1)
                 hit = idx[eq]
                 out[hit, oi, count[hit]] = cur[hit]
                 count[hit] += 1

@@ -122,13 +122,21 @@ class TokenLog:
         stop = min(len(self), int(stop))
         if stop <= start:
             return np.zeros(0, dtype=self.dtype)
+        if start >= self._n_disk:
+            # All in the RAM buffer (every streaming step's new ids): a slice, not a gather.
+            return self._ram[start - self._n_disk : stop - self._n_disk].copy()
         return self.gather(np.arange(start, stop, dtype=np.int64))
 
     def gather(self, positions: np.ndarray, fill: int = 0) -> np.ndarray:
         """Entries at `positions` (any shape, int); positions outside [0, len) read `fill`."""
         pos = np.asarray(positions, dtype=np.int64)
-        out = np.full(pos.shape, fill, dtype=self.dtype)
         n = len(self)
+        if self._n_disk == 0:
+            # Nothing spilled (the usual case, and the hot path of every read): one clipped take
+            # from the RAM buffer, then `fill` where the position is outside the log.
+            inside = (pos >= 0) & (pos < n)
+            return np.where(inside, self._ram.take(pos, mode="clip"), self.dtype.type(fill))
+        out = np.full(pos.shape, fill, dtype=self.dtype)
         disk = (pos >= 0) & (pos < self._n_disk)
         ram = (pos >= self._n_disk) & (pos < n)
         if disk.any():

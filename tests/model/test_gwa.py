@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from duplex.model.backbone import Backbone, BackboneConfig
-from duplex.model.gwa import GWAReadConfig, History
+from duplex.model.gwa import GWAReadConfig, History, read_histories
 
 VOCAB = 40
 
@@ -181,3 +181,55 @@ def test_reads_are_the_same_when_the_history_spills_to_disk(tmp_path):
             np.testing.assert_array_equal(a[name], b[name])
         i += n
     assert disk.log.n_disk > 2000 and ram.log.n_disk == 0
+
+
+def match_by_loop(ids: np.ndarray, t: int, anchor: int, max_match: int) -> int:
+    """The matched suffix length, one id at a time (what the vectorised read must count)."""
+    n = 0
+    while n < max_match and anchor - n >= 0 and t - n >= 0 and ids[anchor - n] == ids[t - n]:
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("spill", [False, True])
+def test_match_and_candidates_equal_a_plain_loop(tmp_path, spill):
+    rng = np.random.default_rng(6)
+    # few distinct ids and long repeats, so matches run up to (and past) max_match
+    ids = np.concatenate([rng.integers(0, 3, 300), np.tile(rng.integers(0, 3, 9), 20)])
+    cfg = GWAReadConfig(vocab_size=VOCAB, orders=(3, 2, 1), max_match=6, max_walk=16)
+    if spill:
+        cfg = GWAReadConfig(**{**cfg.__dict__, "ram_tokens": 64})
+    h = History(cfg, tmp_path if spill else None)
+    i = 0
+    while i < ids.size:
+        n = min(int(rng.integers(1, 40)), ids.size - i)
+        h.append(ids[i : i + n])
+        r = h.read(np.arange(i, i + n))
+        for row, t in enumerate(range(i, i + n)):
+            anchors = r["anchors"][row]
+            for j, a in enumerate(anchors):
+                want = 0 if j == 0 or a < 0 else match_by_loop(ids, t, a, cfg.max_match)
+                assert r["match"][row, j] == want
+            # a candidate slot never repeats an earlier candidate's anchor
+            kept = anchors[1:][anchors[1:] >= 0]
+            assert np.unique(kept).size == kept.size
+        i += n
+    assert (h.log.n_disk > 0) == spill
+    assert r["match"].max() == cfg.max_match
+
+
+def test_batched_read_of_several_streams_equals_each_read():
+    rng = np.random.default_rng(7)
+    cfg = GWAReadConfig(vocab_size=VOCAB, orders=(4, 2, 1), max_walk=16)
+    histories = []
+    for b in range(3):
+        h = History(cfg)
+        h.offset = 1000 * b
+        h.append(rng.integers(0, 4 + 3 * b, 50 + 20 * b))
+        histories.append(h)
+    ts = np.array([[len(h) - 3, len(h) - 2, len(h) - 1] for h in histories])
+    got = read_histories(histories, ts)
+    for b, h in enumerate(histories):
+        one = h.read(ts[b])
+        for name, v in one.items():
+            np.testing.assert_array_equal(got[name][b], v)

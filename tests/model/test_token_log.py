@@ -28,6 +28,24 @@ def test_spill_to_disk_and_back(tmp_path):
     np.testing.assert_array_equal(log.read(700, 800), ref[700:800])
 
 
+def test_gather_before_and_after_the_first_spill():
+    rng = np.random.default_rng(3)
+    ref = rng.integers(-1000, 1000, size=300)
+    log = TokenLog(np.int32, ram_tokens=200)
+    log.append(ref[:150])
+    pos = rng.integers(-5, 160, size=(7, 9))
+    inside = (pos >= 0) & (pos < 150)
+    want = np.where(inside, ref[np.clip(pos, 0, 149)], -1)
+    # all in RAM (the fast path), then the same positions once part of the log is on disk
+    got = log.gather(pos, fill=-1)
+    assert got.dtype == np.int32 and got.shape == pos.shape
+    np.testing.assert_array_equal(got, want)
+    log.append(ref[150:])
+    assert log.n_disk == 200
+    np.testing.assert_array_equal(log.gather(pos, fill=-1), np.where(pos >= 0, ref[pos], -1))
+    np.testing.assert_array_equal(log.read(190, 230), ref[190:230])
+
+
 def test_truncate_inside_file_and_ram(tmp_path):
     ref = np.arange(5000) % 60000
     log = TokenLog(np.int32, ram_tokens=1000, spill_dir=tmp_path)
