@@ -1,4 +1,4 @@
-"""`duplex connect`: the headless client of `duplex serve` (files or microphone/speaker).
+"""`duplex connect`: the client of `duplex serve` (files or microphone/speaker), TUI or headless.
 
 The client sends one PCM frame per frame period (a WAV file paced in real time, or the
 microphone), and plays what comes back through a jitter buffer: playback starts once a few frames
@@ -16,9 +16,11 @@ import collections
 import contextlib
 import json
 import os
+import queue
 import ssl
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,29 +29,39 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 import numpy as np
 
 from duplex.apps import protocol as P
+from duplex.apps.remote_recording import RemoteRecorder
 from duplex.streamer.conversation import printable
 
-HELP = "talk to a `duplex serve` server: WAV files or microphone/speaker (headless)"
+HELP = "talk to a `duplex serve` server: WAV files or microphone/speaker, TUI or headless"
 DESCRIPTION = """Connect to a `duplex serve` server (ws:// or wss://) and talk to the model.
 
 Your side comes from --input WAV (paced in real time) or the microphone; the model's audio goes
 to --output WAV (every frame received, in order) or the speaker, through a jitter buffer that
-drops old audio to catch up (with a file it reports what a speaker would have played). The
-model's words and the transcript of you are printed as they arrive, with a stats line per second
-(round-trip time, frame latency, jitter-buffer depth, drops, underruns, server-side drops).
+drops old audio to catch up (with a file it reports what a speaker would have played).
 A dropped connection is retried with exponential backoff (--retries); the server starts a new
 session then (save the state with --save-state to keep a conversation).
+
+In a terminal this opens the same text UI as `duplex talk`: both transcripts, latency (frame
+sent -> answer, the server's step time, round trip, jitter buffer), levels and session facts;
+type to the model, F2 mute, F3 pause, F5/F6 save/load the state (--save-state names the file,
+default duplex.dstate), F7 reset, Ctrl+Q quit. With --headless (or --json, or no terminal) the
+words are printed as they arrive, with a stats line per second.
+
+--record DIR writes what crossed the wire as a session recording (your frames as sent, the
+server's tokens, text and audio): `duplex replay DIR` shows it, and `duplex replay DIR --check`
+re-runs it on a local copy of the model and verifies every token. A reconnect, reset or state
+load mid-conversation starts the next segment in DIR-1, DIR-2, ...
 
 Examples:
   duplex connect ws://127.0.0.1:8998 --input question.wav --output reply.wav
   DUPLEX_TOKEN=s3cret duplex connect wss://box:8998 --cafile cert.pem --input q.wav
   duplex connect ws://127.0.0.1:8998 --text "hello" --seconds 10 --output reply.wav
   duplex connect ws://127.0.0.1:8998 --input q.wav --save-state end.dstate --json
-  duplex connect ws://127.0.0.1:8998            (microphone and speaker)
+  duplex connect ws://127.0.0.1:8998 --input q.wav --record runs/remote1 --headless
+  duplex connect ws://127.0.0.1:8998            (microphone and speaker, in the TUI)
 
 With neither --input nor --output the audio device is used (see `duplex doctor`); with --output
-only, silence is sent for --seconds. The text UI for remote sessions is a separate front end;
-this command is the headless client.
+only, silence is sent for --seconds.
 Exit status: 0 on success, 2 on a usage or input error, 3 when no audio device is usable,
 4 when the server refuses the token (HTTP 401), 5 when the server stays unreachable after
 --retries, 6 when the server closes the session for a protocol error or a policy (1003, 1008,
@@ -75,6 +87,7 @@ class ConnectConfig:
     load_state: str | None = None
     cafile: str | None = None
     json_lines: bool = False
+    record: str | None = None
 
 
 class JitterBuffer:
@@ -150,11 +163,35 @@ def with_query(url: str, **params: Any) -> str:
 
 
 class Client:
-    """One conversation with the server, surviving reconnects."""
+    """One conversation with the server, surviving reconnects.
 
-    def __init__(self, cfg: ConnectConfig, prepare: Any, out=None) -> None:
+    What it sees goes to `report(obj, line)` (default: print the line, or the JSON object with
+    --json) and `warn(line)` (default: stderr); the TUI's feed replaces both. With `commands`
+    (a thread-safe queue of the TUI's command tuples) the conversation can be steered while it
+    runs: typing, mute, pause, save/load state, reset, stop.
+    """
+
+    def __init__(
+        self,
+        cfg: ConnectConfig,
+        prepare: Any,
+        out=None,
+        report: Callable[[dict[str, Any], str], None] | None = None,
+        warn: Callable[[str], None] | None = None,
+        commands: queue.Queue | None = None,
+    ) -> None:
         self.cfg = cfg
         self.prepare = prepare
+        self.report = report
+        self.warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.commands = commands
+        self.muted = False
+        self.paused = False
+        self.quitting = False
+        self.recorder: RemoteRecorder | None = None
+        self.save_path = cfg.save_state
+        self.pending_state: bytes | None = None
+        self.level_in: np.ndarray | None = None
         self.source: Any = None
         self.sink: Any = None
         self.out = out or sys.stdout
@@ -169,10 +206,20 @@ class Client:
         self.state_saved = asyncio.Event()
 
     def emit(self, obj: dict[str, Any], line: str) -> None:
+        if self.report is not None:
+            self.report(obj, line)
+            return
         print(json.dumps(obj) if self.cfg.json_lines else line, file=self.out, flush=True)
 
     async def run(self) -> int:
         """Connect (and reconnect) until the input is done; returns the exit status."""
+        try:
+            return await self._run()
+        finally:
+            if self.recorder is not None:
+                self.recorder.close()
+
+    async def _run(self) -> int:
         from websockets.exceptions import ConnectionClosed, InvalidStatus
 
         from duplex.streamer.audio import AudioUnavailableError
@@ -185,39 +232,35 @@ class Client:
                 await self._session()
                 return 0
             except ServerRefused as e:
-                print(f"duplex connect: {e}", file=sys.stderr)
+                self.warn(f"duplex connect: {e}")
                 return e.exit_code
             except AudioUnavailableError as e:
-                print(f"duplex connect: {e}", file=sys.stderr)
+                self.warn(f"duplex connect: {e}")
                 return 3
             except P.ProtocolError as e:
-                print(f"duplex connect: bad message from the server: {e}", file=sys.stderr)
+                self.warn(f"duplex connect: bad message from the server: {e}")
                 return 6
-            except (ValueError, FileNotFoundError) as e:
-                print(f"duplex connect: {e}", file=sys.stderr)
+            except (ValueError, FileNotFoundError, FileExistsError) as e:
+                self.warn(f"duplex connect: {e}")
                 return 2
             except InvalidStatus as e:
                 status = e.response.status_code
                 if status == 401:
-                    print("duplex connect: the server refused the token (401)", file=sys.stderr)
+                    self.warn("duplex connect: the server refused the token (401)")
                     return 4
                 reason = f"HTTP {status}"
             except (OSError, ConnectionClosed, TimeoutError, Retry) as e:
                 reason = str(e) or type(e).__name__
+            if self.quitting:
+                return 0
             if self.c.sessions > sessions:
                 # The connection had worked: a new outage gets the whole retry budget again.
                 failures, delay = 0, self.cfg.backoff
             failures += 1
             if failures > self.cfg.retries:
-                print(
-                    f"duplex connect: giving up after {failures} tries: {reason}", file=sys.stderr
-                )
+                self.warn(f"duplex connect: giving up after {failures} tries: {reason}")
                 return 5
-            print(
-                f"duplex connect: connection lost ({reason}); retrying in {delay:.1f} s",
-                file=sys.stderr,
-                flush=True,
-            )
+            self.warn(f"duplex connect: connection lost ({reason}); retrying in {delay:.1f} s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.cfg.backoff_max)
             self.c.reconnects += 1
@@ -230,7 +273,7 @@ class Client:
         ctx = None
         if self.cfg.url.startswith("wss://"):
             ctx = ssl.create_default_context(cafile=self.cfg.cafile)
-        url = with_query(self.cfg.url, seed=self.cfg.seed)
+        url = with_query(self.cfg.url, seed=self.cfg.seed, tokens=1 if self.cfg.record else None)
         async with connect(
             url,
             additional_headers=headers,
@@ -251,7 +294,7 @@ class Client:
             if "PCM" not in hello.accepts:
                 raise ServerRefused("the server does not accept PCM audio", 6)
             if self.hello is None:
-                self.prepare(hello)
+                self.prepare(self, hello)
             elif (hello.sample_rate, hello.frame_size) != (
                 self.hello.sample_rate,
                 self.hello.frame_size,
@@ -260,14 +303,18 @@ class Client:
             self.hello = hello
             self.c.sessions += 1
             self.sent_at.clear()
+            if self.cfg.record:
+                if self.recorder is None:
+                    self.recorder = RemoteRecorder(self.cfg.record, self.cfg.url)
+                directory = self.recorder.begin(hello)
+                self.emit({"recording": str(directory)}, f"[record] {directory}")
             self.emit(
                 {"hello": vars(hello)},
                 f"[connected] session {hello.session}: model {hello.model}, codec {hello.codec}, "
                 f"{hello.sample_rate} Hz, {hello.frame_size} samples/frame",
             )
             if self.cfg.load_state and self.c.reconnects == 0:
-                blob = Path(self.cfg.load_state).read_bytes()
-                await ws.send(P.encode(P.Control(P.Op.LOAD_STATE, blob), "client"))
+                await self._load_state(ws, self.cfg.load_state)
             if self.cfg.text and self.c.reconnects == 0:
                 await ws.send(P.encode(P.Text(self.cfg.text), "client"))
             tasks = [
@@ -276,6 +323,8 @@ class Client:
                 asyncio.create_task(self._play()),
                 asyncio.create_task(self._report()),
             ]
+            if self.commands is not None:
+                tasks.append(asyncio.create_task(self._steer(ws)))
             try:
                 await self._receive(ws)
             finally:
@@ -298,6 +347,40 @@ class Client:
             self.error = e
             await ws.close(1000, "client failed")
 
+    async def _load_state(self, ws: Any, path: str) -> None:
+        self.pending_state = Path(path).read_bytes()
+        await ws.send(P.encode(P.Control(P.Op.LOAD_STATE, self.pending_state), "client"))
+
+    async def _steer(self, ws: Any) -> None:
+        """Apply the TUI's commands (polled: the queue is filled from another thread)."""
+        while True:
+            while not self.commands.empty():
+                cmd = self.commands.get_nowait()
+                kind = cmd[0]
+                if kind == "stop":
+                    self.quitting = self.input_done = True
+                    await ws.close(1000, "client quit")
+                    return
+                if kind == "type":
+                    await ws.send(P.encode(P.Text(cmd[1]), "client"))
+                elif kind == "mute":
+                    self.muted = not self.muted
+                    self.warn("microphone muted" if self.muted else "microphone on")
+                elif kind == "pause":
+                    self.paused = not self.paused
+                    self.warn("paused (nothing is sent)" if self.paused else "resumed")
+                elif kind == "save":
+                    self.save_path = cmd[1]
+                    await ws.send(P.encode(P.Control(P.Op.SAVE_STATE), "client"))
+                elif kind == "load":
+                    try:
+                        await self._load_state(ws, cmd[1])
+                    except OSError as e:
+                        self.warn(f"could not read {cmd[1]}: {e}")
+                elif kind == "reset":
+                    await ws.send(P.encode(P.Control(P.Op.RESET), "client"))
+            await asyncio.sleep(0.02)
+
     async def _send_frames(self, ws: Any) -> None:
         loop = asyncio.get_running_loop()
         fs = self.hello.frame_size
@@ -307,14 +390,24 @@ class Client:
             limit = int(self.cfg.max_seconds * self.hello.frame_rate)
         next_t = loop.time()
         while not self.input_done:
+            if self.paused:
+                await asyncio.sleep(period)
+                next_t = loop.time()
+                continue
             frame = await self.source.read(loop)
             if frame is None or (limit is not None and self.seq >= limit):
                 self.input_done = True
                 break
             if frame.size != fs:
                 raise ValueError(f"input frame has {frame.size} samples, expected {fs}")
+            pcm = P.pcm_to_int16(frame)
+            if self.muted:
+                pcm = np.zeros_like(pcm)
             self.sent_at[self.seq] = time.monotonic()
-            await ws.send(P.encode(P.Audio(self.seq, P.pcm_to_int16(frame)), "client"))
+            if self.recorder is not None:
+                self.recorder.sent_frame(self.seq, pcm)
+            self.level_in = pcm
+            await ws.send(P.encode(P.Audio(self.seq, pcm), "client"))
             self.seq += 1
             self.c.sent += 1
             if self.source.paced_by_device:
@@ -328,6 +421,8 @@ class Client:
         while self.sent_at and loop.time() < end and time.monotonic() - self.last_audio < 2.0:
             await asyncio.sleep(period)
         if self.cfg.save_state:
+            self.save_path = self.cfg.save_state
+            self.state_saved.clear()
             await ws.send(P.encode(P.Control(P.Op.SAVE_STATE), "client"))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.state_saved.wait(), 30)
@@ -349,6 +444,13 @@ class Client:
                 self.sink.play(P.int16_to_pcm(frame))
             next_t += period
             await asyncio.sleep(max(0.0, next_t - loop.time()))
+
+    def emit_levels(self, out: np.ndarray) -> None:
+        """Levels of the last frame sent and the frame just received (for the TUI's meters)."""
+        if self.report is None:
+            return
+        pcm_in = np.zeros(0) if self.level_in is None else self.level_in
+        self.report({"levels": (pcm_in, out)}, "")
 
     def _drain(self) -> None:
         """Write what is still buffered (the session is over: nothing to keep pace with)."""
@@ -410,6 +512,8 @@ class Client:
         raise Retry(f"the server closed the connection ({rcvd}: {ws.close_reason or 'no reason'})")
 
     def _handle(self, msg: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.received(msg)
         if isinstance(msg, P.Audio):
             t = self.sent_at.pop(msg.frame, None)
             if t is not None:
@@ -421,6 +525,7 @@ class Client:
             self.last_audio = time.monotonic()
             self.jitter.push(msg.pcm)
             self.sink.received(P.int16_to_pcm(msg.pcm))
+            self.emit_levels(msg.pcm)
         elif isinstance(msg, P.Text):
             who = "model" if msg.stream == P.Stream.MODEL else "you"
             if who == "model":
@@ -432,11 +537,19 @@ class Client:
             self.c.server = msg.data
         elif isinstance(msg, P.Error):
             self.emit({"error": msg.code, "message": msg.message}, f"[error] {msg.message}")
+            if msg.code == P.ErrorCode.STATE:
+                self.pending_state = None
         elif isinstance(msg, P.Event):
             self.emit({"event": msg.data}, f"[event] {msg.data}")
+            kind = msg.data.get("event")
+            if kind in ("reset", "state_loaded"):
+                state = self.pending_state if kind == "state_loaded" else None
+                self.pending_state = None
+                if self.recorder is not None:
+                    self.recorder.timeline_changed(int(msg.data.get("frame", 0)), state)
         elif isinstance(msg, P.State):
-            if self.cfg.save_state:
-                path = Path(self.cfg.save_state)
+            if self.save_path:
+                path = Path(self.save_path)
                 tmp = path.with_name(path.name + ".tmp")
                 tmp.write_bytes(msg.blob)
                 os.replace(tmp, path)
@@ -522,8 +635,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--retries", type=int, default=5, help="reconnect attempts (default 5)")
     p.add_argument("--save-state", metavar="FILE", help="ask the server for the state at the end")
     p.add_argument("--load-state", metavar="FILE", help="send this state file at the start")
-    p.add_argument("--json", action="store_true", help="JSON lines instead of text")
-    p.add_argument("--headless", action="store_true", help="accepted for symmetry with talk")
+    p.add_argument("--record", metavar="DIR", help="record the session here (see above)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of text (headless)")
+    p.add_argument("--headless", action="store_true", help="print instead of showing the TUI")
+    p.add_argument(
+        "--exit-at-end", action="store_true", help="TUI: quit when the input file has been sent"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -548,17 +665,50 @@ def run(args: argparse.Namespace) -> int:
         load_state=args.load_state,
         cafile=args.cafile,
         json_lines=args.json,
+        record=args.record,
     )
+    if args.record and (Path(args.record) / "events.jsonl").exists():
+        print(
+            f"duplex connect: {args.record} already holds a recording; choose another --record",
+            file=sys.stderr,
+        )
+        return 2
+    if not args.headless and not args.json and sys.stdout.isatty():
+        return run_tui(cfg, args)
     return asyncio.run(_main(cfg, args))
 
 
-async def _main(cfg: ConnectConfig, args: argparse.Namespace) -> int:
-    from duplex.streamer.audio import DeviceAudio, FileAudio
+def run_tui(cfg: ConnectConfig, args: argparse.Namespace) -> int:
+    """The TUI over a remote session; returns the client's exit status."""
+    from duplex.apps.remote_feed import RemoteFeed
+    from duplex.apps.tui import DuplexApp, TalkOptions
 
-    opened: list[Any] = []
+    feed = RemoteFeed(cfg, args)
+    options = TalkOptions(
+        args.save_state or "duplex.dstate", args.exit_at_end, title=f"duplex connect {cfg.url}"
+    )
+    DuplexApp(feed, options).run()
+    if feed.error:
+        print(feed.error, file=sys.stderr)
+    c = feed.client.c
+    print(
+        f"[done] sent {c.sent} frames, received {c.received}; model said: {''.join(c.transcript)!r}"
+    )
+    return feed.exit_code if feed.exit_code is not None else 0
 
-    def prepare(hello: P.Hello) -> None:
-        """Open the audio ends once the server's HELLO gives the rate and frame size."""
+
+class AudioEnds:
+    """The client's audio: files (--input/--output) or the audio device, opened once the
+    server's HELLO gives the rate and frame size (`prepare`), closed at the end."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.opened: list[Any] = []
+
+    def prepare(self, client: Client, hello: P.Hello) -> None:
+        from duplex.streamer.audio import DeviceAudio, FileAudio
+
+        args = self.args
         sr, fs = hello.sample_rate, hello.frame_size
         frame_ms = 1000.0 / hello.frame_rate
         target = max(1, round(args.jitter_ms / frame_ms))
@@ -569,20 +719,27 @@ async def _main(cfg: ConnectConfig, args: argparse.Namespace) -> int:
             out = FileAudio(sr, fs, None, args.output) if args.output else None
             if out is not None:
                 out.start()
-                opened.append(out)
+                self.opened.append(out)
             client.source, client.sink = source, Sink(out, speaker=False)
         else:
             device = DeviceAudio(sr, fs, args.device, args.device)
             device.start()
-            opened.append(device)
+            self.opened.append(device)
             client.source, client.sink = DeviceSource(device), Sink(device, speaker=True)
 
-    client = Client(cfg, prepare)
+    def close(self) -> None:
+        for audio in self.opened:
+            audio.close()
+        self.opened.clear()
+
+
+async def _main(cfg: ConnectConfig, args: argparse.Namespace) -> int:
+    ends = AudioEnds(args)
+    client = Client(cfg, ends.prepare)
     try:
         code = await client.run()
     finally:
-        for audio in opened:
-            audio.close()
+        ends.close()
     client.stats_line()
     client.emit(
         {"done": {"sent": client.c.sent, "received": client.c.received}},

@@ -466,6 +466,11 @@ class DuplexServer:
                 raise
         return int(conn.session.frame)
 
+    def _type(self, conn: Conn, text: str) -> int:
+        """Engine thread: queue typed text; returns the frame it starts entering at."""
+        conn.session.type_text(text)
+        return int(conn.session.frame)
+
     def _reset(self, conn: Conn) -> int:
         self.engine.leave(conn.session)
         conn.session = None
@@ -499,6 +504,7 @@ class DuplexServer:
                 "queue_frames": self.cfg.queue_frames,
                 "idle_timeout": self.cfg.idle_timeout,
                 "seed": conn.sampling.seed,
+                "sampling": asdict(conn.sampling),
             },
         )
 
@@ -618,7 +624,8 @@ class DuplexServer:
             conn.send(P.encode(P.Ping(msg.nonce)))
         elif isinstance(msg, P.Text):
             text = msg.text
-            self._op_nowait(lambda: conn.session.type_text(text))
+            frame = await self._op(lambda: self._type(conn, text))
+            conn.send(P.encode(P.Event({"event": "typed", "frame": frame, "text": text})))
         elif isinstance(msg, P.Codes):
             conn.push_input(msg.frame, np.asarray(msg.codes, dtype=np.int64), now)
         elif isinstance(msg, P.Control):
