@@ -73,6 +73,14 @@ class StreamState:
         for name, v in self.tensor_fields():
             v[rows.to(v.device)] = getattr(src, name).to(v.device, v.dtype)
 
+    def moved_rows(self, rows: torch.Tensor, fresh: StreamState) -> StreamState:
+        """`fresh` (a new state of any batch size) whose first len(rows) rows take this state's
+        rows `rows`; this state is used up (host resources move rather than copy)."""
+        n = int(rows.numel())
+        for name, v in self.tensor_fields():
+            getattr(fresh, name)[:n] = v[rows.to(v.device)]
+        return fresh
+
     def to_saved(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Named tensors and JSON-able plain fields that describe this state (for files)."""
         tensors: dict[str, torch.Tensor] = {}
@@ -215,6 +223,23 @@ class StreamingModule(nn.Module):
             fresh = m.init_state(st.batch_size)
             if fresh is not None:
                 m._stream_state.reset_rows(rows, fresh)
+
+    def restream(self, rows: torch.Tensor, batch_size: int) -> None:
+        """Go on streaming with `batch_size` rows: new row i continues old row rows[i], the
+        rows after len(rows) start fresh, the other old rows end. Exec masks reset to all True.
+
+        Why: a batched engine computes every row of its batch each step, so it keeps the batch
+        as small as its sessions, restreaming when one joins or leaves.
+        """
+        self._require_streaming()
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        if batch_size < max(1, rows.numel()):
+            raise ValueError(f"cannot keep {rows.numel()} rows in a batch of {batch_size}")
+        for _, m in self._streaming_children():
+            fresh = m.init_state(batch_size)
+            if fresh is None:
+                fresh = _EmptyState.make(batch_size, m)
+            m._stream_state = m._stream_state.moved_rows(rows, fresh)
 
     def get_state(self) -> dict[str, StreamState]:
         """Snapshot of every streaming state below this module (deep copies)."""

@@ -23,6 +23,7 @@ the log and reads exactly the same windows, so both forms give the same outputs.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from dataclasses import dataclass, field
 
@@ -261,6 +262,17 @@ class WindowReaderState(StreamState):
             self.rows[r].history.close()
             self.rows[r] = _HistoryRef(copy, ref.length)
 
+    def moved_rows(self, rows: torch.Tensor, fresh: StreamState) -> WindowReaderState:
+        """Histories move (no copy, no re-indexing: a restream costs nothing per token)."""
+        keep = rows.tolist()
+        for i, r in enumerate(keep):
+            fresh.rows[i].history.close()
+            fresh.rows[i] = self.rows[r]
+        for r, ref in enumerate(self.rows):
+            if r not in keep:
+                ref.history.close()
+        return fresh
+
     def to_saved(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Each row's ids as a tensor "ids.<row>", with lengths and position offsets."""
         tensors = {
@@ -319,9 +331,13 @@ class WindowReader(StreamingModule):
         super().__init__()
         self.cfg = cfg
         self.spill_dir = spill_dir
+        # Histories move between rows (`restream`), so their folders are named per stream.
+        self._streams = itertools.count()
 
     def _new_history(self, row: int) -> History:
-        folder = None if self.spill_dir is None else os.path.join(self.spill_dir, f"row{row}")
+        folder = None
+        if self.spill_dir is not None:
+            folder = os.path.join(self.spill_dir, f"stream{next(self._streams)}")
         return History(self.cfg, folder)
 
     def init_state(self, batch_size: int) -> WindowReaderState:

@@ -124,7 +124,12 @@ def _utf8_piece(buf: bytearray, token: int) -> str:
 
 
 class Engine:
-    """Steps up to `slots` sessions together. Use as a context manager (it owns streaming)."""
+    """Steps up to `slots` sessions together. Use as a context manager (it owns streaming).
+
+    Every step computes every row of the batch, so the batch is kept exactly as large as the
+    sessions: a join adds a row, a leave removes one (the sessions after it move down a row, so
+    `Session.slot` can change). Resizing moves state rows rather than copying histories.
+    """
 
     def __init__(self, model: DuplexLM, codec: Any, slots: int = 1) -> None:
         if model.cfg.num_codebooks != codec.num_codebooks:
@@ -146,6 +151,7 @@ class Engine:
         self.delay = model.cfg.acoustic_delay
         self.stats = Stats(frame_ms=1000.0 / codec.frame_rate)
         self.sessions: dict[int, Session] = {}
+        self.rows = 1
         self._ids = itertools.count()
         self._tok = ByteTokenizer()
         self._open = False
@@ -153,14 +159,18 @@ class Engine:
         self.codec_fingerprint = fingerprint(codec, getattr(codec, "name", type(codec).__name__))
 
     def __enter__(self) -> Engine:
-        self.model.start_streaming(self.slots)
-        self.codec.start_streaming(self.slots)
+        self.rows = 1
+        self.model.start_streaming(self.rows)
+        self.codec.start_streaming(self.rows)
         self._open = True
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for s in list(self.sessions.values()):
-            self.leave(s)
+        for s in self.sessions.values():
+            if s.recorder is not None:
+                s.recorder.close()
+                s.recorder = None
+        self.sessions.clear()
         self.model.stop_streaming()
         self.codec.stop_streaming()
         self._open = False
@@ -180,14 +190,14 @@ class Engine:
         With a state and no `sampling`, the session samples as the saved one did."""
         if not self._open:
             raise RuntimeError("use the engine inside `with engine:`")
-        used = {s.slot for s in self.sessions.values()}
-        free = [i for i in range(self.slots) if i not in used]
-        if not free:
+        slot = len(self.sessions)
+        if slot >= self.slots:
             raise RuntimeError(f"all {self.slots} slots are busy")
         explicit = sampling is not None
         sampling = sampling or SamplingConfig()
-        slot = free[0]
-        rows = torch.zeros(self.slots, dtype=torch.bool)
+        if slot >= self.rows:
+            self._resize(list(range(slot)), slot + 1)
+        rows = torch.zeros(self.rows, dtype=torch.bool)
         rows[slot] = True
         session = Session(
             id=next(self._ids),
@@ -199,7 +209,13 @@ class Engine:
             explicit_sampling=explicit,
         )
         if state is not None:
-            self._load_into(session, Path(state))
+            try:
+                self._load_into(session, Path(state))
+            except BaseException:
+                # Back to the batch as it was: a refused state changes nothing.
+                if self.rows > max(1, slot):
+                    self._resize(list(range(slot)), max(1, slot))
+                raise
         else:
             self.model.reset_rows(rows)
             self.codec.reset_rows(rows)
@@ -213,6 +229,17 @@ class Engine:
         if session.recorder is not None:
             session.recorder.close()
             session.recorder = None
+        staying = sorted(self.sessions.values(), key=lambda s: s.slot)
+        self._resize([s.slot for s in staying], max(1, len(staying)))
+        for i, s in enumerate(staying):
+            s.slot = i
+
+    def _resize(self, keep: list[int], rows: int) -> None:
+        """Restream with `rows` rows: row i continues old row keep[i], the rest start fresh."""
+        keep_t = torch.tensor(keep, dtype=torch.long)
+        self.model.restream(keep_t, rows)
+        self.codec.restream(keep_t, rows)
+        self.rows = rows
 
     def step(
         self,
@@ -221,11 +248,14 @@ class Engine:
     ) -> dict[Session, FrameResult]:
         """One frame for every session in `frames` (pcm [frame_size] float32 each) and in
         `codes` (the user's K codec codes for this frame, when the client runs the codec)."""
-        S, K, fs = self.slots, self.K, self.frame_size
+        S, K, fs = self.rows, self.K, self.frame_size
         codes = codes or {}
         both = set(frames) & set(codes)
         if both:
             raise ValueError(f"sessions {[s.id for s in both]} sent both audio and codes")
+        gone = [s.id for s in (*frames, *codes) if self.sessions.get(s.id) is not s]
+        if gone:
+            raise ValueError(f"sessions {gone} are not in this engine (they left)")
         given = {}
         for s, c in codes.items():
             c = torch.as_tensor(c, dtype=torch.long).reshape(-1)

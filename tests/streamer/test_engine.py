@@ -77,6 +77,44 @@ def test_batched_equals_alone_with_joins_leaves_and_skips(parts) -> None:
     assert got["c"] == ref_c
 
 
+def test_batch_is_as_large_as_its_sessions_and_rows_move_on_leave(parts, tmp_path) -> None:
+    """The first session leaves while three others stream: they move down a row each and go
+    on exactly as alone; a later session joins into the shrunken batch."""
+    model, codec = parts
+    n = 16
+    ins = {k: _audio(10 + k, n) for k in range(5)}
+    refs = {k: _run_alone(parts, 40 + k, ins[k][: 6 if k == 0 else n]) for k in range(4)}
+    refs[4] = _run_alone(parts, 44, ins[4][:8])
+    got: dict[int, list] = {k: [] for k in range(5)}
+    with Engine(model, codec, slots=4) as eng:
+        assert eng.rows == 1
+        live = {k: eng.join(SamplingConfig(seed=40 + k)) for k in range(4)}
+        assert eng.rows == 4 and [live[k].slot for k in range(4)] == [0, 1, 2, 3]
+        fed = dict.fromkeys(range(5), 0)
+        for i in range(n):
+            if i == 6:
+                eng.leave(live.pop(0))
+                assert eng.rows == 3 and [live[k].slot for k in (1, 2, 3)] == [0, 1, 2]
+            if i == 8:
+                live[4] = eng.join(SamplingConfig(seed=44))
+                assert eng.rows == 4 and live[4].slot == 3
+            res = eng.step({s: ins[k][fed[k]] for k, s in live.items()})
+            for k, s in live.items():
+                got[k].append(res[s].tokens_out)
+                fed[k] += 1
+        # A moved session saves and reloads like any other.
+        path = eng.save_session(live[2], tmp_path / "moved.dstate")
+        for s in list(live.values()):
+            eng.leave(s)
+        assert eng.rows == 1 and not eng.sessions
+        with pytest.raises(ValueError, match="left"):
+            eng.step({live[1]: ins[1][0]})
+        again = eng.join(state=path)
+        assert again.frame == n
+    for k in range(5):
+        assert got[k] == refs[k], f"session {k} differs from its solo run"
+
+
 def test_save_state_then_many_sessions_continue_identically(parts, tmp_path) -> None:
     model, codec = parts
     warm, cont = _audio(4, 15), _audio(5, 10)
