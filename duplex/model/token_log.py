@@ -48,7 +48,9 @@ class TokenLog:
         self._name = name
         self._path: Path | None = None
         # Entries [0, n_disk) are in the file, [n_disk, n_disk + n_ram) in the RAM buffer.
-        self._ram = np.zeros(self.ram_tokens, dtype=self.dtype)
+        # The buffer starts small and doubles up to ram_tokens: a new stream costs almost
+        # nothing (an engine creates one per row whenever its batch is resized).
+        self._ram = np.zeros(min(self.ram_tokens, 1024), dtype=self.dtype)
         self._n_ram = 0
         self._n_disk = 0
         self._mm: np.memmap | None = None
@@ -67,8 +69,8 @@ class TokenLog:
         return self._path
 
     def nbytes(self) -> int:
-        """Host bytes of the entries held (RAM part + file). The RAM buffer is allocated with
-        calloc, so its untouched tail costs address space, not memory."""
+        """Host bytes of the entries held (RAM part + file). The RAM buffer grows by doubling,
+        so it holds at most twice this (and at least 1024 entries)."""
         return len(self) * self.dtype.itemsize
 
     def _spill_path(self) -> Path:
@@ -110,6 +112,12 @@ class TokenLog:
         while i < arr.size:
             room = self.ram_tokens - self._n_ram
             take = min(room, arr.size - i)
+            if self._n_ram + take > self._ram.size:
+                grown = np.zeros(
+                    min(self.ram_tokens, max(2 * self._ram.size, self._n_ram + take)), self.dtype
+                )
+                grown[: self._n_ram] = self._ram[: self._n_ram]
+                self._ram = grown
             self._ram[self._n_ram : self._n_ram + take] = arr[i : i + take]
             self._n_ram += take
             i += take

@@ -195,10 +195,10 @@ class Engine:
             raise RuntimeError(f"all {self.slots} slots are busy")
         explicit = sampling is not None
         sampling = sampling or SamplingConfig()
-        if slot >= self.rows:
+        # A new row starts fresh; the one row an empty engine keeps may hold an old session.
+        fresh = slot >= self.rows
+        if fresh:
             self._resize(list(range(slot)), slot + 1)
-        rows = torch.zeros(self.rows, dtype=torch.bool)
-        rows[slot] = True
         session = Session(
             id=next(self._ids),
             slot=slot,
@@ -216,7 +216,9 @@ class Engine:
                 if self.rows > max(1, slot):
                     self._resize(list(range(slot)), max(1, slot))
                 raise
-        else:
+        elif not fresh:
+            rows = torch.zeros(self.rows, dtype=torch.bool)
+            rows[slot] = True
             self.model.reset_rows(rows)
             self.codec.reset_rows(rows)
         self.sessions[session.id] = session
