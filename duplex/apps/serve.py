@@ -309,14 +309,22 @@ class DuplexServer:
             if fut is not None and not fut.done():
                 fut.set_result(result)
 
+    def _live(self) -> list[Conn]:
+        return [c for c in self.conns if not c.closed and c.session is not None]
+
     async def _step_loop(self) -> None:
-        """The single stepping task: ops, then one batched step per frame of wall time."""
+        """The single stepping task: ops, then batched steps, at least one per frame of time.
+
+        Every step costs the whole batch, so steps wait to be full: a step starts once every
+        live session has a frame queued, or when the frame clock says it is time (sessions
+        without a frame then skip it), or at once when a session has a backlog to drain.
+        """
         loop = asyncio.get_running_loop()
         period = 1.0 / self.engine.frame_rate
         next_t = loop.time()
         while True:
             await self._run_ops()
-            live = [c for c in self.conns if not c.closed and c.session is not None]
+            live = self._live()
             if not live:
                 self._wake.clear()
                 if not self._ops:
@@ -330,16 +338,25 @@ class DuplexServer:
             if now - self._last_stats >= self.cfg.stats_interval:
                 self._last_stats = now
                 self._send_stats(live)
-            next_t += period
-            delay = next_t - loop.time()
-            if delay > 0 and not any(c.inbox for c in live):
-                await asyncio.sleep(delay)
-            else:
-                # Behind (the step overran its frame), or a session has a backlog (a burst from
-                # the network): step again at once, so queues drain instead of keeping the delay
-                # for good; the frame clock restarts from now.
-                next_t = loop.time()
-                await asyncio.sleep(0)
+            # Behind (a step overran its frame): the frame clock restarts from now.
+            next_t = max(next_t + period, loop.time())
+            await self._until_ready(next_t)
+
+    async def _until_ready(self, deadline: float) -> None:
+        """Wait until the next step should start (see `_step_loop`) or an op is queued."""
+        loop = asyncio.get_running_loop()
+        while not self._ops:
+            live = self._live()
+            if not live or all(c.inbox for c in live) or any(len(c.inbox) > 1 for c in live):
+                return
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            self._wake.clear()
+            # asyncio.timeout, not wait_for: wait_for can swallow the stepper's cancellation.
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await self._wake.wait()
 
     async def _step(self, batch: dict[Conn, tuple[int, np.ndarray, float]]) -> None:
         loop = asyncio.get_running_loop()
@@ -620,6 +637,7 @@ class DuplexServer:
 
         if isinstance(msg, P.Audio):
             conn.push_input(msg.frame, msg.pcm, now)
+            self._wake.set()
         elif isinstance(msg, P.Ping):
             conn.send(P.encode(P.Ping(msg.nonce)))
         elif isinstance(msg, P.Text):
@@ -628,6 +646,7 @@ class DuplexServer:
             conn.send(P.encode(P.Event({"event": "typed", "frame": frame, "text": text})))
         elif isinstance(msg, P.Codes):
             conn.push_input(msg.frame, np.asarray(msg.codes, dtype=np.int64), now)
+            self._wake.set()
         elif isinstance(msg, P.Control):
             try:
                 if msg.op == P.Op.SAVE_STATE:
