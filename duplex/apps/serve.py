@@ -191,6 +191,7 @@ class DuplexServer:
         self.conns: set[Conn] = set()
         self.active = 0
         self.stopping = False
+        self._closing = False
         self._ops: collections.deque = collections.deque()
         self._wake: asyncio.Event | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine")
@@ -233,9 +234,18 @@ class DuplexServer:
             self._server.close(close_connections=True)
             await self._server.wait_closed()
         if self._stepper is not None:
-            self._stepper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._stepper
+            # The stepper finishes the queued ops (the closed sessions' leaves) and returns.
+            # Cancelling it instead could cancel a leave still waiting for the engine thread,
+            # and the session would keep its slot.
+            self._closing = True
+            self._wake.set()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(30):
+                    await asyncio.shield(self._stepper)
+            if not self._stepper.done():
+                self._stepper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._stepper
         self._executor.shutdown(wait=True)
         # Leaves queued by the closing handlers never reached the stepper: run them here.
         while self._ops:
@@ -324,10 +334,12 @@ class DuplexServer:
         next_t = loop.time()
         while True:
             await self._run_ops()
+            if self._closing and not self._ops:
+                return
             live = self._live()
             if not live:
                 self._wake.clear()
-                if not self._ops:
+                if not self._ops and not self._closing:
                     await self._wake.wait()
                 next_t = loop.time()
                 continue
@@ -345,7 +357,7 @@ class DuplexServer:
     async def _until_ready(self, deadline: float) -> None:
         """Wait until the next step should start (see `_step_loop`) or an op is queued."""
         loop = asyncio.get_running_loop()
-        while not self._ops:
+        while not self._ops and not self._closing:
             live = self._live()
             if not live or all(c.inbox for c in live) or any(len(c.inbox) > 1 for c in live):
                 return

@@ -100,6 +100,8 @@ async def running(parts, **kw) -> AsyncIterator[DuplexServer]:
             yield server
         finally:
             await server.stop()
+        # Stopping frees every session's slot.
+        assert not eng.sessions, f"sessions left in the engine: {list(eng.sessions)}"
 
 
 def _url(server: DuplexServer, **query: object) -> str:
@@ -604,6 +606,7 @@ async def test_connect_reconnects_after_the_server_restarts(parts, tmp_path, cap
             code = await asyncio.wait_for(task, 60)
         finally:
             await second.stop()
+        assert not eng.sessions
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "connection lost" in captured.err
