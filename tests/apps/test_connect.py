@@ -6,6 +6,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -200,3 +204,57 @@ async def test_tui_against_a_server_every_key_and_recorded_segments(parts, tmp_p
     third = _check(tmp_path / "rec-2")
     # The loaded state was saved after the first segment's frames.
     assert third.frames[0]["i"] > 40
+
+
+@pytest.mark.slow
+def test_tmux_connect_shows_the_remote_session_and_records_it(tmp_path, wav) -> None:
+    """`duplex connect` in a real terminal against a real `duplex serve` process."""
+    tmux = shutil.which("tmux")
+    assert tmux, "tmux is missing: run `make setup`"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "duplex", "serve", "--port", "0", "--max-sessions", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    name = f"duplex-connect-{os.getpid()}"
+    rec = tmp_path / "rec"
+    try:
+        line = server.stdout.readline()
+        assert line, server.stderr.read()
+        port = json.loads(line)["port"]
+        cmd = (
+            f"{sys.executable} -m duplex connect ws://127.0.0.1:{port} --input {wav} "
+            f"--output {tmp_path / 'out.wav'} --record {rec} --text zebra --tail 30"
+        )
+        subprocess.run(
+            [tmux, "new-session", "-d", "-s", name, "-x", "120", "-y", "40", cmd],
+            check=True,
+            cwd=tmp_path,
+        )
+        screen = ""
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            screen = subprocess.run(
+                [tmux, "capture-pane", "-p", "-t", name], capture_output=True, text=True
+            ).stdout
+            if "sent -> answer" in screen and "round trip" in screen and "recv" in screen:
+                break
+            time.sleep(0.5)
+        assert "duplex connect ws://127.0.0.1" in screen, screen
+        assert "You" in screen and "Model" in screen and "Latency" in screen, screen
+        assert "sent -> answer" in screen and "round trip" in screen, screen
+        subprocess.run([tmux, "send-keys", "-t", name, "C-q"], check=True)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            alive = subprocess.run([tmux, "has-session", "-t", name], capture_output=True)
+            if alive.returncode != 0:
+                break
+            time.sleep(0.3)
+        assert alive.returncode != 0, "Ctrl+Q did not quit"
+    finally:
+        subprocess.run([tmux, "kill-session", "-t", name], capture_output=True)
+        server.terminate()
+        server.wait(timeout=30)
+    recording = _check(rec)
+    assert [c["text"] for c in recording.controls if c["kind"] == "type"] == ["zebra"]
