@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -24,12 +22,13 @@ from duplex.apps import connect as connect_cmd
 from duplex.apps import protocol as P
 from duplex.apps.remote_feed import RemoteFeed
 from duplex.apps.replay import replay
-from duplex.apps.serve import DuplexServer, ServeConfig
+from duplex.apps.serve import DuplexServer
 from duplex.apps.tui import DuplexApp, TalkOptions
 from duplex.codecs import load as load_codec
 from duplex.model.duplex_lm import load
-from duplex.streamer.engine import Engine
 from duplex.streamer.recording import Recording
+from tests.apps.terminal import Terminal
+from tests.apps.test_serve import running as serving
 
 # Hot text sampling, so the random tiny model writes into the transcript.
 SAMPLING = {"seed": 5, "text_temperature": 1.5, "text_top_k": 0}
@@ -52,19 +51,10 @@ def wav(tmp_path) -> Path:
 
 
 @contextlib.asynccontextmanager
-async def running(parts, **kw) -> AsyncIterator[DuplexServer]:
-    model, codec = parts
+async def running(parts) -> AsyncIterator[DuplexServer]:
     # A queue deep enough that a loaded machine drops nothing.
-    cfg = ServeConfig(
-        host="127.0.0.1", port=0, ping_interval=None, queue_frames=256, sampling=SAMPLING, **kw
-    )
-    with Engine(model, codec, slots=cfg.max_sessions) as eng:
-        server = DuplexServer(eng, cfg)
-        await server.start()
-        try:
-            yield server
-        finally:
-            await server.stop()
+    async with serving(parts, queue_frames=256, sampling=SAMPLING) as server:
+        yield server
 
 
 def _args(*argv: str) -> argparse.Namespace:
@@ -209,15 +199,12 @@ async def test_tui_against_a_server_every_key_and_recorded_segments(parts, tmp_p
 @pytest.mark.slow
 def test_tmux_connect_shows_the_remote_session_and_records_it(tmp_path, wav) -> None:
     """`duplex connect` in a real terminal against a real `duplex serve` process."""
-    tmux = shutil.which("tmux")
-    assert tmux, "tmux is missing: run `make setup`"
     server = subprocess.Popen(
         [sys.executable, "-m", "duplex", "serve", "--port", "0", "--max-sessions", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
-    name = f"duplex-connect-{os.getpid()}"
     rec = tmp_path / "rec"
     try:
         line = server.stdout.readline()
@@ -227,33 +214,16 @@ def test_tmux_connect_shows_the_remote_session_and_records_it(tmp_path, wav) -> 
             f"{sys.executable} -m duplex connect ws://127.0.0.1:{port} --input {wav} "
             f"--output {tmp_path / 'out.wav'} --record {rec} --text zebra --tail 30"
         )
-        subprocess.run(
-            [tmux, "new-session", "-d", "-s", name, "-x", "120", "-y", "40", cmd],
-            check=True,
-            cwd=tmp_path,
-        )
-        screen = ""
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            screen = subprocess.run(
-                [tmux, "capture-pane", "-p", "-t", name], capture_output=True, text=True
-            ).stdout
-            if "sent -> answer" in screen and "round trip" in screen and "recv" in screen:
-                break
-            time.sleep(0.5)
-        assert "duplex connect ws://127.0.0.1" in screen, screen
-        assert "You" in screen and "Model" in screen and "Latency" in screen, screen
-        assert "sent -> answer" in screen and "round trip" in screen, screen
-        subprocess.run([tmux, "send-keys", "-t", name, "C-q"], check=True)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            alive = subprocess.run([tmux, "has-session", "-t", name], capture_output=True)
-            if alive.returncode != 0:
-                break
-            time.sleep(0.3)
-        assert alive.returncode != 0, "Ctrl+Q did not quit"
+        with Terminal(cmd, cwd=tmp_path) as term:
+            screen = term.wait_for(
+                lambda s: "sent -> answer" in s and "round trip" in s and "recv" in s
+            )
+            assert "duplex connect ws://127.0.0.1" in screen, screen
+            assert "You" in screen and "Model" in screen and "Latency" in screen, screen
+            assert "sent -> answer" in screen and "round trip" in screen, screen
+            term.press("C-q")
+            assert term.wait_closed(), "Ctrl+Q did not quit"
     finally:
-        subprocess.run([tmux, "kill-session", "-t", name], capture_output=True)
         server.terminate()
         server.wait(timeout=30)
     recording = _check(rec)

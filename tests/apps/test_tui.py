@@ -21,6 +21,7 @@ from duplex.model.duplex_lm import load
 from duplex.streamer.audio import FileAudio
 from duplex.streamer.engine import Engine, SamplingConfig
 from duplex.streamer.statefile import read_header
+from tests.apps.terminal import Terminal
 
 CODEC = os.environ.get("DUPLEX_TEST_CODEC", "default")
 
@@ -104,41 +105,17 @@ async def test_pilot_transcripts_latency_and_every_key(tmp_path, wav) -> None:
 
 @pytest.mark.slow
 def test_tmux_screen_shows_panes_and_latency(tmp_path, wav) -> None:
-    tmux = shutil.which("tmux")
-    assert tmux, "tmux is missing: run `make setup`"
-    name = f"duplex-test-{os.getpid()}"
     cmd = (
         f"{sys.executable} -m duplex talk --codec {CODEC} --input {wav} "
         f"--output {tmp_path / 'out.wav'} --realtime --save-state {tmp_path / 's.dstate'}"
     )
-    subprocess.run(
-        [tmux, "new-session", "-d", "-s", name, "-x", "120", "-y", "40", cmd],
-        check=True,
-        cwd=tmp_path,
-    )
-    try:
-        screen = ""
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            screen = subprocess.run(
-                [tmux, "capture-pane", "-p", "-t", name], capture_output=True, text=True
-            ).stdout
-            if "total" in screen and "p99" in screen and "frames" in screen:
-                break
-            time.sleep(0.5)
+    with Terminal(cmd, cwd=tmp_path) as term:
+        screen = term.wait_for(lambda s: "total" in s and "p99" in s and "frames" in s)
         assert "You" in screen and "Model" in screen, screen
         assert "Latency" in screen and "total" in screen, screen
         assert "Levels" in screen and "Session" in screen, screen
-        subprocess.run([tmux, "send-keys", "-t", name, "C-q"], check=True)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            alive = subprocess.run([tmux, "has-session", "-t", name], capture_output=True)
-            if alive.returncode != 0:
-                break
-            time.sleep(0.3)
-        assert alive.returncode != 0, "Ctrl+Q did not quit"
-    finally:
-        subprocess.run([tmux, "kill-session", "-t", name], capture_output=True)
+        term.press("C-q")
+        assert term.wait_closed(), "Ctrl+Q did not quit"
 
 
 @pytest.mark.slow
@@ -169,33 +146,7 @@ def test_tmux_replay_shows_the_recorded_conversation(tmp_path, wav) -> None:
         timeout=300,
     )
     assert r.returncode == 0, r.stderr
-    name = f"duplex-replay-{os.getpid()}"
-    subprocess.run(
-        [
-            tmux,
-            "new-session",
-            "-d",
-            "-s",
-            name,
-            "-x",
-            "120",
-            "-y",
-            "40",
-            f"{sys.executable} -m duplex replay {rec}",
-        ],
-        check=True,
-    )
-    try:
-        screen = ""
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            screen = subprocess.run(
-                [tmux, "capture-pane", "-p", "-t", name], capture_output=True, text=True
-            ).stdout
-            if "zebra" in screen and "total" in screen:
-                break
-            time.sleep(0.5)
+    with Terminal(f"{sys.executable} -m duplex replay {rec}") as term:
+        screen = term.wait_for(lambda s: "zebra" in s and "total" in s)
         assert "duplex replay" in screen and "zebra" in screen, screen
-        subprocess.run([tmux, "send-keys", "-t", name, "C-q"], check=True)
-    finally:
-        subprocess.run([tmux, "kill-session", "-t", name], capture_output=True)
+        term.press("C-q")
