@@ -445,6 +445,15 @@ class Client:
             next_t += period
             await asyncio.sleep(max(0.0, next_t - loop.time()))
 
+    def finish(self) -> None:
+        """The last stats line and the summary of the whole conversation."""
+        self.stats_line()
+        self.emit(
+            {"done": {"sent": self.c.sent, "received": self.c.received}},
+            f"[done] sent {self.c.sent} frames, received {self.c.received}; "
+            f"model said: {''.join(self.c.transcript)!r}",
+        )
+
     def emit_levels(self, out: np.ndarray) -> None:
         """Levels of the last frame sent and the frame just received (for the TUI's meters)."""
         if self.report is None:
@@ -690,10 +699,9 @@ def run_tui(cfg: ConnectConfig, args: argparse.Namespace) -> int:
     DuplexApp(feed, options).run()
     if feed.error:
         print(feed.error, file=sys.stderr)
-    c = feed.client.c
-    print(
-        f"[done] sent {c.sent} frames, received {c.received}; model said: {''.join(c.transcript)!r}"
-    )
+    # The app is gone: the summary goes to the terminal.
+    feed.client.report = None
+    feed.client.finish()
     return feed.exit_code if feed.exit_code is not None else 0
 
 
@@ -740,10 +748,5 @@ async def _main(cfg: ConnectConfig, args: argparse.Namespace) -> int:
         code = await client.run()
     finally:
         ends.close()
-    client.stats_line()
-    client.emit(
-        {"done": {"sent": client.c.sent, "received": client.c.received}},
-        f"[done] sent {client.c.sent} frames, received {client.c.received}; "
-        f"model said: {''.join(client.c.transcript)!r}",
-    )
+    client.finish()
     return code

@@ -19,7 +19,7 @@ import numpy as np
 
 from duplex.apps import protocol as P
 from duplex.apps.connect import AudioEnds, Client, ConnectConfig
-from duplex.apps.tui import _level_db
+from duplex.apps.tui import level_db
 
 
 class RemoteFeed(threading.Thread):
@@ -30,8 +30,9 @@ class RemoteFeed(threading.Thread):
         self.cfg, self.args = cfg, args
         self.commands: queue.Queue = queue.Queue()
         self.updates: queue.Queue = queue.Queue(maxsize=10_000)
+        self.ends = AudioEnds(args)
         self.client = Client(
-            cfg, None, report=self._report, warn=self._warn, commands=self.commands
+            cfg, self.ends.prepare, report=self._report, warn=self._warn, commands=self.commands
         )
         self.ended = False
         self.error: str | None = None
@@ -62,8 +63,8 @@ class RemoteFeed(threading.Thread):
         elif "levels" in obj:
             pcm_in, pcm_out = obj["levels"]
             self._post(
-                level_in=_level_db(P.int16_to_pcm(pcm_in)),
-                level_out=_level_db(P.int16_to_pcm(pcm_out)),
+                level_in=level_db(P.int16_to_pcm(pcm_in)),
+                level_out=level_db(P.int16_to_pcm(pcm_out)),
             )
         elif "event" in obj:
             kind = obj["event"].get("event")
@@ -76,15 +77,13 @@ class RemoteFeed(threading.Thread):
             self._post(notice=line)
 
     def run(self) -> None:
-        ends = AudioEnds(self.args)
-        self.client.prepare = ends.prepare
         try:
             self.exit_code = asyncio.run(self.client.run())
         except Exception as e:
             self.exit_code = 1
             self.last_warning = f"duplex connect: {e}"
         finally:
-            ends.close()
+            self.ends.close()
             if self.exit_code:
                 self.error = self.last_warning or f"the client ended with status {self.exit_code}"
             self.ended = True

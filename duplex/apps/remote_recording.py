@@ -37,6 +37,7 @@ class RemoteRecorder:
         self.segments: list[Path] = []
         self.recorder: Recorder | None = None
         self.hello: P.Hello | None = None
+        self.state: bytes | None = None
         self.frame = 0
         self.sent: dict[int, np.ndarray] = {}
         self.tokens: dict[int, tuple[list[int], list[int]]] = {}
@@ -44,11 +45,24 @@ class RemoteRecorder:
         self.missing_tokens = 0
 
     def begin(self, hello: P.Hello, state: bytes | None = None, frame: int = 0) -> Path:
-        """Start a segment for server session `hello` at session frame `frame`."""
+        """Start a segment for server session `hello` at session frame `frame`; returns its
+        directory. The directory is written with the segment's first frame or event, so a
+        timeline that records nothing (reset before the first frame) leaves nothing behind."""
         self.close()
-        self.hello = hello
+        # Frames already sent stay pending: the server answers a frame after an event (a reset,
+        # a loaded state) only if it stepped it on the new timeline.
+        self.hello, self.state, self.frame = hello, state, frame
+        return self._directory()
+
+    def _directory(self) -> Path:
         n = len(self.segments)
-        directory = self.base if n == 0 else self.base.with_name(f"{self.base.name}-{n}")
+        return self.base if n == 0 else self.base.with_name(f"{self.base.name}-{n}")
+
+    def _open(self) -> Recorder:
+        """The current segment's recorder, created on first use."""
+        if self.recorder is not None:
+            return self.recorder
+        hello, directory = self.hello, self._directory()
         sampling = hello.extra.get("sampling") or {"seed": hello.extra.get("seed")}
         header = {
             "config": {
@@ -65,15 +79,12 @@ class RemoteRecorder:
             "server_session": hello.session,
         }
         self.recorder = Recorder(directory, header, hello.sample_rate, hello.frame_size)
-        if state is not None:
+        if self.state is not None:
             tmp = directory / ".initial.dstate.tmp"
-            tmp.write_bytes(state)
+            tmp.write_bytes(self.state)
             os.replace(tmp, directory / "initial.dstate")
         self.segments.append(directory)
-        # Frames already sent stay pending: the server answers a frame after an event (a reset,
-        # a loaded state) only if it stepped it on the new timeline.
-        self.frame = frame
-        return directory
+        return self.recorder
 
     def sent_frame(self, seq: int, pcm: np.ndarray) -> None:
         """The int16 frame `seq` as sent (what the model hears if the server steps it)."""
@@ -81,7 +92,7 @@ class RemoteRecorder:
 
     def received(self, msg: Any) -> None:
         """Fold in one server message."""
-        if self.recorder is None:
+        if self.hello is None:
             return
         if isinstance(msg, P.Tokens):
             self.tokens[msg.frame] = (msg.tokens_in, msg.tokens_out)
@@ -109,7 +120,7 @@ class RemoteRecorder:
             # Without the server's tokens the frame cannot be checked; keep the audio anyway.
             self.missing_tokens += 1
             tokens = ([], [])
-        self.recorder.frame(
+        self._open().frame(
             self.frame,
             P.int16_to_pcm(pcm_in),
             P.int16_to_pcm(out),
@@ -124,17 +135,10 @@ class RemoteRecorder:
     def _event(self, data: dict[str, Any]) -> None:
         event = data.get("event")
         if event == "typed":
-            self.recorder.control(int(data["frame"]), "type", text=str(data.get("text", "")))
+            self._open().control(int(data["frame"]), "type", text=str(data.get("text", "")))
 
     def timeline_changed(self, frame: int, state: bytes | None) -> None:
         """A reset (`state` None) or a state load moved the session to `frame`."""
-        if self.recorder is not None and self.recorder.frames == 0 and self.hello is not None:
-            # Nothing recorded on the old timeline: this segment starts from here instead.
-            directory = self.segments.pop()
-            self.recorder.close()
-            self.recorder = None
-            for name in ("header.json", "in.wav", "out.wav", "events.jsonl", "initial.dstate"):
-                (directory / name).unlink(missing_ok=True)
         if self.hello is not None:
             self.begin(self.hello, state, frame)
 

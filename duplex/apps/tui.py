@@ -36,7 +36,7 @@ HELP_TEXT = (
 )
 
 
-def _level_db(x: np.ndarray) -> float:
+def level_db(x: np.ndarray) -> float:
     rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
     return max(-60.0, 20 * np.log10(rms + 1e-9))
 
@@ -169,8 +169,8 @@ class Worker(threading.Thread):
                 self._post(
                     text=res.text,
                     user_text=res.user_text,
-                    level_in=_level_db(heard),
-                    level_out=_level_db(res.pcm),
+                    level_in=level_db(heard),
+                    level_out=level_db(res.pcm),
                 )
         except AudioUnavailableError as e:
             self.error = str(e)
