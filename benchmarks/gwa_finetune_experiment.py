@@ -56,19 +56,7 @@ def make_batch(step: int, rows: slice) -> R.RecallBatch:
             samples.append(hard_niah(rng))
         else:
             samples.append(hard_copy(rng))
-    A = max(sum(i.size for i in s.items) for s in samples)
-    where = np.full((len(samples), A), -1, dtype=np.int64)
-    tg = np.zeros((len(samples), A), dtype=np.int64)
-    for b, s in enumerate(samples):
-        idx = np.concatenate(s.items)
-        where[b, : idx.size] = idx
-        tg[b, : idx.size] = s.ids[idx]
-    return R.RecallBatch(
-        torch.from_numpy(np.stack([s.ids for s in samples])),
-        torch.from_numpy(where),
-        torch.from_numpy(tg),
-        torch.tensor([s.offset for s in samples]),
-    )
+    return R.collate(samples)
 
 
 def main() -> None:

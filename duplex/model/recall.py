@@ -364,21 +364,26 @@ def make_batch_fn(T: int, global_batch: int, seed: int):
         for r in range(*rows.indices(global_batch)):
             rng = np.random.default_rng([seed, step, r])
             samples.append(training_sample(T, rng))
-        A = max(sum(i.size for i in s.items) for s in samples)
-        where = np.full((len(samples), A), -1, dtype=np.int64)
-        tg = np.zeros((len(samples), A), dtype=np.int64)
-        for b, s in enumerate(samples):
-            idx = np.concatenate(s.items)
-            where[b, : idx.size] = idx
-            tg[b, : idx.size] = s.ids[idx]
-        return RecallBatch(
-            torch.from_numpy(np.stack([s.ids for s in samples])),
-            torch.from_numpy(where),
-            torch.from_numpy(tg),
-            torch.tensor([s.offset for s in samples]),
-        )
+        return collate(samples)
 
     return make_batch
+
+
+def collate(samples: list[Sample]) -> RecallBatch:
+    """Samples of one length as a batch; answer positions padded with -1 to the longest."""
+    A = max(sum(i.size for i in s.items) for s in samples)
+    where = np.full((len(samples), A), -1, dtype=np.int64)
+    tg = np.zeros((len(samples), A), dtype=np.int64)
+    for b, s in enumerate(samples):
+        idx = np.concatenate(s.items)
+        where[b, : idx.size] = idx
+        tg[b, : idx.size] = s.ids[idx]
+    return RecallBatch(
+        torch.from_numpy(np.stack([s.ids for s in samples])),
+        torch.from_numpy(where),
+        torch.from_numpy(tg),
+        torch.tensor([s.offset for s in samples]),
+    )
 
 
 def recall_loss(model: torch.nn.Module, batch: RecallBatch) -> tuple[torch.Tensor, dict]:
