@@ -122,16 +122,30 @@ def test_exec_mask_and_snapshot_restore():
     torch.manual_seed(2)
     model = Backbone(small_cfg(("gdn", "gwa", "swa", "mlp"))).double().eval()
     ids = torch.randint(0, VOCAB, (2, 40))
+    junk = torch.randint(0, VOCAB, (2, 5))
     with torch.no_grad():
         ref = model(ids)
         with model.streaming(2):
             model.step(ids[:, :20])
             snap = model.get_state()
+            # Row 1 is masked for the junk: it must come out of it untouched (no restore), so
+            # its continuation with the true tail matches the offline run; row 0 stepped the
+            # junk and does not.
             model.set_exec_mask(torch.tensor([True, False]))
-            junk = torch.randint(0, VOCAB, (2, 5))
             model.step(junk)
             model.set_exec_mask(torch.tensor([True, True]))
-            # row 1 skipped the junk: continuing it with the true tail matches the offline run
+            tail = model.step(ids[:, 20:])
+            torch.testing.assert_close(tail[1], ref[1, 20:], rtol=1e-9, atol=1e-9)
+            assert not torch.allclose(tail[0], ref[0, 20:])
+            # The same with the mask on row 0 instead: now row 0 matches.
+            model.set_state(snap)
+            model.set_exec_mask(torch.tensor([False, True]))
+            model.step(junk)
+            model.set_exec_mask(torch.tensor([True, True]))
+            tail = model.step(ids[:, 20:])
+            torch.testing.assert_close(tail[0], ref[0, 20:], rtol=1e-9, atol=1e-9)
+            assert not torch.allclose(tail[1], ref[1, 20:])
+            # Restoring the snapshot undoes the junk for both rows.
             model.set_state(snap)
             tail = model.step(ids[:, 20:])
             torch.testing.assert_close(tail, ref[:, 20:], rtol=1e-9, atol=1e-9)
@@ -142,6 +156,25 @@ def test_exec_mask_and_snapshot_restore():
             model.reset_rows(torch.tensor([True, False]))
             tail1 = model.step(ids[1:2].expand(2, -1)[:, 20:])
     torch.testing.assert_close(tail1[0], model(ids[1:2, 20:])[0], rtol=1e-9, atol=1e-9)
+
+
+def test_masked_rows_leave_the_gwa_history_untouched():
+    """The GWA layer alone: a masked row appends nothing to its history and its reads go on
+    exactly as if the masked step never happened."""
+    torch.manual_seed(3)
+    model = Backbone(small_cfg(("gwa", "mlp"))).double().eval()
+    ids = torch.randint(0, VOCAB, (2, 40))
+    junk = torch.randint(0, VOCAB, (2, 6))
+    with torch.no_grad():
+        ref = model(ids)
+        with model.streaming(2):
+            model.step(ids[:, :25])
+            model.set_exec_mask(torch.tensor([False, True]))
+            model.step(junk)
+            model.set_exec_mask(torch.tensor([True, True]))
+            tail = model.step(ids[:, 25:])
+    torch.testing.assert_close(tail[0], ref[0, 25:], rtol=1e-9, atol=1e-9)
+    assert not torch.allclose(tail[1], ref[1, 25:])
 
 
 def test_factored_attend_equals_summed_keys():
