@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from duplex.model.ngram_index import NgramIndex, NgramIndexConfig
+from duplex.model.ngram_index import NgramIndex, NgramIndexConfig, _bucket, ngram_hashes
 from duplex.model.token_log import TokenLog
 
 
@@ -51,20 +51,36 @@ def test_matches_brute_force_with_rehash_and_spill(tmp_path):
 
 
 def test_bounded_walk_returns_only_true_matches():
+    """A walk of `max_walk` chain links returns the true matches among those links, newest
+    first: a prefix of the brute-force answer, cut short only where the walk ran out."""
     rng = np.random.default_rng(2)
-    ids = rng.integers(0, 50, size=4000)
+    ids = rng.integers(0, 5, size=4000)
     cfg = NgramIndexConfig(orders=(2, 4), per_order=2, max_walk=4, init_bits=3, max_load=64)
     log = TokenLog(np.uint16)
     index = NgramIndex(log, cfg)
     log.append(ids)
     index.update()
-    ts = np.arange(3000, 4000)
+    ts = np.arange(3400, 4000)
     got = index.lookup(ts)
-    for j, t in enumerate(ts):
-        for oi, m in enumerate(cfg.orders):
-            for p in got[j, oi]:
-                if p >= 0:
-                    assert p < t and np.array_equal(ids[p - m + 1 : p + 1], ids[t - m + 1 : t + 1])
+    for oi, m in enumerate(cfg.orders):
+        # The chain of t: every earlier position whose m-gram falls in t's bucket, newest first.
+        bucket = _bucket(ngram_hashes(ids, m), index.bits[oi])
+        found = cut = 0
+        for j, t in enumerate(ts):
+            row = [int(x) for x in got[j, oi] if x >= 0]
+            want = brute(ids, int(t), m, cfg.per_order)
+            assert row == want[: len(row)], (int(t), m, row, want)
+            chain = np.flatnonzero(bucket[m - 1 : t] == bucket[t])[::-1] + m - 1
+            gram = ids[t - m + 1 : t + 1]
+            walked = [
+                int(p) for p in chain[: cfg.max_walk] if (ids[p - m + 1 : p + 1] == gram).all()
+            ]
+            assert row == walked[: cfg.per_order], (int(t), m, row, walked)
+            found += len(row)
+            cut += len(row) < len(want)
+        # Both orders find plenty (an index that returns nothing fails here), and the bound
+        # cuts some walks short.
+        assert found > len(ts) // 4 and cut > 0, (m, found, cut)
 
 
 def test_truncate_equals_fresh_index(tmp_path):
