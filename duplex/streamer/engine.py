@@ -16,7 +16,8 @@ from __future__ import annotations
 import collections
 import itertools
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,20 @@ import torch
 from duplex.model.duplex_lm import DuplexLM
 from duplex.model.tokenizer import PAD, ByteTokenizer
 from duplex.streamer.recording import Recorder
-from duplex.streamer.statefile import fingerprint, load_state, save_state
+from duplex.streamer.statefile import (
+    StateFileError,
+    StateKeys,
+    fingerprint,
+    load_state,
+    save_state,
+)
 from duplex.streamer.stats import Stats
+
+# Largest frame count, position or position offset a loaded state may hold (2**40 frames is
+# 700 years at 50 frames a second): far from any integer overflow in later steps.
+MAX_POSITION = 1 << 40
+# Largest magnitude of any value in a loaded state's float tensors.
+MAX_STATE_VALUE = 1e6
 
 
 @dataclass
@@ -65,6 +78,16 @@ def sample(
 def quantize16(x: np.ndarray) -> np.ndarray:
     """Clip to [-1, 1] and round to the 16-bit grid (k / 32767), as float32."""
     return (np.round(np.clip(x, -1.0, 1.0) * 32767.0) / 32767.0).astype(np.float32)
+
+
+@dataclass
+class CheckedState:
+    """A state file read and checked by `Engine.check_state_file`, ready to load."""
+
+    tensors: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+    sampling: SamplingConfig | None
+    label: str
 
 
 @dataclass
@@ -155,6 +178,13 @@ class Engine:
         self._ids = itertools.count()
         self._tok = ByteTokenizer()
         self._open = False
+        # Limits on what a loaded state may hold (see `check_state_file`).
+        self.max_state_tokens = 1 << 22
+        self.max_typed_bytes = 1 << 16
+        # A server's secrets: saved states are signed with them, and with
+        # `require_signed_states` only states they signed load.
+        self.state_keys: StateKeys | None = None
+        self.require_signed_states = False
         self.model_fingerprint = fingerprint(model, model.cfg.to_dict())
         self.codec_fingerprint = fingerprint(codec, getattr(codec, "name", type(codec).__name__))
 
@@ -182,7 +212,7 @@ class Engine:
     def join(
         self,
         sampling: SamplingConfig | None = None,
-        state: str | Path | None = None,
+        state: str | Path | CheckedState | None = None,
         recorder: Recorder | None = None,
     ) -> Session:
         """Start a session in a free slot: fresh, or continuing a saved state file.
@@ -210,7 +240,7 @@ class Engine:
         )
         if state is not None:
             try:
-                self._load_into(session, Path(state))
+                self._load_into(session, state if isinstance(state, CheckedState) else Path(state))
             except BaseException:
                 # Back to the batch as it was: a refused state changes nothing.
                 if self.rows > max(1, slot):
@@ -412,40 +442,148 @@ class Engine:
             "text_bytes": list(session._text_bytes),
             "user_bytes": list(session._user_bytes),
         }
-        return save_state(path, tensors, meta, self.model_fingerprint, self.codec_fingerprint)
+        return save_state(
+            path, tensors, meta, self.model_fingerprint, self.codec_fingerprint, self.state_keys
+        )
 
-    def _load_into(self, session: Session, path: Path) -> None:
-        """Load a state file into a session's slot; any error leaves everything unchanged."""
-        tensors, meta = load_state(path, self.model_fingerprint, self.codec_fingerprint)
+    def check_state_file(self, path: str | Path, *, label: str | None = None) -> CheckedState:
+        """Read a state file and check every value in it against this engine's model and codec
+        (types, ranges, shapes, history length <= `max_state_tokens`) without touching any
+        slot: a refused file is a StateFileError saying why. Safe to call from any thread.
+
+        With `require_signed_states`, only states signed by one of `state_keys` pass."""
+        label = label or str(path)
+        tensors, meta = load_state(
+            path,
+            self.model_fingerprint,
+            self.codec_fingerprint,
+            keys=self.state_keys,
+            require_signature=self.require_signed_states,
+            label=label,
+        )
+        try:
+            return self._check_state(tensors, meta, label)
+        except StateFileError:
+            raise
+        except (TypeError, ValueError, KeyError, OverflowError, RuntimeError) as e:
+            # Belt and braces: whatever the checks above missed is still a refusal, not a crash.
+            raise StateFileError(f"{label}: unusable state ({_safe(e)})") from None
+
+    def _check_state(self, tensors: dict[str, torch.Tensor], meta: Any, label: str) -> CheckedState:
+        def bad(what: str) -> StateFileError:
+            return StateFileError(f"{label}: {what}")
+
+        def is_int(x: Any, lo: int, hi: int) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+
+        def int_list(x: Any, lo: int, hi: int, most: int) -> bool:
+            return isinstance(x, list) and len(x) <= most and all(is_int(v, lo, hi) for v in x)
+
+        cfg = self.model.cfg
+        if not isinstance(meta, dict):
+            raise bad("meta is not an object")
+        for key in ("frame", "prev_text", "prev_user_text", "pending_c0", "model_plain"):
+            if key not in meta:
+                raise bad(f"state file lacks {key!r}")
+        if not is_int(meta["frame"], 0, MAX_POSITION):
+            raise bad(f"frame must be an integer in [0, {MAX_POSITION}]")
+        for key in ("prev_text", "prev_user_text"):
+            if not is_int(meta[key], 0, cfg.text_vocab - 1):
+                raise bad(f"{key} must be a text token in [0, {cfg.text_vocab})")
+        if not int_list(meta["pending_c0"], 0, cfg.codebook_size - 1, self.delay):
+            raise bad(
+                f"pending_c0 must hold at most {self.delay} codes in [0, {cfg.codebook_size})"
+            )
+        typed = meta.get("typed", [])
+        if not int_list(typed, 0, 255, self.max_typed_bytes):
+            raise bad(f"typed must be at most {self.max_typed_bytes} bytes (integers 0..255)")
+        for key in ("text_bytes", "user_bytes"):
+            if not int_list(meta.get(key, []), 0, 255, 3):
+                raise bad(f"{key} must be at most 3 bytes (integers 0..255)")
+        for key in ("transcript", "user_transcript"):
+            v = meta.get(key, "")
+            if not isinstance(v, str) or len(v) > 4 * self.max_state_tokens + 64:
+                raise bad(f"{key} must be a string of at most {4 * self.max_state_tokens} chars")
+        sampling = meta.get("sampling")
+        if sampling is not None:
+            sampling = _check_sampling(sampling, bad)
+        for key in ("model_plain", "codec_plain"):
+            plain = meta.get(key, {})
+            if not isinstance(plain, dict):
+                raise bad(f"{key} is not an object")
+            for name, v in plain.items():
+                if name.endswith(("/lengths", "/offsets")):
+                    ok = int_list(v, 0, MAX_POSITION, 1)
+                else:
+                    ok = (
+                        v is None
+                        or isinstance(v, bool | int | float)
+                        or (isinstance(v, str) and len(v) <= 256)
+                    )
+                if not ok:
+                    raise bad(f"{key} field {_safe(name)!r} is malformed or out of range")
+        history = 0
+        for name, t in tensors.items():
+            if name in ("session/prev_audio", "session/rng"):
+                continue
+            if not name.startswith(("model/", "codec/")):
+                raise bad(f"unknown tensor {_safe(name)!r}")
+            if t.dtype.is_floating_point:
+                if t.numel() and not bool(torch.isfinite(t).all()):
+                    raise bad(f"tensor {name!r} holds NaN or infinite values")
+                if t.numel() and float(t.abs().max()) > MAX_STATE_VALUE:
+                    raise bad(f"tensor {name!r} holds values beyond +-{MAX_STATE_VALUE:g}")
+            elif t.dtype != torch.bool and t.numel():
+                if "/ids." in name:
+                    history += t.numel()
+                elif int(t.min()) < -1 or int(t.max()) > MAX_POSITION:
+                    raise bad(f"tensor {name!r} holds values outside [-1, {MAX_POSITION}]")
+        if history > self.max_state_tokens:
+            raise bad(
+                f"history of {history} tokens is longer than this engine allows "
+                f"({self.max_state_tokens})"
+            )
+        prev_audio = tensors.get("session/prev_audio")
+        if prev_audio is None or tensors.get("session/rng") is None:
+            raise bad("state file lacks the session's tokens or random generator")
+        if prev_audio.shape != (self.K,) or prev_audio.dtype != torch.int64:
+            raise bad(f"saved audio tokens have shape {tuple(prev_audio.shape)}, not ({self.K},)")
+        if int(prev_audio.min()) < 0 or int(prev_audio.max()) > cfg.audio_pad:
+            raise bad(f"saved audio tokens fall outside [0, {cfg.audio_pad}]")
+        rng = tensors["session/rng"]
+        try:
+            torch.Generator().set_state(rng)
+        except (RuntimeError, TypeError) as e:
+            raise bad(f"the saved random generator state is unusable: {e}") from None
+        return CheckedState(tensors, meta, sampling, label)
+
+    def _load_into(self, session: Session, state: Path | CheckedState) -> None:
+        """Load a state into a session's slot. Every value is checked first (see
+        `check_state_file`); any error leaves everything unchanged."""
+        st = state if isinstance(state, CheckedState) else self.check_state_file(state)
+        tensors, meta, label = st.tensors, st.meta, st.label
         rows = torch.tensor([session.slot])
 
         def part(prefix: str) -> dict[str, torch.Tensor]:
             return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
 
-        try:
-            prev_audio = tensors["session/prev_audio"]
-            rng = tensors["session/rng"]
-            fields = (meta["frame"], meta["prev_text"], meta["prev_user_text"], meta["pending_c0"])
-        except KeyError as e:
-            raise ValueError(f"{path}: state file lacks {e}") from None
-        if prev_audio.shape != (self.K,):
-            raise ValueError(f"{path}: saved audio tokens have shape {tuple(prev_audio.shape)}")
         before_m = self.model.get_rows(rows)
         before_c = self.codec.get_rows(rows)
         try:
             self.model.load_rows(rows, part("model/"), meta["model_plain"])
-            self.codec.load_rows(rows, part("codec/"), meta["codec_plain"])
-        except ValueError:
+            self.codec.load_rows(rows, part("codec/"), meta.get("codec_plain", {}))
+        except Exception as e:
             self.model.set_rows(rows, before_m)
             self.codec.set_rows(rows, before_c)
-            raise
-        session.generator.set_state(rng)
-        session.prev_audio = prev_audio.clone()
-        session.frame, session.prev_text, session.prev_user_text = fields[0], fields[1], fields[2]
-        session.pending_c0 = collections.deque(fields[3])
-        if session.explicit_sampling is False and isinstance(meta.get("sampling"), dict):
+            raise StateFileError(f"{label}: {_safe(e)}") from None
+        session.generator.set_state(tensors["session/rng"])
+        session.prev_audio = tensors["session/prev_audio"].clone()
+        session.frame = meta["frame"]
+        session.prev_text, session.prev_user_text = meta["prev_text"], meta["prev_user_text"]
+        session.pending_c0 = collections.deque(meta["pending_c0"])
+        if session.explicit_sampling is False and st.sampling is not None:
             # No sampling asked for: continue with the settings the state was saved with.
-            session.sampling = SamplingConfig(**meta["sampling"])
+            session.sampling = st.sampling
         session.typed = collections.deque(meta.get("typed", []))
         # Half-decoded UTF-8 characters continue where they stopped.
         session._text_bytes = bytearray(meta.get("text_bytes", []))
@@ -454,3 +592,27 @@ class Engine:
             session.transcript = [meta["transcript"]]
         if meta.get("user_transcript"):
             session.user_transcript = [meta["user_transcript"]]
+
+
+def _safe(x: Any) -> str:
+    """Text from a state file, fit to show: only plain characters, at most 160."""
+    return "".join(c if c.isalnum() or c in " _./:-,()'=<>+" else "?" for c in str(x)[:160])
+
+
+def _check_sampling(x: Any, bad: Callable[[str], Exception]) -> SamplingConfig:
+    """A saved sampling config, every field of the right type and in range."""
+    names = {f.name for f in fields(SamplingConfig)}
+    if not isinstance(x, dict) or set(x) != names:
+        raise bad(f"sampling must be an object with exactly the fields {sorted(names)}")
+    for key in ("temperature", "text_temperature"):
+        v = x[key]
+        if not isinstance(v, int | float) or isinstance(v, bool) or not 0.0 <= v <= 100.0:
+            raise bad(f"sampling {key} must be a number in [0, 100]")
+    for key in ("top_k", "text_top_k"):
+        v = x[key]
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 31:
+            raise bad(f"sampling {key} must be an integer in [0, 2**31)")
+    seed = x["seed"]
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << 63:
+        raise bad("sampling seed must be an integer in [0, 2**63)")
+    return SamplingConfig(**x)

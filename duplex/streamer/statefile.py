@@ -8,12 +8,22 @@ Layout (little-endian):
     header     header_len bytes of UTF-8 JSON: fingerprints, metadata, tensor index
     payload    the tensors' raw bytes, at the offsets the index gives
     checksum   32 bytes: SHA-256 of everything above
+    signature  48 bytes (version 2): key id (16 bytes) and HMAC-SHA256(key, everything above
+               the checksum); all zero when the file is unsigned
 
 A state belongs to one model and one codec: the header carries both fingerprints, and loading
 into anything else is a `StateFileError` naming what differs. Loading validates the whole file
-(magic, version, sizes, checksum, every tensor's bounds) before returning anything, so a corrupt
-or truncated file changes nothing. Saving writes a temporary file and renames it, so a full disk
-or a crash never leaves a half-written state in place of a good one.
+(magic, version, sizes, checksum, the header's types, every tensor's dtype, shape and bounds)
+before returning anything, so a corrupt, truncated or crafted file changes nothing and can never
+make the reader allocate more than the file holds. Saving writes a temporary file and renames it,
+so a full disk or a crash never leaves a half-written state in place of a good one (and a later
+save removes the temporary files of writers that died).
+
+A state file is untrusted input: the checksum only catches accidents, since anyone can recompute
+it. A server that hands out states signs them with its own secret (`StateKeys`); it then accepts
+back only states carrying a valid signature from one of its keys (the first key signs, the others
+still verify, so a key can be rotated). Whatever a file holds, `duplex.streamer.engine` still
+checks every value against the model before a slot changes.
 """
 
 from __future__ import annotations
@@ -21,8 +31,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import hmac
 import json
+import math
 import os
+import re
 import struct
 import time
 from pathlib import Path
@@ -32,8 +45,16 @@ import numpy as np
 import torch
 
 MAGIC = b"DPLXSTAT"
-VERSION = 1
+VERSION = 2
+_READS = (1, 2)
 _PREFIX = struct.Struct("<8sII")
+_SIG = 48
+_KEY_ID = 16
+MAX_HEADER_BYTES = 4 << 20
+MAX_TENSORS = 4096
+MAX_DIMS = 8
+_NAME = re.compile(r"^[A-Za-z0-9_.:/-]{1,256}$")
+_FINGERPRINT = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _DTYPES = {
     "float32": torch.float32,
     "float64": torch.float64,
@@ -50,6 +71,45 @@ _NAMES = {v: k for k, v in _DTYPES.items()}
 
 class StateFileError(ValueError):
     """A state file that cannot be loaded here: corrupt, truncated, or for another model/codec."""
+
+
+class StateKeys:
+    """Secrets that sign and verify state files: the first signs, every one verifies.
+
+    A key is identified in the file by the first 16 bytes of SHA-256 over a label and the key,
+    so the id reveals nothing usable about the key.
+    """
+
+    def __init__(self, keys: list[bytes]) -> None:
+        keys = [bytes(k) for k in keys]
+        if not keys or any(len(k) < 16 for k in keys):
+            raise ValueError("state keys must be at least 16 bytes each, and one is needed")
+        self._keys = {self.key_id(k): k for k in keys}
+        self.signing_id = self.key_id(keys[0])
+
+    @staticmethod
+    def key_id(key: bytes) -> bytes:
+        return hashlib.sha256(b"duplex state key id\0" + key).digest()[:_KEY_ID]
+
+    @classmethod
+    def random(cls) -> StateKeys:
+        return cls([os.urandom(32)])
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> StateKeys:
+        """One secret per non-empty line (at least 16 characters); the first one signs."""
+        lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
+        return cls([ln.encode("utf-8") for ln in lines if ln])
+
+    def signer(self) -> hmac.HMAC:
+        """An HMAC with the signing key: feed it the body, append id + digest."""
+        return hmac.new(self._keys[self.signing_id], digestmod=hashlib.sha256)
+
+    def verify(self, body: bytes, sig: bytes) -> bool:
+        key = self._keys.get(sig[:_KEY_ID])
+        if key is None:
+            return False
+        return hmac.compare_digest(hmac.new(key, body, hashlib.sha256).digest(), sig[_KEY_ID:])
 
 
 def fingerprint(module: torch.nn.Module, config: Any = None) -> str:
@@ -83,9 +143,11 @@ def save_state(
     meta: dict[str, Any],
     model_fingerprint: str,
     codec_fingerprint: str,
+    keys: StateKeys | None = None,
 ) -> Path:
-    """Write a state file atomically; returns its path."""
+    """Write a state file atomically (signed with `keys` when given); returns its path."""
     path = Path(path)
+    _remove_orphans(path)
     index, chunks, offset = [], [], 0
     for name, t in tensors.items():
         if t.dtype not in _NAMES:
@@ -116,10 +178,14 @@ def save_state(
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
+            mac = keys.signer() if keys is not None else None
             for piece in (_PREFIX.pack(MAGIC, VERSION, len(hb)), hb, *chunks):
                 h.update(piece)
                 f.write(piece)
+                if mac is not None:
+                    mac.update(piece)
             f.write(h.digest())
+            f.write(bytes(_SIG) if keys is None else keys.signing_id + mac.digest())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -130,67 +196,168 @@ def save_state(
     return path
 
 
+def _remove_orphans(path: Path) -> None:
+    """Delete temporary files a killed writer left beside `path` (its process is gone)."""
+    with contextlib.suppress(OSError):
+        for tmp in path.parent.glob(f".{glob_escape(path.name)}.tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+                continue
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+
+def glob_escape(name: str) -> str:
+    return re.sub(r"([*?\[])", r"[\1]", name)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def read_header(path: str | os.PathLike) -> dict[str, Any]:
     """The header of a state file (validated like `load_state`, fingerprints not checked)."""
-    return _read(Path(path))[0]
+    return _parse(_bytes(Path(path)), str(path), None, False)[0]
 
 
-def _read(path: Path) -> tuple[dict[str, Any], bytes]:
+def _bytes(path: Path) -> bytes:
     try:
-        data = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise StateFileError(f"state file {path} does not exist") from None
+    except OSError as e:
+        raise StateFileError(f"cannot read state file {path}: {e.strerror}") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a state file may hold")
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _parse(
+    data: bytes, label: str, keys: StateKeys | None, require_signature: bool
+) -> tuple[dict[str, Any], bytes, bool]:
+    """Validate a whole state file; returns (header, payload, signed by one of `keys`)."""
     if len(data) < _PREFIX.size + 32:
-        raise StateFileError(f"{path} is too short to be a duplex state file ({len(data)} bytes)")
+        raise StateFileError(f"{label} is too short to be a duplex state file ({len(data)} bytes)")
     magic, version, hlen = _PREFIX.unpack_from(data)
     if magic != MAGIC:
-        raise StateFileError(f"{path} is not a duplex state file (bad magic {magic!r})")
-    if version != VERSION:
+        raise StateFileError(f"{label} is not a duplex state file (bad magic {magic[:8]!r})")
+    if version not in _READS:
         raise StateFileError(
-            f"{path} is state format version {version}; this duplex reads version {VERSION}"
+            f"{label} is state format version {version}; this duplex reads versions "
+            f"{', '.join(map(str, _READS))}"
         )
-    body, digest = data[:-32], data[-32:]
+    tail = 32 + (_SIG if version >= 2 else 0)
+    if len(data) < _PREFIX.size + tail:
+        raise StateFileError(f"{label} is truncated ({len(data)} bytes)")
+    body, digest = data[: len(data) - tail], data[len(data) - tail : len(data) - tail + 32]
+    sig = data[len(data) - tail + 32 :]
     if hashlib.sha256(body).digest() != digest:
-        raise StateFileError(f"{path} is corrupt or truncated (checksum mismatch)")
+        raise StateFileError(f"{label} is corrupt or truncated (checksum mismatch)")
+    signed = keys is not None and len(sig) == _SIG and keys.verify(body, sig)
+    if require_signature and not signed:
+        raise StateFileError(
+            f"{label} is not signed by this server: it accepts only the states it handed out"
+        )
     start = _PREFIX.size
-    if start + hlen > len(body):
-        raise StateFileError(f"{path} is truncated (header runs past the end)")
+    if hlen > MAX_HEADER_BYTES or start + hlen > len(body):
+        raise StateFileError(f"{label} is truncated (header runs past the end)")
     try:
-        header = json.loads(body[start : start + hlen])
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StateFileError(f"{path} has an unreadable header: {e}") from None
+        header = json.loads(body[start : start + hlen].decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise StateFileError(f"{label} has an unreadable header: {str(e)[:200]}") from None
     payload = body[start + hlen :]
-    for entry in header.get("tensors", []):
-        end = entry["offset"] + entry["nbytes"]
-        if entry["dtype"] not in _DTYPES or end > len(payload) or entry["offset"] < 0:
-            raise StateFileError(f"{path}: tensor {entry.get('name')!r} is out of bounds")
-    return header, payload
+    _check_header(header, len(payload), label)
+    return header, payload, signed
+
+
+def _check_header(header: Any, payload_len: int, label: str) -> None:
+    """Types and bounds of every header field the loader relies on."""
+
+    def bad(what: str) -> StateFileError:
+        return StateFileError(f"{label}: header {what}")
+
+    if not isinstance(header, dict):
+        raise bad("is not a JSON object")
+    for key in ("model_fingerprint", "codec_fingerprint"):
+        v = header.get(key)
+        if not isinstance(v, str) or not _FINGERPRINT.match(v):
+            raise bad(f"field {key} is missing or not a fingerprint")
+    if not isinstance(header.get("meta"), dict):
+        raise bad("field meta is missing or not an object")
+    index = header.get("tensors")
+    if not isinstance(index, list) or len(index) > MAX_TENSORS:
+        raise bad(f"field tensors is missing, not a list, or longer than {MAX_TENSORS}")
+    names = set()
+    for n, e in enumerate(index):
+        if not isinstance(e, dict):
+            raise bad(f"tensor entry {n} is not an object")
+        name = e.get("name")
+        if not isinstance(name, str) or not _NAME.match(name) or name in names:
+            raise bad(f"tensor entry {n} has a missing, malformed or repeated name")
+        names.add(name)
+        dtype, shape, offset, nbytes = (e.get(k) for k in ("dtype", "shape", "offset", "nbytes"))
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise bad(f"tensor {name!r} has unknown dtype")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > MAX_DIMS
+            or not all(_is_int(d) and d >= 0 for d in shape)
+        ):
+            raise bad(f"tensor {name!r} has a malformed shape")
+        if not _is_int(offset) or not _is_int(nbytes) or offset < 0 or nbytes < 0:
+            raise bad(f"tensor {name!r} has a malformed offset or size")
+        itemsize = torch.empty((), dtype=_DTYPES[dtype]).element_size()
+        if math.prod(shape) * itemsize != nbytes:
+            raise StateFileError(
+                f"{label}: tensor {name!r} declares shape {shape} but holds {nbytes} bytes"
+            )
+        if offset + nbytes > payload_len:
+            raise StateFileError(f"{label}: tensor {name!r} is out of bounds")
 
 
 def load_state(
     path: str | os.PathLike,
     model_fingerprint: str | None = None,
     codec_fingerprint: str | None = None,
+    *,
+    keys: StateKeys | None = None,
+    require_signature: bool = False,
+    label: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read and validate a state file; returns (tensors, meta).
 
     With fingerprints given, a state saved for another model or codec is a StateFileError.
+    With `require_signature`, so is a state not signed by one of `keys`. `label` names the file
+    in error messages instead of its path (a server does not show its temporary paths).
     """
     path = Path(path)
-    header, payload = _read(path)
+    label = label or str(path)
+    header, payload, _ = _parse(_bytes(path), label, keys, require_signature)
     for what, want in (("model", model_fingerprint), ("codec", codec_fingerprint)):
-        have = header.get(f"{what}_fingerprint")
+        have = header[f"{what}_fingerprint"]
         if want is not None and have != want:
             raise StateFileError(
-                f"{path} was saved for a different {what} (fingerprint {have}, "
+                f"{label} was saved for a different {what} (fingerprint {have}, "
                 f"this {what} is {want}); load it with the {what} that saved it"
             )
     tensors = {}
     for e in header["tensors"]:
+        dtype = _DTYPES[e["dtype"]]
         if e["nbytes"] == 0:
-            tensors[e["name"]] = torch.empty(e["shape"], dtype=_DTYPES[e["dtype"]])
+            # Zero elements (checked against the size): nothing to allocate.
+            tensors[e["name"]] = torch.empty(e["shape"], dtype=dtype)
             continue
         raw = np.frombuffer(payload, dtype=np.uint8, count=e["nbytes"], offset=e["offset"])
-        t = torch.from_numpy(raw.copy()).view(_DTYPES[e["dtype"]]).reshape(e["shape"])
-        tensors[e["name"]] = t
+        tensors[e["name"]] = torch.from_numpy(raw.copy()).view(dtype).reshape(e["shape"])
     return tensors, header["meta"]
