@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from duplex.streamer.fifo import BlockFifo, FrameFifo
+from duplex.streamer.fifo import BlockFifo, FrameFifo, _Ring
 
 
 def _signal(n: int) -> np.ndarray:
@@ -97,10 +98,26 @@ def test_block_fifo_prefill_and_overflow() -> None:
     np.testing.assert_array_equal(fifo.pull(8), [1, 1, 1, 1, 2, 2, 2, 2])
 
 
+class _SwitchingRing(_Ring):
+    """The ring, handing the CPU to the other thread half-way through a read or drop: after
+    its start moves and before its size shrinks, as an audio callback can interrupt it in a
+    real process. A fifo without its lock then loses or garbles samples."""
+
+    def __setattr__(self, name: str, value: object) -> None:
+        super().__setattr__(name, value)
+        if name == "start":
+            time.sleep(0.0005)
+
+
+def _interrupting(fifo: FrameFifo | BlockFifo) -> None:
+    fifo._ring.__class__ = _SwitchingRing
+
+
 def test_threads_lose_nothing() -> None:
     frame = 320
-    x = _signal(frame * 500)
+    x = _signal(frame * 300)
     fifo = FrameFifo(frame, max_frames=1000)
+    _interrupting(fifo)
     out = []
 
     def producer() -> None:
@@ -116,4 +133,29 @@ def test_threads_lose_nothing() -> None:
     t.join()
     while (f := fifo.pop()) is not None:
         out.append(f)
+    assert fifo.dropped_frames == 0 and len(fifo) == 0
     np.testing.assert_array_equal(np.concatenate(out), x)
+
+
+def test_block_fifo_threads_lose_nothing() -> None:
+    frame = 320
+    x = 0.5 + _signal(frame * 300)  # never zero: the only zeros pulled are underruns
+    fifo = BlockFifo(frame, max_frames=1000)
+    _interrupting(fifo)
+    out = []
+
+    def producer() -> None:
+        # Small blocks: the producer is still at work while the consumer pulls.
+        for i in range(0, x.size, 41):
+            fifo.push(x[i : i + 41])
+
+    t = threading.Thread(target=producer)
+    t.start()
+    while t.is_alive() or len(fifo):
+        out.append(fifo.pull(77))
+    t.join()
+    y = np.concatenate(out)
+    assert fifo.dropped_frames == 0 and len(fifo) == 0
+    # Every sample came out once, in order, and every zero was counted as an underrun.
+    assert np.count_nonzero(y == 0) == fifo.underrun_samples
+    np.testing.assert_array_equal(y[y != 0], x)
