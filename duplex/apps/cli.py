@@ -28,11 +28,13 @@ COMMANDS: list[tuple[str | None, str, str]] = [
     (None, "connect", "duplex.apps.connect"),
     ("bench", "engine", "duplex.streamer.bench"),
     ("eval", "recall", "duplex.model.recall"),
+    ("eval", "talk", "duplex.apps.eval_talk"),
     ("train", "recall", "duplex.model.recall_train"),
     ("bench", "codec", "duplex.codecs.bench"),
     ("bench", "gdn", "duplex.kernels.gated_delta.bench"),
     ("train", "codec", "duplex.codecs.train"),
     ("data", "speech", "duplex.data.speech"),
+    ("data", "conversations", "duplex.data.conversations"),
 ]
 
 GROUP_HELP = {

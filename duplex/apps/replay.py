@@ -32,6 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="print instead of showing the TUI (automatic with --check or without a terminal)",
     )
     p.add_argument("--output", metavar="WAV", help="write the replayed model audio here")
+    p.add_argument(
+        "--transcript",
+        metavar="FILE",
+        help="append one JSON line per finished utterance of the replay to FILE (see `duplex "
+        "talk --help`)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
 
 
@@ -48,12 +54,17 @@ def open_recording(directory: str | Path):
     return rec, cfg, model, codec
 
 
-def replay(directory: str | Path, output: str | Path | None = None, verbose: bool = True):
+def replay(
+    directory: str | Path,
+    output: str | Path | None = None,
+    verbose: bool = True,
+    transcript: str | Path | None = None,
+):
     """Replay a recording; returns (frames compared, index of first mismatch or None)."""
-
     from duplex.streamer.audio import FileAudio
     from duplex.streamer.conversation import printable
     from duplex.streamer.engine import Engine
+    from duplex.streamer.transcript import Transcript
 
     rec, cfg, model, codec = open_recording(directory)
     for note in rec.notes:
@@ -63,6 +74,7 @@ def replay(directory: str | Path, output: str | Path | None = None, verbose: boo
         out = FileAudio(codec.sample_rate, codec.frame_size, None, output)
         out.start()
     mismatch = None
+    lines = Transcript(codec.frame_rate, transcript) if transcript is not None else None
     with Engine(model, codec, slots=1) as engine:
         for what in ("model", "codec"):
             have = getattr(engine, f"{what}_fingerprint")
@@ -81,11 +93,14 @@ def replay(directory: str | Path, output: str | Path | None = None, verbose: boo
             for c in controls.get(start + i, []):
                 if c["kind"] == "type":
                     session.type_text(c["text"])
+            heard = rec.input_frame(i)
             if ev.get("codes_in"):
                 # The client ran the codec: the recorded codes are what the model heard.
                 res = engine.step({}, codes={session: ev["tokens_in"]})[session]
             else:
-                res = engine.step({session: rec.input_frame(i)})[session]
+                res = engine.step({session: heard})[session]
+            if lines is not None:
+                lines.frame(res.frame, heard, res.pcm, res.text, res.user_text, res.tokens_out)
             if out is not None:
                 out.write_frame(res.pcm)
             if res.tokens_out != ev["tokens_out"] and mismatch is None:
@@ -101,6 +116,8 @@ def replay(directory: str | Path, output: str | Path | None = None, verbose: boo
             if verbose and res.user_text:
                 print(f"[you] {printable(res.user_text)}", flush=True)
         recorded_audio = rec.audio_out
+    if lines is not None:
+        lines.close()
     if out is not None:
         out.close()
     return len(rec.frames), mismatch, recorded_audio
@@ -139,14 +156,14 @@ def run(args: argparse.Namespace) -> int:
     from duplex.streamer.statefile import StateFileError
 
     torch.set_num_threads(max(1, args.threads))
-    if not args.headless and not args.check and sys.stdout.isatty():
+    if not args.headless and not args.check and not args.transcript and sys.stdout.isatty():
         try:
             return replay_tui(args.dir, args.output)
         except (RecordingError, StateFileError, ValueError, FileNotFoundError, KeyError) as e:
             print(f"duplex replay: {e}", file=sys.stderr)
             return 2
     try:
-        n, mismatch, _ = replay(args.dir, args.output)
+        n, mismatch, _ = replay(args.dir, args.output, transcript=args.transcript)
     except (RecordingError, StateFileError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"duplex replay: {e}", file=sys.stderr)
         return 2

@@ -40,6 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state", metavar="FILE", help="start from a saved state file")
     p.add_argument("--save-state", metavar="FILE", help="save the final state to this file")
     p.add_argument("--record", metavar="DIR", help="record the session into this directory")
+    p.add_argument(
+        "--transcript",
+        metavar="FILE",
+        help="append one JSON line per finished utterance to FILE: "
+        '{"speaker": "user"|"model", "start": s, "end": s, "text": ...} (times of the speech '
+        "in the input for the user, in the output for the model)",
+    )
     p.add_argument("--text", default="", help="text to type to the model at the start")
     p.add_argument(
         "--headless",
@@ -136,19 +143,32 @@ def run_headless(args: argparse.Namespace, engine, session, audio) -> int:
     if args.max_seconds:
         max_frames = int(args.max_seconds * engine.frame_rate)
     printer = HeadlessPrinter(engine, session, json_lines=args.json)
+    transcript = open_transcript(args, engine)
     try:
         with audio:
-            run_conversation(engine, session, audio, printer, max_frames)
+            run_conversation(engine, session, audio, printer, max_frames, transcript=transcript)
     except AudioUnavailableError as e:
         return _fail(e, 3)
     except KeyboardInterrupt:
         pass
+    finally:
+        if transcript is not None:
+            transcript.close()
     printer.stats_line()
     if args.save_state:
         path = engine.save_session(session, args.save_state)
         print(f"[state] saved to {path}", flush=True)
     print(f"[done] {session.frame} frames; model said: {''.join(session.transcript)!r}")
     return 0
+
+
+def open_transcript(args: argparse.Namespace, engine):
+    """The --transcript writer, or None."""
+    if not getattr(args, "transcript", None):
+        return None
+    from duplex.streamer.transcript import Transcript
+
+    return Transcript(engine.frame_rate, args.transcript)
 
 
 def run_tui(args: argparse.Namespace, engine, session, audio) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 from duplex.streamer.audio import AudioBackend
 from duplex.streamer.engine import Engine, FrameResult, SamplingConfig, Session
 from duplex.streamer.recording import Recorder
+from duplex.streamer.transcript import Transcript
 
 
 @dataclass
@@ -65,11 +66,18 @@ def open_session(
 
 
 def step_frame(
-    engine: Engine, session: Session, audio: AudioBackend, frame: np.ndarray
+    engine: Engine,
+    session: Session,
+    audio: AudioBackend,
+    frame: np.ndarray,
+    transcript: Transcript | None = None,
 ) -> FrameResult:
-    """One frame: step the engine on what was heard, play the reply, fold in the device counters."""
+    """One frame: step the engine on what was heard, play the reply, fold in the device counters
+    (and extend the utterance transcript, when one is kept)."""
     res = engine.step({session: frame})[session]
     audio.write_frame(res.pcm)
+    if transcript is not None:
+        transcript.frame(res.frame, frame, res.pcm, res.text, res.user_text, res.tokens_out)
     for key, value in audio.counters().items():
         setattr(engine.stats, key, value)
     return res
@@ -82,6 +90,7 @@ def run(
     on_frame: Callable[[FrameResult], None] | None = None,
     max_frames: int | None = None,
     should_stop: Callable[[], bool] | None = None,
+    transcript: Transcript | None = None,
 ) -> int:
     """Stream until the input ends (or max_frames, or should_stop()); returns frames done."""
     n = 0
@@ -91,7 +100,7 @@ def run(
         frame = audio.read_frame()
         if frame is None:
             break
-        res = step_frame(engine, session, audio, frame)
+        res = step_frame(engine, session, audio, frame, transcript)
         if on_frame is not None:
             on_frame(res)
         n += 1
