@@ -92,6 +92,9 @@ def assert_same(got: Stream, ref: Stream, text: bool = True) -> None:
 @contextlib.asynccontextmanager
 async def running(parts, **kw) -> AsyncIterator[DuplexServer]:
     model, codec = parts
+    # Every test client comes from 127.0.0.1: per-address connect rates are tested on their own.
+    kw.setdefault("connect_rate", 1000.0)
+    kw.setdefault("connect_burst", 1000.0)
     cfg = ServeConfig(host="127.0.0.1", port=0, ping_interval=None, **kw)
     with Engine(model, codec, slots=cfg.max_sessions) as eng:
         server = DuplexServer(eng, cfg)
