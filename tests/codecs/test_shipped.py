@@ -45,6 +45,9 @@ def test_default_reconstructs_held_out_speech_and_streams() -> None:
     d_trained = mel(x, round_trip(trained, x))
     d_untrained = mel(x, round_trip(untrained, x))
     assert d_trained < 0.5 * d_untrained
+    # An absolute bar: the shipped codec scores 0.34 on this sentence; the input at half its
+    # volume scores 0.61 and the round trip at 0.7x volume 0.46 (the untrained codec, ~3.4).
+    assert d_trained < 0.42, d_trained
     # the trained codec uses its codebooks, and streams exactly as it encodes offline
     t = torch.from_numpy(x[: 320 * 60]).float()[None, None]
     codes = trained.encode(t)
