@@ -7,6 +7,7 @@ optional libraries happen inside the checks so a broken library is reported, not
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import importlib.metadata as md
 import json
@@ -18,6 +19,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 ENCODEC_24KHZ_CHECKPOINT = "encodec_24khz-d7cc33bc.th"
+# The loader (duplex.codecs.encodec_stream) rejects a checkpoint whose sha256 does not start so.
+ENCODEC_24KHZ_SHA256_PREFIX = "d7cc33bc"
 
 
 @dataclass
@@ -250,8 +253,26 @@ def check_encodec_weights() -> Check:
     path = folder / ENCODEC_24KHZ_CHECKPOINT
     if path.is_file():
         mb = path.stat().st_size / 1e6
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        digest = h.hexdigest()
+        if not digest.startswith(ENCODEC_24KHZ_SHA256_PREFIX):
+            return Check(
+                "encodec_24khz weights",
+                "error",
+                f"{path} ({mb:.1f} MB) is corrupt or not EnCodec 24 kHz: sha256 {digest[:8]}..., "
+                f"expected {ENCODEC_24KHZ_SHA256_PREFIX}...",
+                f"delete it and put the real {ENCODEC_24KHZ_CHECKPOINT} there (or download it "
+                "once with network access); the shipped default codec needs nothing",
+                data={"path": str(path), "sha256": digest},
+            )
         return Check(
-            "encodec_24khz weights", "ok", f"{path} ({mb:.1f} MB)", data={"path": str(path)}
+            "encodec_24khz weights",
+            "ok",
+            f"{path} ({mb:.1f} MB, sha256 {digest[:8]}...)",
+            data={"path": str(path), "sha256": digest},
         )
     return Check(
         "encodec_24khz weights",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -77,11 +78,24 @@ def test_doctor_exit_status_on_error(monkeypatch, capsys) -> None:
     assert "[FAIL] torch: broken" in out and "hint: reinstall" in out
 
 
-def test_doctor_finds_weights_in_hub_cache(tmp_path, monkeypatch) -> None:
+def test_doctor_checks_the_weights_it_finds_in_the_hub_cache(tmp_path, monkeypatch) -> None:
+    from duplex.codecs import encodec_stream
+
+    # The doctor's idea of valid weights is the loader's.
+    assert doctor.ENCODEC_24KHZ_CHECKPOINT == encodec_stream.CHECKPOINT_NAME
+    assert doctor.ENCODEC_24KHZ_SHA256_PREFIX == encodec_stream.CHECKPOINT_SHA256_PREFIX
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     ckpt = tmp_path / "hub" / "checkpoints" / doctor.ENCODEC_24KHZ_CHECKPOINT
     ckpt.parent.mkdir(parents=True)
+    # Junk under the right name is found, and reported as what it is.
     ckpt.write_bytes(b"x" * 1000)
     c = doctor.check_encodec_weights()
-    assert c.level == "ok"
-    assert str(ckpt) in c.detail
+    assert c.level == "error", c
+    assert str(ckpt) in c.detail and "corrupt" in c.detail and "delete it" in c.hint
+    # A file with the expected digest is ok (the real 90 MB checkpoint is not in the tests:
+    # expect this file's digest instead).
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    monkeypatch.setattr(doctor, "ENCODEC_24KHZ_SHA256_PREFIX", digest[:8])
+    c = doctor.check_encodec_weights()
+    assert c.level == "ok", c
+    assert str(ckpt) in c.detail and c.data["sha256"] == digest
