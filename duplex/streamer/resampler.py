@@ -3,7 +3,10 @@
 Offline resampling (duplex.codecs.resample) sees the whole signal; a device callback sees a few
 milliseconds at a time. This polyphase windowed-sinc resampler keeps the last taps of input as
 history, so feeding a signal in blocks of any size gives exactly the output of feeding it whole.
-Latency: half the filter, `taps` input samples.
+The filter spans 2 * `taps` periods of the lower of the two rates (so downsampling gets as sharp a
+filter as upsampling): flat within 0.1 dB up to 3/4 of the lower Nyquist frequency, and what lies
+above it (aliases when downsampling, images when upsampling) is at least 60 dB down.
+Latency: half the filter, `taps` samples at the lower rate (1 ms for 16 kHz).
 """
 
 from __future__ import annotations
@@ -23,11 +26,15 @@ class StreamResampler:
         self.up = to_rate // g
         self.down = from_rate // g
         self.from_rate, self.to_rate = from_rate, to_rate
-        # Prototype low-pass at the upsampled rate, cut below both Nyquist limits.
-        width = 2 * taps
+        # Prototype low-pass at the upsampled rate, cut below both Nyquist limits: its
+        # transition band runs from 0.75 to 1.0 of the lower Nyquist frequency. `width` is in
+        # input samples: 2 * taps periods of the lower rate.
+        # One period of the lower rate is max(up, down) samples at the upsampled rate.
+        ratio = max(self.up, self.down)
+        width = math.ceil(2 * taps * ratio / self.up)
         n = np.arange(width * self.up) - (width * self.up - 1) / 2
-        cutoff = 0.95 * 0.5 / max(self.up, self.down)
-        proto = 2 * cutoff * np.sinc(2 * cutoff * n) * np.kaiser(n.size, 8.0) * self.up
+        cutoff = 0.87 * 0.5 / ratio
+        proto = 2 * cutoff * np.sinc(2 * cutoff * n) * np.kaiser(n.size, 6.0) * self.up
         # bank[phase, j] multiplies x[i - j] for output phase `phase`.
         self.bank = proto.reshape(width, self.up).T[:, :].astype(np.float64)
         self.width = width
