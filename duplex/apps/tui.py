@@ -10,6 +10,7 @@ feed between frames, so the engine (or the connection) is only ever used from on
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import queue
 import threading
@@ -351,5 +352,7 @@ class DuplexApp(App):
 
     async def action_quit(self) -> None:
         self.worker.commands.put(("stop",))
-        self.worker.join(timeout=5)
+        # Wait for the worker off the event loop: the feed may need this loop to finish (a
+        # server in the same process answering its goodbye), and the screen stays live.
+        await asyncio.to_thread(self.worker.join, 5)
         self.exit()
