@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from duplex.model.duplex_lm import load
 from duplex.streamer.audio import FileAudio
 from duplex.streamer.engine import Engine, SamplingConfig
 from duplex.streamer.statefile import read_header
-from tests.apps.terminal import Terminal
+from tests.apps.terminal import REPO, Terminal, duplex_env
 
 CODEC = os.environ.get("DUPLEX_TEST_CODEC", "default")
 
@@ -40,6 +39,17 @@ async def _until(pilot, cond, timeout: float = 60.0) -> None:
         if time.monotonic() > deadline:
             raise AssertionError("condition not reached in time")
         await pilot.pause(0.1)
+
+
+async def quit_time(pilot, timeout: float = 10.0) -> float:
+    """Press Ctrl+Q; the seconds until the app has stopped running."""
+    t0 = time.monotonic()
+    await pilot.press("ctrl+q")
+    while pilot.app.is_running:
+        if time.monotonic() - t0 > timeout:
+            raise AssertionError(f"Ctrl+Q did not quit within {timeout} s")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - t0
 
 
 async def test_pilot_transcripts_latency_and_every_key(tmp_path, wav) -> None:
@@ -98,55 +108,42 @@ async def test_pilot_transcripts_latency_and_every_key(tmp_path, wav) -> None:
             await pilot.press("f3")
             await _until(pilot, lambda: app.worker.session.frame > frozen)
 
-            await pilot.press("ctrl+q")
-            await asyncio.sleep(0.2)
+            took = await quit_time(pilot)
+            assert took < 2, f"Ctrl+Q took {took:.1f} s"
         assert not app.worker.is_alive()
 
 
 @pytest.mark.slow
 def test_tmux_screen_shows_panes_and_latency(tmp_path, wav) -> None:
-    cmd = (
-        f"{sys.executable} -m duplex talk --codec {CODEC} --input {wav} "
-        f"--output {tmp_path / 'out.wav'} --realtime --save-state {tmp_path / 's.dstate'}"
-    )
-    with Terminal(cmd, cwd=tmp_path) as term:
+    args = ["talk", "--codec", CODEC, "--input", str(wav), "--output", str(tmp_path / "out.wav")]
+    args += ["--realtime", "--save-state", str(tmp_path / "s.dstate")]
+    with Terminal(args) as term:
         screen = term.wait_for(lambda s: "total" in s and "p99" in s and "frames" in s)
         assert "You" in screen and "Model" in screen, screen
         assert "Latency" in screen and "total" in screen, screen
         assert "Levels" in screen and "Session" in screen, screen
-        term.press("C-q")
-        assert term.wait_closed(), "Ctrl+Q did not quit"
+        status, took = term.quit()
+        assert status == 0, f"Ctrl+Q did not quit cleanly (status {status})\n{term.screen()}"
+        assert took < 5, f"Ctrl+Q took {took:.1f} s to quit"
 
 
 @pytest.mark.slow
 def test_tmux_replay_shows_the_recorded_conversation(tmp_path, wav) -> None:
-    tmux = shutil.which("tmux")
-    assert tmux, "tmux is missing: run `make setup`"
     rec = tmp_path / "rec"
+    talk = ["talk", "--codec", CODEC, "--input", str(wav), "--headless", "--record", str(rec)]
+    talk += ["--text", "zebra", "--max-seconds", "2"]
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "duplex",
-            "talk",
-            "--codec",
-            CODEC,
-            "--input",
-            str(wav),
-            "--headless",
-            "--record",
-            str(rec),
-            "--text",
-            "zebra",
-            "--max-seconds",
-            "2",
-        ],
+        [sys.executable, "-m", "duplex", *talk],
         capture_output=True,
         text=True,
         timeout=300,
+        cwd=REPO,
+        env=duplex_env(),
     )
     assert r.returncode == 0, r.stderr
-    with Terminal(f"{sys.executable} -m duplex replay {rec}") as term:
+    with Terminal(["replay", str(rec)]) as term:
         screen = term.wait_for(lambda s: "zebra" in s and "total" in s)
         assert "duplex replay" in screen and "zebra" in screen, screen
-        term.press("C-q")
+        status, took = term.quit()
+        assert status == 0, f"Ctrl+Q did not quit cleanly (status {status})\n{term.screen()}"
+        assert took < 5, f"Ctrl+Q took {took:.1f} s to quit"
