@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the system packages duplex needs, only those missing. Idempotent.
 set -euo pipefail
-PKGS=(libportaudio2 libsndfile1 pulseaudio pulseaudio-utils libasound2-plugins espeak-ng tmux)
+PKGS=(libportaudio2 libsndfile1 pulseaudio pulseaudio-utils libasound2-plugins espeak-ng tmux openssl)
 missing=()
 for p in "${PKGS[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
