@@ -48,7 +48,7 @@ SCRIPTED = ("oracle", "silent")
 class EvalConfig:
     """What `eval talk` runs."""
 
-    model: str = "default"
+    model: str = "tiny"
     codec: str = "default"
     conversations: int = 4
     turns: int = 16
@@ -61,41 +61,55 @@ class EvalConfig:
 
 class ScriptedLM(DuplexLM):
     """A stand-in model that emits a fixed script of tokens, one frame per step, whatever it
-    hears: the evaluator's known answer. It has a DuplexLM's streaming state (unused), so the
-    engine runs it exactly as it runs a real model."""
+    hears: the evaluator's known answer. Each batch row has its own script. It has a DuplexLM's
+    streaming state (unused), so the engine runs it exactly as it runs a real model."""
 
     def __init__(self, cfg: DuplexConfig | None = None) -> None:
         super().__init__(cfg or DuplexConfig.from_dict(CONFIGS["tiny"].to_dict()))
-        self.text = np.zeros(0, np.int64)
-        self.user = np.zeros(0, np.int64)
-        self.audio = np.zeros((0, self.cfg.num_codebooks), np.int64)
+        self.scripts: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
         self.silence = np.zeros(self.cfg.num_codebooks, np.int64)
-        self.t = 0
+        self.t: dict[int, int] = {}
 
     def set_script(
-        self, text: np.ndarray, user: np.ndarray, audio: np.ndarray, silence: np.ndarray
+        self, row: int, text: np.ndarray, user: np.ndarray, audio: np.ndarray, silence: np.ndarray
     ) -> None:
-        """text, user [F] ids; audio [F, K] plain frames (delayed here); silence [K]."""
+        """Row `row` will emit text, user [F] ids and audio [F, K] (plain frames, delayed
+        here), then PAD and `silence` [K] codes."""
         a = torch.as_tensor(np.asarray(audio, np.int64))[None]
-        self.audio = delay_audio(a, self.cfg.acoustic_delay, -1)[0].numpy()
-        self.text, self.user = np.asarray(text, np.int64), np.asarray(user, np.int64)
+        delayed = delay_audio(a, self.cfg.acoustic_delay, -1)[0].numpy()
+        self.scripts[row] = (np.asarray(text, np.int64), np.asarray(user, np.int64), delayed)
         self.silence = np.asarray(silence, np.int64)
-        self.t = 0
+        self.t[row] = 0
+
+    def restream(self, rows: torch.Tensor, batch_size: int) -> None:
+        """Sessions left or joined: new row i continues old row rows[i], with its script."""
+        super().restream(rows, batch_size)
+        old_s, old_t = self.scripts, self.t
+        keep = [int(r) for r in rows]
+        self.scripts = {i: old_s[r] for i, r in enumerate(keep) if r in old_s}
+        self.t = {i: old_t[r] for i, r in enumerate(keep) if r in old_t}
 
     def step(self, user_audio, prev_audio, prev_text, prev_user_text) -> StepLogits:
         B, K, card = user_audio.shape[0], self.cfg.num_codebooks, self.cfg.codebook_size
-        vt, t = self.cfg.text_vocab, self.t
-        self.t += 1
-        text = int(self.text[t]) if t < len(self.text) else PAD
-        user = int(self.user[t]) if t < len(self.user) else PAD
-        codes = self.audio[t] if t < len(self.audio) else self.silence
-        codes = np.where(codes < 0, self.silence, codes)
+        vt = self.cfg.text_vocab
         lt = torch.full((B, vt), -1e4)
-        lt[:, text] = 0
         lu = torch.full((B, vt), -1e4)
-        lu[:, user] = 0
         la = torch.full((B, K, card), -1e4)
-        la[:, torch.arange(K), torch.as_tensor(codes)] = 0
+        st = self.stream_state
+        mask = getattr(st, "exec_mask", None) if st is not None else None
+        for r in range(B):
+            text, user, codes = PAD, PAD, self.silence
+            if r in self.scripts and (mask is None or bool(mask[r])):
+                t = self.t[r]
+                self.t[r] += 1
+                tx, us, au = self.scripts[r]
+                text = int(tx[t]) if t < len(tx) else PAD
+                user = int(us[t]) if t < len(us) else PAD
+                codes = au[t] if t < len(au) else self.silence
+                codes = np.where(codes < 0, self.silence, codes)
+            lt[r, text] = 0
+            lu[r, user] = 0
+            la[r, torch.arange(K), torch.as_tensor(codes)] = 0
         return StepLogits(lt, la, lu)
 
 
@@ -133,43 +147,73 @@ def decode_ids(ids) -> str:
     return data.decode("utf-8", errors="replace")
 
 
-def run_dialogue(engine, d: G.Dialogue, state: str | None = None, sampling=None, save=None):
-    """Speak `d.user` into a fresh session (from `state` if given); -> Heard (and saves the
-    session's state to `save` at the end when asked)."""
+def run_dialogues(
+    engine,
+    dialogues: list[G.Dialogue],
+    sampling=None,
+    states: list[str | None] | None = None,
+    saves: list[str | None] | None = None,
+    scripted: ScriptedLM | None = None,
+    script_codec=None,
+    kind: str = "oracle",
+    on_progress=None,
+) -> list[Heard]:
+    """Speak each dialogue's user track into its own session, all batched in one engine (as
+    `serve` steps its clients): frames in through the codec, model step, frames out, exactly
+    `duplex talk --input`'s path. A session leaves when its audio ends. -> one Heard per
+    dialogue (and each session's state saved where asked)."""
     from duplex.streamer.audio import FileAudio
-    from duplex.streamer.conversation import run as run_conversation
 
-    session = engine.join(sampling, state=state)
-    audio = FileAudio(engine.sample_rate, engine.frame_size, signal=d.user)
-    transcript = Transcript(engine.frame_rate)
-    text, user, out = [], [PAD], []
-
-    def on_frame(res) -> None:
-        out.append(res.pcm)
-        text.append(res.tokens_out[-2])
-        user.append(res.tokens_out[-1])
-
+    n = len(dialogues)
+    states = states or [None] * n
+    saves = saves or [None] * n
+    sessions = [engine.join(sampling, state=st) for st in states]
+    if scripted is not None:
+        for s, d in zip(sessions, dialogues, strict=True):
+            script_for(scripted, s.slot, d, script_codec, kind)
+    audio = [FileAudio(engine.sample_rate, engine.frame_size, signal=d.user) for d in dialogues]
+    lines = [Transcript(engine.frame_rate) for _ in dialogues]
+    frames = [math.ceil(len(d.user) / engine.frame_size) for d in dialogues]
+    text: list[list[int]] = [[] for _ in dialogues]
+    user: list[list[int]] = [[PAD] for _ in dialogues]
+    out: list[list[np.ndarray]] = [[] for _ in dialogues]
     t0 = time.perf_counter()
-    with audio:
-        run_conversation(engine, session, audio, on_frame, transcript=transcript)
-    transcript.close()
+    live = dict(enumerate(sessions))
+    for i in range(max(frames, default=0)):
+        heard = {s: audio[k].read_frame() for k, s in live.items()}
+        results = engine.step(heard)
+        for k, s in list(live.items()):
+            res = results[s]
+            lines[k].frame(res.frame, heard[s], res.pcm, res.text, res.user_text, res.tokens_out)
+            out[k].append(res.pcm)
+            text[k].append(res.tokens_out[-2])
+            user[k].append(res.tokens_out[-1])
+            if i + 1 >= frames[k]:
+                # Its audio is over: save it if asked and free its row, so the batch shrinks.
+                lines[k].close()
+                if saves[k] is not None:
+                    engine.save_session(s, saves[k])
+                engine.leave(s)
+                del live[k]
+        if on_progress is not None and (i + 1) % 250 == 0:
+            on_progress(250 / engine.frame_rate)
     seconds = time.perf_counter() - t0
-    if save is not None:
-        engine.save_session(session, save)
-    engine.leave(session)
-    return Heard(
-        engine.frame_rate,
-        engine.frame_size,
-        np.concatenate(out) if out else np.zeros(0, np.float32),
-        np.array(text, np.int64),
-        np.array(user[: len(text)], np.int64),
-        transcript.lines,
-        seconds,
-    )
+    return [
+        Heard(
+            engine.frame_rate,
+            engine.frame_size,
+            np.concatenate(out[k]) if out[k] else np.zeros(0, np.float32),
+            np.array(text[k], np.int64),
+            np.array(user[k][: len(text[k])], np.int64),
+            lines[k].lines,
+            seconds,
+        )
+        for k in range(n)
+    ]
 
 
-def script_for(model: ScriptedLM, d: G.Dialogue, codec, kind: str) -> None:
-    """Load the oracle's (or the silent model's) script for dialogue `d`."""
+def script_for(model: ScriptedLM, row: int, d: G.Dialogue, codec, kind: str) -> None:
+    """Load the oracle's (or the silent model's) script for dialogue `d` into batch row `row`."""
     from duplex.data.conversations import encode_tracks
 
     fs = codec.frame_size
@@ -177,14 +221,15 @@ def script_for(model: ScriptedLM, d: G.Dialogue, codec, kind: str) -> None:
     silence = encode_tracks(codec, np.zeros((1, fs * 4), np.float32))[0, -1]
     if kind == "silent":
         pad = np.full(F, PAD)
-        model.set_script(pad, pad, np.tile(silence, (F, 1)), silence)
+        model.set_script(row, pad, pad, np.tile(silence, (F, 1)), silence)
         return
     words = [[0 if w.speaker == "user" else 1, w.utt, w.text, 0, 0] for w in d.words]
-    for w, src in zip(words, d.words):
+    for w, src in zip(words, d.words, strict=True):
         w[3] = math.floor(src.start * codec.frame_rate)
         w[4] = math.ceil(src.end * codec.frame_rate)
     audio = encode_tracks(codec, d.model[None])[0]
     model.set_script(
+        row,
         text_stream(words, 1, F, 0),
         text_stream(words, 0, F, model.cfg.transcript_delay),
         audio,
@@ -256,10 +301,10 @@ def score_dialogue(d: G.Dialogue, heard: Heard, part: str) -> dict:
         on = np.flatnonzero(voiced[f0:f1])
         if len(on):
             r["latency"].append((f0 + on[0]) / rate - e["end"])
-            s0, s1 = f0 + on[0], f0 + on[-1] + 1
-            r["speaking"].append((e["answer"], s0, s1))
+            r["speaking"].append((e["answer"], f0 + on[0], f0 + on[-1] + 1))
         else:
             r["no_reply"] += 1
+            r["speaking"].append((e["answer"], None, None))
         if e.get("pause"):
             p0, p1 = _frame(e["pause"][0] + 0.1, rate), _frame(e["pause"][1], rate)
             r["pauses"].append(bool(voiced[p0:p1].sum() >= 3))
@@ -274,15 +319,16 @@ def score_dialogue(d: G.Dialogue, heard: Heard, part: str) -> dict:
     return r
 
 
-def _judge_speaking(items, heard_by, judge, limit: int) -> list[float]:
-    """Recogniser word accuracy of the model's audio on up to `limit` answers."""
+def _judge_speaking(items, heard_by, judge) -> list[float]:
+    """Recogniser word accuracy of the model's audio where each answer belongs."""
     from duplex.data.asr import word_accuracy
 
-    if len(items) > limit:
-        idx = np.linspace(0, len(items) - 1, limit).round().astype(int)
-        items = [items[i] for i in idx]
     out = []
     for key, answer, s0, s1 in items:
+        if s0 is None:
+            # No speech where the answer belongs: nothing to recognise.
+            out.append(0.0)
+            continue
         heard = heard_by[key]
         fs = heard.frame_size
         seg = heard.out_pcm[max(0, s0 - 2) * fs : (s1 + 2) * fs]
@@ -291,14 +337,13 @@ def _judge_speaking(items, heard_by, judge, limit: int) -> list[float]:
     return out
 
 
-def ceiling(answers: list[str], codec, judge, limit: int) -> list[float]:
+def ceiling(answers: list[str], codec, judge) -> list[float]:
     """The same judge on the answers spoken by the model voice through the codec."""
     from duplex.data.asr import word_accuracy
 
     bank = G.WordBank(codec.sample_rate)
-    uniq = sorted(set(answers))[:limit]
     out = []
-    for a in uniq:
+    for a in answers:
         tl = G.Timeline(bank, np.random.default_rng(0), G.MODEL_VOICE, "eval", "tts", G.Augment())
         tl.t = 0.2
         tl.model_reads(a)
@@ -325,8 +370,16 @@ def suite(cfg: EvalConfig, bank: G.WordBank) -> list[tuple[str, G.Dialogue]]:
     dialogue (facts told `minutes` before they are asked)."""
     rng = np.random.default_rng(cfg.seed + 1000)
     out = []
+    rates = {"pause": 0.4, "barge": 0.25, "ack": 0.3, "silence": 0.15}
     for i in range(cfg.conversations):
-        out.append((f"conversation{i}", G.generate("duplex", rng, bank, "eval", cfg.turns)))
+        # Every conversation holds each kind of event at least once.
+        while True:
+            d = G.generate("duplex", rng, bank, "eval", cfg.turns, rates, cfg.turns // 2)
+            kinds = {e["kind"] for e in d.events}
+            cut = any("cut_at" in e for e in d.events)
+            if cut and {"ack", "silence"} <= kinds and any(e.get("pause") for e in d.events):
+                break
+        out.append((f"conversation{i}", d))
     if cfg.minutes:
         out.append(("facts", G.fact_distance_dialogue(bank, rng, tuple(cfg.minutes))))
     return out
@@ -374,44 +427,51 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     if cfg.state_prompt:
         first, second = state_prompt_dialogues(bank, cfg.seed)
     audio_s = sum(d.duration for _, d in dialogues)
-    results, heard_by, timing = [], {}, {}
-    bar = tqdm(total=audio_s, unit="s", disable=not progress, desc=f"eval talk {cfg.model}")
-    with Engine(model, codec, slots=1) as engine:
-        for name, d in dialogues:
-            if scripted:
-                script_for(model, d, offline, cfg.model)
-            heard = run_dialogue(engine, d, sampling=sampling)
-            heard_by[name] = heard
-            timing[name] = {"audio_s": d.duration, "wall_s": heard.seconds}
-            results.append(score_dialogue(d, heard, "facts" if name == "facts" else "chat"))
-            bar.update(d.duration)
+    longest = max((d.duration for _, d in dialogues), default=0.0)
+    bar = tqdm(
+        total=round(longest),
+        bar_format="{l_bar}{bar}| {n:.0f}/{total} s of audio",
+        unit="s",
+        disable=not progress,
+        desc=f"eval talk {cfg.model}",
+    )
+    script = {"scripted": model if scripted else None, "script_codec": offline, "kind": cfg.model}
+    with Engine(model, codec, slots=len(dialogues)) as engine:
+        heard = run_dialogues(
+            engine, [d for _, d in dialogues], sampling, on_progress=bar.update, **script
+        )
+        heard_by = {name: h for (name, _), h in zip(dialogues, heard, strict=True)}
+        results = [
+            score_dialogue(d, h, "facts" if name == "facts" else "chat")
+            for (name, d), h in zip(dialogues, heard, strict=True)
+        ]
+        timing = {name: {"audio_s": d.duration} for name, d in dialogues}
+        loop_s = heard[0].seconds if heard else 0.0
         state_answers = []
         if cfg.state_prompt:
             with tempfile.TemporaryDirectory(prefix="duplex-eval-") as tmp:
                 path = str(Path(tmp) / "prompt.dstate")
-                if scripted:
-                    script_for(model, first, offline, cfg.model)
-                run_dialogue(engine, first, sampling=sampling, save=path)
-                if scripted:
-                    script_for(model, second, offline, cfg.model)
-                heard = run_dialogue(engine, second, state=path, sampling=sampling)
-            state_answers = score_dialogue(second, heard, "state")["answers"]
+                run_dialogues(engine, [first], sampling, saves=[path], **script)
+                (h2,) = run_dialogues(engine, [second], sampling, states=[path], **script)
+            loop_s += h2.seconds
+            state_answers = score_dialogue(second, h2, "state")["answers"]
     bar.close()
     judge = Judge(D.vocabulary())
     items = [(n, a, s0, s1) for (n, _), r in zip(dialogues, results) for a, s0, s1 in r["speaking"]]
-    spoken = _judge_speaking(items, heard_by, judge, cfg.judge_max)
+    if len(items) > cfg.judge_max:
+        # An even spread over the conversations; the ceiling hears the very same answers.
+        idx = np.linspace(0, len(items) - 1, cfg.judge_max).round().astype(int)
+        items = [items[i] for i in idx]
+    spoken = _judge_speaking(items, heard_by, judge)
     answers = [a for r in results for a in r["answers"]]
-    ceil = ceiling([a["answer"] for a in answers], offline, judge, cfg.judge_max)
-    # Unanswered requests count as 0 for speaking: accuracy over all answers, not just spoken.
-    n_req = len(answers)
-    spoken_all = spoken + [0.0] * max(0, min(cfg.judge_max, n_req) - len(spoken))
-    report = _summarise(cfg, results, answers, state_answers, spoken_all, ceil)
+    ceil = ceiling([it[1] for it in items], offline, judge)
+    report = _summarise(cfg, results, answers, state_answers, spoken, ceil)
     report["runs"] = timing
     report["seconds"] = {
         "audio": audio_s,
         "wall": time.perf_counter() - t_start,
-        "loop": sum(t["wall_s"] for t in timing.values()),
-        "longest_dialogue_audio": max((t["audio_s"] for t in timing.values()), default=0.0),
+        "loop": loop_s,
+        "longest_dialogue_audio": longest,
     }
     report["config"] = asdict(cfg)
     return report
@@ -581,14 +641,16 @@ the oracle scores near the ceiling, silence near zero. The 60-minute fact questi
 of audio through the loop (minutes on this CPU); --minutes 1,10 is quicker.
 
 Examples:
-  duplex eval talk                                 the shipped default model
+  duplex eval talk                                 the shipped model (tiny, untrained)
   duplex eval talk --model oracle --minutes 1,10
   duplex eval talk --model runs/m1/model.safetensors --json out.json --png out.png
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="default", help="model name, .safetensors, oracle or silent")
+    p.add_argument(
+        "--model", default="tiny", help="model name, .safetensors, oracle or silent (tiny)"
+    )
     p.add_argument("--codec", default="default", help="codec name or .safetensors")
     p.add_argument("--conversations", type=int, default=4, help="held-out conversations (4)")
     p.add_argument("--turns", type=int, default=16, help="most turns per conversation (16)")

@@ -384,6 +384,8 @@ def generate(
     bank: WordBank,
     split: str = "train",
     max_turns: int = 200,
+    rates: dict[str, float] | None = None,
+    min_turns: int = 2,
 ) -> Dialogue:
     """One random dialogue of a curriculum stage:
 
@@ -393,6 +395,9 @@ def generate(
     - conversations: 2-`max_turns` turns with facts told, updated and asked much later, pauses,
       silences and out-of-domain requests
     - duplex: conversations with barge-ins, acknowledgements and long silences as well
+
+    `rates` overrides the per-turn probabilities of the conversation stages: "pause", "barge",
+    "ack", "silence".
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}: one of {STAGES}")
@@ -428,17 +433,14 @@ def generate(
             tl.request(tl._intent())
         return tl.render()
     duplex = stage == "duplex"
-    for _ in range(_turns(rng, 2, max_turns)):
-        u = rng.random()
-        if u < 0.08:
-            long = duplex and rng.random() < 0.3
+    p = {"pause": 0.3, "barge": 0.15 if duplex else 0.0, "ack": 0.2 if duplex else 0.0}
+    p["silence"] = 0.08
+    p.update(rates or {})
+    for _ in range(_turns(rng, min_turns, max(min_turns, max_turns))):
+        if rng.random() < p["silence"]:
+            long = duplex and rng.random() < 0.3 and not rates
             tl.silence(float(rng.uniform(20, 120) if long else rng.uniform(2, 10)))
-        tl.request(
-            tl._intent(),
-            pause_p=0.3,
-            barge_p=0.15 if duplex else 0.0,
-            ack_p=0.2 if duplex else 0.0,
-        )
+        tl.request(tl._intent(), pause_p=p["pause"], barge_p=p["barge"], ack_p=p["ack"])
     return tl.render()
 
 
