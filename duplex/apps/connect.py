@@ -31,6 +31,7 @@ import numpy as np
 from duplex.apps import protocol as P
 from duplex.apps.remote_recording import RemoteRecorder
 from duplex.streamer.conversation import printable
+from duplex.streamer.transcript import Transcript
 
 HELP = "talk to a `duplex serve` server: WAV files or microphone/speaker, TUI or headless"
 DESCRIPTION = """Connect to a `duplex serve` server (ws:// or wss://) and talk to the model.
@@ -88,6 +89,7 @@ class ConnectConfig:
     cafile: str | None = None
     json_lines: bool = False
     record: str | None = None
+    transcript: str | None = None
 
 
 class JitterBuffer:
@@ -204,6 +206,10 @@ class Client:
         self.input_done = False
         self.last_audio = time.monotonic()
         self.state_saved = asyncio.Event()
+        # --transcript: what was sent per frame and the text of the frame being answered.
+        self.lines: Transcript | None = None
+        self._sent_pcm: dict[int, np.ndarray] = {}
+        self._pieces = {"model": "", "user": ""}
 
     def emit(self, obj: dict[str, Any], line: str) -> None:
         if self.report is not None:
@@ -218,6 +224,8 @@ class Client:
         finally:
             if self.recorder is not None:
                 self.recorder.close()
+            if self.lines is not None:
+                self.lines.close()
 
     async def _run(self) -> int:
         from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -406,6 +414,10 @@ class Client:
             self.sent_at[self.seq] = time.monotonic()
             if self.recorder is not None:
                 self.recorder.sent_frame(self.seq, pcm)
+            if self.cfg.transcript:
+                if self.lines is None:
+                    self.lines = Transcript(self.hello.frame_rate, self.cfg.transcript)
+                self._sent_pcm[self.seq] = pcm
             self.level_in = pcm
             await ws.send(P.encode(P.Audio(self.seq, pcm), "client"))
             self.seq += 1
@@ -444,6 +456,19 @@ class Client:
                 self.sink.play(P.int16_to_pcm(frame))
             next_t += period
             await asyncio.sleep(max(0.0, next_t - loop.time()))
+
+    def _transcribe(self, msg: P.Audio) -> None:
+        """One answered frame into the --transcript lines (text arrives before its audio).
+
+        No end-of-turn tokens reach the client, so utterances close after a second without
+        text."""
+        for k in [k for k in self._sent_pcm if k < msg.frame]:
+            del self._sent_pcm[k]
+        sent = self._sent_pcm.pop(msg.frame, None)
+        heard = P.int16_to_pcm(sent) if sent is not None else np.zeros(0, np.float32)
+        model, user = self._pieces["model"], self._pieces["user"]
+        self._pieces = {"model": "", "user": ""}
+        self.lines.frame(msg.frame, heard, P.int16_to_pcm(msg.pcm), model, user)
 
     def finish(self) -> None:
         """The last stats line and the summary of the whole conversation."""
@@ -532,11 +557,14 @@ class Client:
                 del self.sent_at[k]
             self.c.received += 1
             self.last_audio = time.monotonic()
+            if self.lines is not None:
+                self._transcribe(msg)
             self.jitter.push(msg.pcm)
             self.sink.received(P.int16_to_pcm(msg.pcm))
             self.emit_levels(msg.pcm)
         elif isinstance(msg, P.Text):
             who = "model" if msg.stream == P.Stream.MODEL else "you"
+            self._pieces["model" if who == "model" else "user"] += msg.text
             if who == "model":
                 self.c.transcript.append(msg.text)
             self.emit({who: msg.text, "frame": msg.frame}, f"[{who}] {printable(msg.text)}")
@@ -645,6 +673,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-state", metavar="FILE", help="ask the server for the state at the end")
     p.add_argument("--load-state", metavar="FILE", help="send this state file at the start")
     p.add_argument("--record", metavar="DIR", help="record the session here (see above)")
+    p.add_argument(
+        "--transcript",
+        metavar="FILE",
+        help="append one JSON line per finished utterance to FILE (see `duplex talk --help`); "
+        "utterances end after 1 s without text",
+    )
     p.add_argument("--json", action="store_true", help="JSON lines instead of text (headless)")
     p.add_argument("--headless", action="store_true", help="print instead of showing the TUI")
     p.add_argument(
@@ -675,6 +709,7 @@ def run(args: argparse.Namespace) -> int:
         cafile=args.cafile,
         json_lines=args.json,
         record=args.record,
+        transcript=args.transcript,
     )
     if args.record and (Path(args.record) / "events.jsonl").exists():
         print(

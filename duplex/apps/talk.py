@@ -182,7 +182,12 @@ def run_tui(args: argparse.Namespace, engine, session, audio) -> int:
         return _fail(e, 3)
     options = TalkOptions(args.save_state or "duplex.dstate", args.exit_at_end)
     app = DuplexApp.local(engine, session, audio, options)
-    app.run()
+    app.worker.transcript = open_transcript(args, engine)
+    try:
+        app.run()
+    finally:
+        if app.worker.transcript is not None:
+            app.worker.transcript.close()
     if app.worker.error:
         return _fail(app.worker.error, 3)
     s = app.worker.session

@@ -30,6 +30,7 @@ from duplex.streamer.audio import AudioBackend, AudioUnavailableError
 from duplex.streamer.conversation import printable, step_frame
 from duplex.streamer.engine import Engine, Session
 from duplex.streamer.statefile import StateFileError
+from duplex.streamer.transcript import Transcript
 
 HELP_TEXT = (
     "Type and press Enter to send text to the model (it enters your text stream frame by frame). "
@@ -108,6 +109,8 @@ class Worker(threading.Thread):
         self.paused = False
         self.ended = False
         self.error: str | None = None
+        # Utterance lines (`duplex talk --transcript`), when asked for.
+        self.transcript: Transcript | None = None
 
     def _post(self, **item: object) -> None:
         with contextlib.suppress(queue.Full):
@@ -166,7 +169,7 @@ class Worker(threading.Thread):
                 for text in self.schedule.get(self.session.frame, ()):
                     self.session.type_text(text)
                 heard = np.zeros(fs, np.float32) if self.muted else frame
-                res = step_frame(self.engine, self.session, self.audio, heard)
+                res = step_frame(self.engine, self.session, self.audio, heard, self.transcript)
                 self._post(
                     text=res.text,
                     user_text=res.user_text,
