@@ -97,6 +97,7 @@ class Transcript:
         }
         self._open: dict[str, _Open | None] = {"user": None, "model": None}
         self._prev_user_token: int | None = None
+        self._last_voiced = {"user": -1, "model": -1}
         self.frame_index = -1
 
     def frame(
@@ -111,8 +112,11 @@ class Transcript:
         """One frame: input and output audio, the text pieces the engine reported, and the
         tokens it sampled ([*audio codes, text, user text]; used for end-of-turn)."""
         self.frame_index = index
-        self._voiced["user"].append((index, self._vad["user"](np.asarray(pcm_in))))
-        self._voiced["model"].append((index, self._vad["model"](np.asarray(pcm_out))))
+        for speaker, pcm in (("user", pcm_in), ("model", pcm_out)):
+            v = self._vad[speaker](np.asarray(pcm))
+            self._voiced[speaker].append((index, v))
+            if v:
+                self._last_voiced[speaker] = index
         model_eot = tokens_out is not None and tokens_out[-2] == EOT
         # The user text fed this frame is the one sampled last frame (the engine reports it now).
         user_eot = self._prev_user_token == EOT
@@ -125,8 +129,12 @@ class Transcript:
                 continue
             if u.closed_at is None and index - u.last >= self.idle:
                 u.closed_at = index
-            wait = self.tail if speaker == "model" else 0
-            if u.closed_at is not None and index >= u.closed_at + wait:
+            if u.closed_at is None:
+                continue
+            # A last word's speech can outlast its text: wait until the speaker has been quiet
+            # for 100 ms (at most `tail_s`).
+            quiet = index - self._last_voiced[speaker] >= 5
+            if quiet or index >= u.closed_at + self.tail:
                 self._finish(speaker)
 
     def _text(self, speaker: str, index: int, piece: str, eot: bool) -> None:
@@ -145,9 +153,7 @@ class Transcript:
     def _span(self, speaker: str, u: _Open) -> tuple[float, float]:
         """Seconds of the utterance's speech: the voiced run around its text."""
         frames = dict(self._voiced[speaker])
-        end_limit = (u.closed_at if u.closed_at is not None else u.last) + (
-            self.tail if speaker == "model" else 0
-        )
+        end_limit = max(self.frame_index, u.last)
         if speaker == "model":
             # The model's speech follows its text: the first voiced frame from the text on.
             starts = [f for f, v in frames.items() if v and u.first - 2 <= f <= end_limit]
