@@ -1,0 +1,131 @@
+"""Training batches from the conversation corpus: crops of every stream, a curriculum over stages.
+
+`ConversationBatches(corpus_dir)` loads every shard of a split into memory (tokens are small:
+an hour of conversation is about 1.4 MB of codes) and renders the per-frame text streams once,
+with the layout the model asks for (how far the model's text leads its audio, how far the user's
+transcript lags their speech). `batch(step, rows)` is a pure function of (step, rows), as the
+shared training loop requires: the same step gives the same global batch on any number of
+processes, and a resumed run sees exactly the batches it would have seen.
+
+Each row is a crop of `seq_len` frames from one stage, chosen by the curriculum's weights at that
+step (`Curriculum`: the first stages dominate early, whole conversations and full-duplex events
+later, and no stage ever drops below a floor, so earlier skills are not forgotten). A shard is one
+stream of conversations: a crop longer than what is left of its conversation runs on into the
+next one of the same shard.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from duplex.data.conversations import Shard, read_manifest
+from duplex.data.dialogue import STAGES
+
+
+@dataclass
+class Curriculum:
+    """Stage weights that move from `start` to `end` over `steps`, never below `floor`."""
+
+    steps: int = 10_000
+    start: dict[str, float] = field(
+        default_factory=lambda: {"tts": 4, "asr": 4, "pairs": 2, "conversations": 1, "duplex": 1}
+    )
+    end: dict[str, float] = field(
+        default_factory=lambda: {"tts": 1, "asr": 1, "pairs": 1, "conversations": 3, "duplex": 4}
+    )
+    floor: float = 0.1
+
+    def weights(self, step: int, stages: list[str]) -> np.ndarray:
+        """Probabilities over `stages` at `step`."""
+        a = min(1.0, max(0.0, step / max(1, self.steps)))
+        w = np.array(
+            [(1 - a) * self.start.get(s, 1.0) + a * self.end.get(s, 1.0) for s in stages], float
+        )
+        w = w / w.sum()
+        w = np.maximum(w, self.floor / len(stages))
+        return w / w.sum()
+
+
+@dataclass
+class _Stream:
+    """One shard as one stream: codes [F, K] and rendered text [F] of both speakers."""
+
+    user: np.ndarray
+    model: np.ndarray
+    model_text: np.ndarray
+    user_text: np.ndarray
+
+
+class ConversationBatches:
+    """Crops of the corpus in `corpus_dir` (a `duplex data conversations --out` folder)."""
+
+    def __init__(
+        self,
+        corpus_dir: str | Path,
+        seq_len: int,
+        split: str = "train",
+        text_lead: int = 0,
+        transcript_delay: int = 3,
+        stages: list[str] | None = None,
+        curriculum: Curriculum | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.dir = Path(corpus_dir)
+        manifest = read_manifest(self.dir)
+        entries = [e for e in manifest["shards"] if e["split"] == split]
+        if stages is not None:
+            unknown = set(stages) - set(STAGES)
+            if unknown:
+                raise ValueError(f"unknown stages {sorted(unknown)}: choose from {STAGES}")
+            entries = [e for e in entries if e["stage"] in stages]
+        if not entries:
+            raise ValueError(
+                f"{self.dir} has no {split} shards (make them with `duplex data conversations`)"
+            )
+        self.seq_len, self.seed = seq_len, seed
+        self.curriculum = curriculum or Curriculum()
+        self.streams: dict[str, list[_Stream]] = {}
+        for e in entries:
+            sh = Shard(self.dir / e["file"])
+            texts = [sh.text_streams(i, text_lead, transcript_delay) for i in range(len(sh))]
+            s = _Stream(
+                np.ascontiguousarray(sh.user.T),
+                np.ascontiguousarray(sh.model.T),
+                np.concatenate([t[0] for t in texts]),
+                np.concatenate([t[1] for t in texts]),
+            )
+            if len(s.user) >= seq_len:
+                self.streams.setdefault(e["stage"], []).append(s)
+        if not self.streams:
+            raise ValueError(f"no shard in {self.dir} holds {seq_len} frames: lower seq_len")
+        self.stages = sorted(self.streams, key=STAGES.index)
+        self.frames = {k: sum(len(s.user) for s in v) for k, v in self.streams.items()}
+
+    def batch(self, step: int, rows: slice | None = None, batch_size: int = 8) -> dict:
+        """Rows `rows` of the global batch of `step`: user_audio, model_audio [B, T, K] (long),
+        model_text, user_text [B, T] (long), and the stage of each row."""
+        rows = rows or slice(0, batch_size)
+        p = self.curriculum.weights(step, self.stages)
+        out = {"user_audio": [], "model_audio": [], "model_text": [], "user_text": []}
+        stages = []
+        T = self.seq_len
+        for r in range(rows.start, rows.stop):
+            rng = np.random.default_rng([self.seed, step, r])
+            stage = self.stages[int(rng.choice(len(self.stages), p=p))]
+            streams = self.streams[stage]
+            # A shard is picked by its length, so every frame is equally likely.
+            sizes = np.array([len(s.user) - T + 1 for s in streams], float)
+            s = streams[int(rng.choice(len(streams), p=sizes / sizes.sum()))]
+            a = int(rng.integers(len(s.user) - T + 1))
+            out["user_audio"].append(s.user[a : a + T])
+            out["model_audio"].append(s.model[a : a + T])
+            out["model_text"].append(s.model_text[a : a + T])
+            out["user_text"].append(s.user_text[a : a + T])
+            stages.append(stage)
+        batch = {k: torch.from_numpy(np.stack(v).astype(np.int64)) for k, v in out.items()}
+        batch["stage"] = stages
+        return batch

@@ -1,0 +1,103 @@
+"""Training batches: pure in (step, rows), streams aligned, curriculum weights, DuplexLM-ready."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from duplex.data import conversations as C
+from duplex.data import speech as S
+from duplex.data.batches import ConversationBatches, Curriculum
+from duplex.model.tokenizer import EOT, PAD
+
+pytestmark = pytest.mark.skipif(not S.espeak_available(), reason="espeak-ng missing")
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("corpus")
+    C.build(
+        out,
+        {"tts": 0.004, "pairs": 0.004, "duplex": 0.006},
+        seed=1,
+        shard_minutes=0.25,
+        max_turns=5,
+        progress=False,
+    )
+    return out
+
+
+def test_a_batch_is_a_pure_function_of_step_and_rows(corpus):
+    b = ConversationBatches(corpus, seq_len=200)
+    whole = b.batch(7, slice(0, 6))
+    again = b.batch(7, slice(0, 6))
+    halves = [b.batch(7, slice(0, 3)), b.batch(7, slice(3, 6))]
+    for k in ("user_audio", "model_audio", "model_text", "user_text"):
+        assert whole[k].equal(again[k])
+        assert whole[k][:3].equal(halves[0][k]) and whole[k][3:].equal(halves[1][k])
+    assert not whole["user_audio"].equal(b.batch(8, slice(0, 6))["user_audio"])
+    assert whole["user_audio"].shape == (6, 200, 8) and whole["model_text"].shape == (6, 200)
+
+
+def test_crops_are_the_stored_streams_in_place(corpus):
+    """Each row is a slice of one shard: its codes and its rendered text at the same frames."""
+    b = ConversationBatches(corpus, seq_len=150, text_lead=2, stages=["tts"])
+    sh = C.Shard(next(corpus.glob("tts-*.npz")))
+    texts = [sh.text_streams(i, 2, 3) for i in range(len(sh))]
+    model_text = np.concatenate([t[0] for t in texts])
+    batch = b.batch(0, slice(0, 4))
+    for r in range(4):
+        codes = batch["model_audio"][r].numpy()
+        # Locate the crop by its codes, then its text must be the text of the same frames.
+        F = sh.model.shape[1]
+        hits = [a for a in range(F - 150 + 1) if np.array_equal(sh.model[:, a : a + 150].T, codes)]
+        assert hits
+        assert any(
+            np.array_equal(model_text[a : a + 150], batch["model_text"][r].numpy()) for a in hits
+        )
+    assert set(batch["stage"]) == {"tts"}
+    # The tts stage: the model reads, the user is silent (no user text at all).
+    assert (batch["user_text"] == PAD).all()
+    assert ((batch["model_text"] != PAD) & (batch["model_text"] != EOT)).any()
+
+
+def test_the_curriculum_moves_but_keeps_every_stage():
+    c = Curriculum(steps=100, floor=0.1)
+    stages = ["tts", "asr", "pairs", "conversations", "duplex"]
+    w0, w1 = c.weights(0, stages), c.weights(100, stages)
+    assert w0[0] > w1[0] and w0[-1] < w1[-1]
+    for w in (w0, c.weights(50, stages), w1, c.weights(10**6, stages)):
+        assert abs(w.sum() - 1) < 1e-9 and (w >= 0.1 / 5 - 1e-12).all()
+
+
+def test_rows_follow_the_curriculum(corpus):
+    c = Curriculum(
+        steps=1,
+        start={"tts": 1, "pairs": 1, "duplex": 1},
+        end={"tts": 0, "pairs": 0, "duplex": 1},
+        floor=0.0,
+    )
+    b = ConversationBatches(corpus, seq_len=100, curriculum=c)
+    late = [s for step in range(5, 10) for s in b.batch(step, slice(0, 8))["stage"]]
+    assert set(late) == {"duplex"}
+    early = {s for s in b.batch(0, slice(0, 64))["stage"]}
+    assert early == {"tts", "pairs", "duplex"}
+
+
+def test_a_batch_trains_the_model(corpus):
+    from duplex.model.duplex_lm import load
+
+    model = load("tiny").train()
+    batch = ConversationBatches(corpus, seq_len=64).batch(0, slice(0, 2))
+    _, losses = model({k: v for k, v in batch.items() if k != "stage"})
+    assert all(np.isfinite(float(v.detach())) for v in losses.values())
+    losses["loss"].backward()
+
+
+def test_clear_errors(corpus, tmp_path):
+    with pytest.raises(ValueError, match="no eval shards"):
+        ConversationBatches(corpus, 100, split="eval")
+    with pytest.raises(ValueError, match="unknown stages"):
+        ConversationBatches(corpus, 100, stages=["nope"])
+    with pytest.raises(ValueError, match="lower seq_len"):
+        ConversationBatches(corpus, 10**7)
