@@ -33,6 +33,7 @@ COMMANDS: list[tuple[str | None, str, str]] = [
     ("bench", "codec", "duplex.codecs.bench"),
     ("bench", "gdn", "duplex.kernels.gated_delta.bench"),
     ("train", "codec", "duplex.codecs.train"),
+    ("train", "duplex", "duplex.train.duplex_train"),
     ("data", "speech", "duplex.data.speech"),
     ("data", "conversations", "duplex.data.conversations"),
 ]

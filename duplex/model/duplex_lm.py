@@ -44,13 +44,19 @@ class DuplexConfig:
     transcript_delay: int = 3
     text_pad_weight: float = 0.5
     audio_weight: float = 1.0
+    # Frames by which the model's text precedes its speech in training data (it writes a word
+    # before it says it).
+    text_lead: int = 0
+    # The backbone's id log holds the same id for the same byte whoever said it, so a suffix
+    # the model writes can match what the user said earlier (recall across speakers).
+    shared_text_ids: bool = False
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
     def __post_init__(self) -> None:
         if isinstance(self.backbone, dict):
             self.backbone = BackboneConfig(**self.backbone)
         self.backbone.vocab_size = 2 * self.text_vocab
-        if self.acoustic_delay < 0 or self.transcript_delay < 0:
+        if self.acoustic_delay < 0 or self.transcript_delay < 0 or self.text_lead < 0:
             raise ValueError("delays must be >= 0")
 
     @property
@@ -113,6 +119,27 @@ _register(
 )
 
 
+_register(
+    "talk",
+    DuplexConfig(
+        text_pad_weight=0.25,
+        text_lead=2,
+        shared_text_ids=True,
+        backbone=BackboneConfig(
+            d_model=256,
+            layers=("gdn", "mlp", "gdn", "mlp", "gwa", "mlp", "gdn", "mlp", "swa", "mlp"),
+            gdn_heads=4,
+            gdn_head_dim=64,
+            gwa_heads=4,
+            gwa_head_dim=32,
+            attn_heads=4,
+            attn_head_dim=32,
+            swa_window=64,
+        ),
+    ),
+)
+
+
 def delay_audio(a: torch.Tensor, delay: int, pad: int) -> torch.Tensor:
     """a [B, T, K] -> delayed layout: codebooks k >= 1 shifted `delay` frames later."""
     if delay == 0:
@@ -160,8 +187,9 @@ class DuplexLM(StreamingModule):
         self.audio_head = nn.Linear(d, K * card, bias=False)
 
     def merged_text(self, text: torch.Tensor, user_text: torch.Tensor) -> torch.Tensor:
-        """The backbone's id per frame: model byte, else user byte + Vt, else PAD."""
-        vt = self.cfg.text_vocab
+        """The backbone's id per frame: model byte, else user byte (+ Vt unless the config
+        shares ids between speakers), else PAD."""
+        vt = 0 if self.cfg.shared_text_ids else self.cfg.text_vocab
         user = torch.where(user_text != PAD, user_text + vt, torch.full_like(user_text, PAD))
         return torch.where(text != PAD, text, user)
 

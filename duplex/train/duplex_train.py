@@ -1,0 +1,135 @@
+"""`duplex train duplex`: train the talking model on the conversation corpus with the shared loop.
+
+Batches are crops of the corpus (`duplex.data.batches`): every stream of `seq_len` frames, one
+curriculum stage per row, the text streams laid out as the model's config says (its text leading
+its audio by `text_lead` frames, the user's transcript lagging by `transcript_delay`). The loop
+is `duplex.train.train`: AdamW, warm-up + cosine, clipping, atomic checkpoints (a run killed or
+stopped by --max-minutes resumes exactly with the same command), curves in history.json and
+loss.png, and torchrun for many processes or GPUs with no change.
+
+The model is written to RUN/model.safetensors at the end (and at every checkpoint's end of
+run); `--ship` also writes it where `duplex.model.load("default")` finds it. Ship only weights
+that beat the shipped ones on `duplex eval talk`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+HELP = "train the talking DuplexLM on a conversation corpus (resumable, torchrun-ready)"
+DESCRIPTION = """Train the talking model on a corpus made by `duplex data conversations`.
+
+Each step draws a global batch of crops (--seq-len frames, 50 per second with the shipped codec)
+from the corpus stages by a curriculum (reading aloud and transcription first, conversations and
+full-duplex events later, every stage kept above a floor). Losses: the model's text (PAD frames
+down-weighted), the user transcript, and the audio codebooks. Checkpoints land in --out every
+--ckpt-every steps; the same command resumes a stopped run exactly (keep --out outside the work
+tree for long runs). --max-minutes stops a session early; the schedule still spans --steps.
+
+Examples:
+  duplex train duplex --corpus ~/corpus --out ~/runs/talk --max-minutes 90
+  torchrun --nproc_per_node 8 -m duplex train duplex --corpus /data/corpus --out runs/talk \\
+      --batch-size 64 --device cuda
+"""
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpus", type=Path, required=True, help="corpus directory (manifest.json)")
+    p.add_argument("--out", type=Path, default=Path("runs/talk"), help="run directory")
+    p.add_argument("--config", default="talk", help="model config name (talk, small, tiny)")
+    p.add_argument("--init", type=Path, help="start from these weights (.safetensors)")
+    p.add_argument("--steps", type=int, default=20_000, help="schedule length (20000)")
+    p.add_argument("--batch-size", type=int, default=8, help="global batch, crops (8)")
+    p.add_argument("--seq-len", type=int, default=400, help="frames per crop (400 = 8 s)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--curriculum-steps", type=int, help="steps to reach the final stage mix")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-minutes", type=float, help="stop this session after so many minutes")
+    p.add_argument("--ckpt-every", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (2)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--ship", action="store_true", help="also write the weights as `default`")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def loss_fn(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    _, losses = model({k: v for k, v in batch.items() if k != "stage"})
+    metrics = {k: float(v.detach()) for k, v in losses.items() if k != "loss"}
+    metrics["tokens"] = float(batch["user_audio"].shape[0] * batch["user_audio"].shape[1])
+    return losses["loss"], metrics
+
+
+def run(args: argparse.Namespace) -> int:
+    from duplex.data.batches import ConversationBatches, Curriculum
+    from duplex.model import duplex_lm
+    from duplex.train.loop import TrainConfig, seed_everything, train
+
+    torch.set_num_threads(max(1, args.threads))
+    seed_everything(args.seed)
+    if args.init is not None:
+        model = duplex_lm.load(args.init)
+    elif args.config in duplex_lm.CONFIGS:
+        model = duplex_lm.DuplexLM(
+            duplex_lm.DuplexConfig.from_dict(duplex_lm.CONFIGS[args.config].to_dict())
+        )
+    else:
+        print(
+            f"duplex train duplex: unknown config {args.config!r}: one of "
+            f"{sorted(duplex_lm.CONFIGS)}"
+        )
+        return 2
+    cfg = model.cfg
+    try:
+        data = ConversationBatches(
+            args.corpus,
+            args.seq_len,
+            text_lead=cfg.text_lead,
+            transcript_delay=cfg.transcript_delay,
+            curriculum=Curriculum(steps=args.curriculum_steps or args.steps // 2),
+            seed=args.seed,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"duplex train duplex: {e}")
+        return 2
+    hours = {k: round(v / 50 / 3600, 2) for k, v in data.frames.items()}
+    print(
+        f"[train] corpus {args.corpus}: hours per stage {hours}; model {model.num_params():,} "
+        f"parameters"
+    )
+    tcfg = TrainConfig(
+        out_dir=str(args.out),
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=0.05,
+        warmup_steps=args.warmup,
+        min_lr_ratio=0.1,
+        grad_clip=1.0,
+        seed=args.seed,
+        log_every=20,
+        ckpt_every=args.ckpt_every,
+        max_minutes=args.max_minutes,
+        progress=not args.no_progress,
+        device=args.device,
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "model_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+    res = train(model, data.batch, loss_fn, tcfg)
+    model.cpu().eval()
+    path = duplex_lm.save(model, args.out / "model.safetensors")
+    if args.ship:
+        duplex_lm.save(model, duplex_lm.WEIGHTS_DIR / "duplex_default.safetensors")
+    last = res.history[-1] if res.history else {}
+    parts = ", ".join(
+        f"{k} {last[k]:.3f}" for k in ("loss_text", "loss_user_text", "loss_audio") if k in last
+    )
+    print(
+        f"[train] {res.steps_done} steps ({res.stopped_by}), loss {res.final_loss:.4f} "
+        f"({parts}); weights {path}"
+    )
+    return 0
