@@ -34,14 +34,21 @@ class TappedAudio(DeviceAudio):
         super().write_frame(pcm)
 
 
-def _best_match(chunk: np.ndarray, x: np.ndarray) -> float:
-    """The highest normalised correlation of `chunk` with any same-length window of `x`."""
-    chunk, x = chunk.astype(np.float64), x.astype(np.float64)
-    m, n = chunk.size, x.size + chunk.size
-    corr = np.fft.irfft(np.fft.rfft(x, n) * np.conj(np.fft.rfft(chunk, n)), n)[: x.size - m + 1]
-    energy = np.concatenate([[0.0], np.cumsum(x * x)])
-    local = np.sqrt(np.maximum(energy[m:] - energy[:-m], 0.0))
-    return float(np.max(corr / (local * np.linalg.norm(chunk) + 1e-9)))
+class Matcher:
+    """The best normalised correlation of short chunks with any same-length window of `x`."""
+
+    def __init__(self, x: np.ndarray, longest: int) -> None:
+        self.x = x.astype(np.float64)
+        self.n = 1 << int(np.ceil(np.log2(x.size + longest)))
+        self.spec = np.fft.rfft(self.x, self.n)
+        self.energy = np.concatenate([[0.0], np.cumsum(self.x**2)])
+
+    def __call__(self, chunk: np.ndarray) -> float:
+        chunk = chunk.astype(np.float64)
+        m = chunk.size
+        corr = np.fft.irfft(self.spec * np.conj(np.fft.rfft(chunk, self.n)), self.n)
+        local = np.sqrt(np.maximum(self.energy[m:] - self.energy[:-m], 0.0))
+        return float(np.max(corr[: self.x.size - m + 1] / (local * np.linalg.norm(chunk) + 1e-9)))
 
 
 def test_ten_seconds_through_the_null_sink(pulse_sink) -> None:
@@ -73,18 +80,20 @@ def test_ten_seconds_through_the_null_sink(pulse_sink) -> None:
         assert isinstance(snap[key], int) and snap[key] >= 0
     assert snap["stages_ms"]["total"]["count"] == 500
     # Audio flowed both ways: what the engine played came back on the microphone (the
-    # sink's monitor). Chunk by chunk, since a loaded machine drops input frames and inserts
-    # silence on underruns; the resampling in the sound server caps the match near 0.83.
+    # sink's monitor). Frame by frame, since a loaded machine drops input frames and inserts
+    # silence on underruns between frames; the resampling in the sound server caps a match
+    # near 0.83, and a frame matched against unrelated audio scores about 0.3.
     heard, played = np.concatenate(audio.heard), np.concatenate(audio.played)
-    assert heard.size == played.size == 500 * codec.frame_size
-    chunk = 5 * codec.frame_size
-    # The last 2 s may still be in flight when the microphone stops.
-    matches = [
-        _best_match(played[i : i + chunk], heard) for i in range(0, 400 * codec.frame_size, chunk)
-    ]
+    fs = codec.frame_size
+    assert heard.size == played.size == 500 * fs
+    # Every 4th frame of the first 8 s (the last 2 s may still be in flight when the
+    # microphone stops).
+    match = Matcher(heard, fs)
+    matches = [match(played[i * fs : (i + 1) * fs]) for i in range(0, 400, 4)]
     good = sum(r > 0.7 for r in matches)
-    assert good >= len(matches) // 4, (
-        f"only {good} of {len(matches)} played chunks came back on the microphone: "
+    # On a quiet machine nearly all come back; with half the input frames dropped, half.
+    assert good >= len(matches) // 5, (
+        f"only {good} of {len(matches)} played frames came back on the microphone: "
         f"{np.round(matches, 2).tolist()}; counters {snap}"
     )
     print("device run counters:", {k: snap[k] for k in snap if k != "stages_ms"})
