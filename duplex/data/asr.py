@@ -100,11 +100,25 @@ class Judge:
         lm = Path(self._dir.name) / "vocab.arpa"
         lm.write_text("\n".join(lines))
         self._lm = str(lm)
+        # Only the vocabulary's pronunciations: loading the whole English dictionary made each
+        # fresh decoder take seconds; the recogniser can only output these words anyway.
+        pron = Path(self._dir.name) / "vocab.dict"
+        entries = []
+        for w in vocab:
+            entries.append(f"{w} {probe.lookup_word(w)}\n")
+            # Alternative pronunciations are listed as WORD(2), WORD(3), ...
+            for i in range(2, 10):
+                alt = probe.lookup_word(f"{w}({i})")
+                if not alt:
+                    break
+                entries.append(f"{w}({i}) {alt}\n")
+        pron.write_text("".join(entries))
+        self._dict = str(pron)
 
     def _new_decoder(self) -> Any:
         from pocketsphinx import Decoder
 
-        return Decoder(samprate=self.sample_rate, loglevel="FATAL", lm=self._lm)
+        return Decoder(samprate=self.sample_rate, loglevel="FATAL", lm=self._lm, dict=self._dict)
 
     def transcribe(self, audio: np.ndarray | torch.Tensor, sample_rate: int) -> str:
         """Mono audio [T] (any rate; peak-normalised here) -> recognised words."""
