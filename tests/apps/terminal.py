@@ -61,6 +61,12 @@ class Terminal:
         cols, rows = size
         new = ["new-session", "-d", "-s", "t", "-x", str(cols), "-y", str(rows), "-c", str(REPO)]
         subprocess.run([*self.tmux, *new, shell], check=True, cwd=REPO, env=self.env)
+        self.socket = subprocess.run(
+            [*self.tmux, "display-message", "-p", "#{socket_path}"],
+            capture_output=True,
+            text=True,
+            env=self.env,
+        ).stdout.strip()
 
     def screen(self) -> str:
         return subprocess.run(
@@ -103,6 +109,9 @@ class Terminal:
 
     def close(self) -> None:
         subprocess.run([*self.tmux, "kill-server"], capture_output=True)
+        # tmux leaves its socket file behind.
+        if self.socket:
+            Path(self.socket).unlink(missing_ok=True)
         shutil.rmtree(self.folder, ignore_errors=True)
 
     def __enter__(self) -> Terminal:
