@@ -290,6 +290,10 @@ class DuplexServer:
         self.refused_handshakes = 0
         self.refused_peers = 0
         self.failed_steps = 0
+        self.refused_full = 0
+        self.refused_saves = 0
+        # How many steps had how many sessions in them (a batched server batches).
+        self.batch_sizes: collections.Counter = collections.Counter()
         self._background: set[asyncio.Task] = set()
         self.sampling = SamplingConfig(**cfg.sampling)
         self.fmt = P.Format(
@@ -518,7 +522,14 @@ class DuplexServer:
                 continue
             batch = {c: c.inbox.popleft() for c in live if c.inbox}
             if batch:
-                await self._step(batch)
+                try:
+                    await self._step(batch)
+                except Exception as e:
+                    # A bug in the server itself: the stepper must not die with it (every
+                    # session would freeze). The sessions of this batch are closed.
+                    print(f"duplex serve: stepping failed: {e!r}", file=sys.stderr)
+                    for c in batch:
+                        self._close_soon(c, P.ErrorCode.INTERNAL, "internal server error")
             now = loop.time()
             if now - self._last_stats >= self.cfg.stats_interval:
                 self._last_stats = now
@@ -570,6 +581,7 @@ class DuplexServer:
                     )
                     self._close_soon(c, P.ErrorCode.INTERNAL, "the engine failed on this session")
         self.ticks += 1
+        self.batch_sizes[len(batch)] += 1
         done = time.monotonic()
         for c, (seq, _, t_in) in batch.items():
             res = results.get(c.session)
@@ -791,6 +803,7 @@ class DuplexServer:
             await ws.close(int(P.Close.GOING_AWAY), "server shutting down")
             return
         if self.active >= self.cfg.max_sessions:
+            self.refused_full += 1
             await self._fatal(
                 conn, P.ErrorCode.FULL, f"server is full ({self.cfg.max_sessions} sessions)"
             )
@@ -898,6 +911,7 @@ class DuplexServer:
             try:
                 if msg.op == P.Op.SAVE_STATE:
                     if conn.state_pending:
+                        self.refused_saves += 1
                         raise StateFileError(
                             "the previous STATE has not been read yet; read it first"
                         )

@@ -252,22 +252,57 @@ async def test_non_reading_client_cannot_grow_the_server(parts) -> None:
     1 GB in 30 s. Output is bounded in bytes, and a second SAVE_STATE waits for the first."""
     async with (
         running(
-            parts, max_sessions=4, out_queue_bytes=256 << 10, control_rate=20, control_burst=20
+            parts,
+            max_sessions=4,
+            out_queue_bytes=256 << 10,
+            control_rate=200,
+            control_burst=200,
+            flood_rate=1000,
+            flood_burst=1000,
         ) as server,
         honest_beside(server) as result,
     ):
         before = rss_mb()
         # max_queue=1: the attacker's websocket stops reading the socket almost at once.
         async with connect(_url(server), max_queue=1, compression=None) as ws:
-            for i in range(40):
+            worst = 0
+            # 200 saves of ~140 KB: far more than the socket buffers take.
+            for i in range(200):
                 await ws.send(P.encode(P.Audio(i, _frames(3, 1)[0]), "client"))
                 await ws.send(P.encode(P.Control(P.Op.SAVE_STATE), "client"))
-                await asyncio.sleep(0.05)
-            worst = max(c.out_bytes for c in server.conns)
+                await asyncio.sleep(0.01)
+                worst = max(worst, *(c.out_bytes for c in server.conns))
+                assert max(c.state_pending for c in server.conns) <= 1
             assert worst <= 256 << 10, worst
-            assert max(c.state_pending for c in server.conns) <= 1
+            # Saves asked for while the last STATE sat unread were refused, not computed.
+            assert server.refused_saves > 0
         assert rss_mb() - before < 100
     assert_unharmed(result)
+
+
+def test_output_queue_is_bounded_in_bytes() -> None:
+    """The output queue drops its oldest messages by bytes as well as by count, and keeps
+    count of queued STATE replies (a second SAVE_STATE waits for the first to be read)."""
+    from duplex.apps.serve import Conn
+
+    c = Conn(None, "s", None, 4, out_limit=512, out_limit_bytes=100_000)
+    state = bytes([P.Kind.STATE]) + P.STATE_MAGIC + bytes(60_000)
+    audio = bytes([P.Kind.AUDIO]) + bytes(644)
+    c.send(state)
+    assert c.state_pending == 1
+    for _ in range(200):
+        c.send(audio)
+    assert c.out_bytes <= 100_000 and c.out_bytes == sum(map(len, c.out))
+    # The STATE was the oldest: dropped to make room, and no longer pending.
+    assert c.state_pending == 0 and c.dropped_output_messages > 0
+    c.send(state)
+    assert c.state_pending == 1
+    while c.out:
+        c.next_out()
+    assert c.out_bytes == 0 and c.state_pending == 0
+    # One message larger than the whole budget still goes (alone).
+    c.send(bytes(200_000))
+    assert len(c.out) == 1
 
 
 async def test_typed_text_flood_is_closed(parts) -> None:
@@ -339,11 +374,17 @@ async def test_connections_per_address_are_limited(parts) -> None:
         assert_unharmed(result)
 
 
+@pytest.mark.timeout(120)
 async def test_a_failing_step_closes_only_its_session(parts) -> None:
     """Issue 18 #1 and #4: a failing batched step closed every session in the batch (1011),
     and waited on the network I/O of a non-reading peer. The fault is injected past every
-    check (as a bug in them would let it through): only that session is closed."""
-    async with running(parts, max_sessions=4) as server, honest_beside(server) as result:
+    check (as a bug in them would let it through): only that session is closed. A bystander
+    sends its frames together with the attacker's, so they share the failing batch."""
+    async with (
+        running(parts, max_sessions=4) as server,
+        honest_beside(server) as result,
+        client(server, seed=2) as bystander,
+    ):
         # The attacker stops reading its socket almost at once.
         async with connect(_url(server), max_queue=1, compression=None) as ws:
             hello = P.parse_server(await ws.recv(), None)
@@ -353,10 +394,15 @@ async def test_a_failing_step_closes_only_its_session(parts) -> None:
                 conn.session.prev_text = 10**6
 
             await server._op(corrupt)
-            for i in range(30):
+            frames = _frames(4, 30)
+            for i, f in enumerate(frames):
                 with contextlib.suppress(ConnectionClosed):
-                    await ws.send(P.encode(P.Audio(i, _frames(4, 1)[0]), "client"))
+                    await ws.send(P.encode(P.Audio(i, f), "client"))
+                await bystander.ws.send(P.encode(P.Audio(i, f), "client"))
                 await asyncio.sleep(0.02)
+            audio, _, other = await bystander.collect(len(frames))
+            assert [m.frame for m in audio] == list(range(len(frames)))
+            assert not any(isinstance(m, P.Error) for m in other)
             assert conn.closed
         assert server.failed_steps >= 1
     assert_unharmed(result)
