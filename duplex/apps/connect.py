@@ -295,8 +295,10 @@ class Client:
                 with contextlib.suppress(ConnectionClosed):
                     await asyncio.wait_for(ws.recv(), 10)
                 if hello.code == P.ErrorCode.FULL:
-                    raise Retry(f"server busy: {hello.message}")
-                raise ServerRefused(f"the server refused the session: {hello.message}", 6)
+                    raise Retry(f"server busy: {printable(hello.message)}")
+                raise ServerRefused(
+                    f"the server refused the session: {printable(hello.message)}", 6
+                )
             if not isinstance(hello, P.Hello):
                 raise ServerRefused(f"the server's first message was {type(hello).__name__}", 6)
             if "PCM" not in hello.accepts:
@@ -313,7 +315,7 @@ class Client:
             self.sent_at.clear()
             if self.cfg.record:
                 if self.recorder is None:
-                    self.recorder = RemoteRecorder(self.cfg.record, self.cfg.url)
+                    self.recorder = RemoteRecorder(self.cfg.record, redact_url(self.cfg.url))
                 directory = self.recorder.begin(hello)
                 self.emit({"recording": str(directory)}, f"[record] {directory}")
             self.emit(
@@ -573,7 +575,8 @@ class Client:
         elif isinstance(msg, P.Stats):
             self.c.server = msg.data
         elif isinstance(msg, P.Error):
-            self.emit({"error": msg.code, "message": msg.message}, f"[error] {msg.message}")
+            shown = printable(msg.message)
+            self.emit({"error": msg.code, "message": msg.message}, f"[error] {shown}")
             if msg.code == P.ErrorCode.STATE:
                 self.pending_state = None
         elif isinstance(msg, P.Event):
@@ -649,9 +652,29 @@ class Sink:
             self.audio.write_frame(pcm)
 
 
+def redact_url(url: str) -> str:
+    """The URL without a `token` query parameter: fit for titles, logs and recordings."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "token"]
+    return urlunsplit(parts._replace(query=urlencode(query)))
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if getattr(args, "token_file", None):
+        return Path(args.token_file).read_text(encoding="utf-8").strip() or None
+    return args.token or os.environ.get("DUPLEX_TOKEN") or None
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("url", help="server address, ws://HOST:PORT or wss://HOST:PORT")
-    p.add_argument("--token", help="server token (default: $DUPLEX_TOKEN)")
+    p.add_argument(
+        "--token",
+        help="server token (default: $DUPLEX_TOKEN); visible to every user in `ps`: prefer "
+        "--token-file or the environment",
+    )
+    p.add_argument("--token-file", metavar="FILE", help="read the server token from FILE")
     p.add_argument("--cafile", help="CA or self-signed certificate to trust for wss://")
     p.add_argument("--input", metavar="WAV", help="read your side from this audio file")
     p.add_argument("--output", metavar="WAV", help="write the model's audio to this WAV file")
@@ -698,7 +721,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     cfg = ConnectConfig(
         url=args.url,
-        token=args.token or os.environ.get("DUPLEX_TOKEN") or None,
+        token=_token(args),
         seed=args.seed,
         text=args.text,
         retries=args.retries,
@@ -729,7 +752,9 @@ def run_tui(cfg: ConnectConfig, args: argparse.Namespace) -> int:
 
     feed = RemoteFeed(cfg, args)
     options = TalkOptions(
-        args.save_state or "duplex.dstate", args.exit_at_end, title=f"duplex connect {cfg.url}"
+        args.save_state or "duplex.dstate",
+        args.exit_at_end,
+        title=f"duplex connect {redact_url(cfg.url)}",
     )
     DuplexApp(feed, options).run()
     if feed.error:

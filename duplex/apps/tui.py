@@ -265,8 +265,10 @@ class DuplexApp(App):
                 yield Static("latency: waiting for frames", id="latency_text")
                 yield Sparkline([0.0], id="spark")
             yield Static("", id="levels")
-            yield Static("", id="facts")
-        yield Static("", id="notice")
+            # Session facts and notices carry text from outside (a server's session id and
+            # error messages, exception text): shown as plain text, never parsed as markup.
+            yield Static("", id="facts", markup=False)
+        yield Static("", id="notice", markup=False)
         yield Input(placeholder="type to the model, Enter to send", id="typed")
         yield Footer()
 
