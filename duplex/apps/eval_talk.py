@@ -36,6 +36,7 @@ import torch
 
 from duplex.data import dialogue as G
 from duplex.data import domain as D
+from duplex.data.asr import word_errors
 from duplex.data.conversations import text_stream
 from duplex.model.duplex_lm import CONFIGS, DuplexConfig, DuplexLM, StepLogits, delay_audio
 from duplex.model.tokenizer import EOT, PAD
@@ -111,17 +112,6 @@ class ScriptedLM(DuplexLM):
             lu[r, user] = 0
             la[r, torch.arange(K), torch.as_tensor(codes)] = 0
         return StepLogits(lt, la, lu)
-
-
-def edit_distance(ref: list[str], hyp: list[str]) -> int:
-    """Word-level Levenshtein distance."""
-    prev = list(range(len(hyp) + 1))
-    for i in range(1, len(ref) + 1):
-        cur = [i] + [0] * len(hyp)
-        for j in range(1, len(hyp) + 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ref[i - 1] != hyp[j - 1]))
-        prev = cur
-    return prev[-1]
 
 
 @dataclass
@@ -268,7 +258,7 @@ def score_dialogue(d: G.Dialogue, heard: Heard, part: str) -> dict:
     }
     ref = [D.normalize(w.text) for w in d.words if w.speaker == "user"]
     hyp = D.normalize(decode_ids(heard.user))
-    r["wer"] = (edit_distance(ref, hyp.split()), len(ref))
+    r["wer"] = (word_errors(ref, hyp.split()), len(ref))
     for e in _requests(d):
         w0, w1 = _window(d, e)
         f0, f1 = _frame(w0, rate), _frame(w1, rate)

@@ -60,18 +60,23 @@ def vocabulary() -> list[str]:
     return sorted(words)
 
 
+def word_errors(ref: list[str], hyp: list[str]) -> int:
+    """Word-level Levenshtein distance (substitutions + insertions + deletions)."""
+    prev = list(range(len(hyp) + 1))
+    for i in range(1, len(ref) + 1):
+        cur = [i] + [0] * len(hyp)
+        for j in range(1, len(hyp) + 1):
+            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ref[i - 1] != hyp[j - 1]))
+        prev = cur
+    return prev[-1]
+
+
 def word_accuracy(reference: str, hypothesis: str) -> float:
-    """1 - word error rate (Levenshtein over words), floored at 0."""
+    """1 - word error rate, floored at 0."""
     r, h = reference.split(), hypothesis.split()
     if not r:
         return 1.0 if not h else 0.0
-    prev = list(range(len(h) + 1))
-    for i in range(1, len(r) + 1):
-        cur = [i] + [0] * len(h)
-        for j in range(1, len(h) + 1):
-            cur[j] = min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (r[i - 1] != h[j - 1]))
-        prev = cur
-    return max(0.0, 1.0 - prev[-1] / len(r))
+    return max(0.0, 1.0 - word_errors(r, h) / len(r))
 
 
 class Judge:

@@ -19,6 +19,7 @@ so recall works over everything either side said.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -119,23 +120,14 @@ _register(
 )
 
 
+# The talking model: `small`'s backbone with the layout the conversation corpus trains.
 _register(
     "talk",
     DuplexConfig(
         text_pad_weight=0.25,
         text_lead=2,
         shared_text_ids=True,
-        backbone=BackboneConfig(
-            d_model=256,
-            layers=("gdn", "mlp", "gdn", "mlp", "gwa", "mlp", "gdn", "mlp", "swa", "mlp"),
-            gdn_heads=4,
-            gdn_head_dim=64,
-            gwa_heads=4,
-            gwa_head_dim=32,
-            attn_heads=4,
-            attn_head_dim=32,
-            swa_window=64,
-        ),
+        backbone=copy.deepcopy(CONFIGS["small"].backbone),
     ),
 )
 
