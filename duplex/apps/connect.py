@@ -719,9 +719,14 @@ def run(args: argparse.Namespace) -> int:
     if args.load_state and not Path(args.load_state).is_file():
         print(f"duplex connect: {args.load_state} does not exist", file=sys.stderr)
         return 2
+    try:
+        token = _token(args)
+    except OSError as e:
+        print(f"duplex connect: cannot read {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
     cfg = ConnectConfig(
         url=args.url,
-        token=_token(args),
+        token=token,
         seed=args.seed,
         text=args.text,
         retries=args.retries,

@@ -129,7 +129,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fail(error: object, status: int) -> int:
-    print(f"duplex talk: {error}", file=sys.stderr)
+    from duplex.streamer.conversation import printable
+
+    # Error text can quote untrusted input (a state file's fields): no control characters.
+    print(f"duplex talk: {printable(str(error))}", file=sys.stderr)
     return status
 
 

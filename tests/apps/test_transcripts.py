@@ -93,3 +93,20 @@ async def test_connect_writes_the_lines_of_the_remote_session(parts, tmp_path): 
     events = [json.loads(x) for x in (tmp_path / "rec" / "events.jsonl").read_text().splitlines()]
     recorded = "".join(ev.get("text", "") for ev in events if ev.get("t") == "frame")
     assert _squash(model) == _squash(recorded)
+
+
+def test_connect_with_a_missing_token_file_is_a_clear_error(capsys):
+    assert main(["connect", "ws://127.0.0.1:9/", "--token-file", "/nonexistent/tok"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read /nonexistent/tok" in err and "Traceback" not in err
+
+
+def test_talk_errors_never_print_control_characters(tmp_path, capsys):
+    bad = tmp_path / "evil\x1b[2Jname.dstate"
+    bad.write_bytes(b"not a state")
+    assert (
+        main(["talk", "--state", str(bad), "--input", str(_wav(tmp_path / "i.wav")), "--headless"])
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "\x1b" not in err and "duplex talk:" in err
