@@ -119,6 +119,9 @@ class ServeConfig:
     control_burst: float = 5.0
     stats_interval: float = 1.0
     record: str | None = None
+    # Disk budget of --record: all recordings under the directory, and one session's segments.
+    record_max_mb: float = 2048.0
+    record_session_mb: float = 256.0
     certfile: str | None = None
     keyfile: str | None = None
     model_name: str = "tiny"
@@ -282,6 +285,15 @@ class DuplexServer:
         self.keys = StateKeys(cfg.state_secrets) if cfg.state_secrets else StateKeys.random()
         engine.state_keys = self.keys
         engine.require_signed_states = not cfg.allow_unsigned_states
+        self.record_quota = None
+        if cfg.record:
+            from duplex.streamer.recording import RecordQuota
+
+            self.record_quota = RecordQuota(
+                int(cfg.record_max_mb * 2**20),
+                int(cfg.record_session_mb * 2**20),
+                RecordQuota.usage(cfg.record),
+            )
         engine.max_state_tokens = cfg.max_state_tokens
         engine.max_typed_bytes = cfg.max_typed_bytes
         self._peers: dict[str, set] = collections.defaultdict(set)
@@ -673,13 +685,22 @@ class DuplexServer:
                 "server_session": conn.sid,
                 "segment": conn.segment,
             }
+            quota = self.record_quota
             try:
                 session.recorder = Recorder(
-                    directory, header, self.engine.sample_rate, self.engine.frame_size
+                    directory,
+                    header,
+                    self.engine.sample_rate,
+                    self.engine.frame_size,
+                    budget=lambda n, key=conn.sid: quota.charge(key, n),
                 )
                 if state is not None:
                     # The state as loaded (a fresh copy: an upload's bytes are not kept).
-                    self.engine.save_session(session, directory / "initial.dstate")
+                    initial = directory / "initial.dstate"
+                    self.engine.save_session(session, initial)
+                    if not quota.charge(conn.sid, initial.stat().st_size):
+                        session.recorder.close()
+                        session.recorder.stopped = "recording quota reached"
             except BaseException:
                 self.engine.leave(session)
                 raise
@@ -1038,6 +1059,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "checked; only for clients you trust)",
     )
     p.add_argument("--record", metavar="DIR", help="record each session under DIR/<session-id>")
+    p.add_argument(
+        "--record-max-mb",
+        type=float,
+        default=2048.0,
+        help="disk budget of all recordings under --record, earlier runs' included (MiB, 2048); "
+        "past it, sessions go on unrecorded",
+    )
+    p.add_argument(
+        "--record-session-mb",
+        type=float,
+        default=256.0,
+        help="disk budget of one session's recording segments (MiB, 256: about 50 minutes)",
+    )
     p.add_argument("--certfile", help="TLS certificate (PEM); enables wss://")
     p.add_argument("--keyfile", help="TLS private key (PEM)")
     p.add_argument("--seed", type=int, default=0, help="default sampling seed (?seed= overrides)")
@@ -1077,6 +1111,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         state_secrets=secrets_,
         allow_unsigned_states=getattr(args, "allow_unsigned_states", False),
         record=args.record,
+        record_max_mb=args.record_max_mb,
+        record_session_mb=args.record_session_mb,
         certfile=args.certfile,
         keyfile=args.keyfile,
         model_name=args.model,

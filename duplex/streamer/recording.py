@@ -18,6 +18,7 @@ import json
 import os
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,8 +67,40 @@ class _WavWriter:
         self.f.close()
 
 
+class RecordQuota:
+    """Bytes a server may write into recordings, per session and in all, shared by recorders.
+
+    `charge(key, n)` books n bytes for session `key` and says whether they fit; a recorder that
+    is refused stops recording (its recording stays readable up to its last whole frame)."""
+
+    def __init__(self, total_bytes: int, session_bytes: int, used: int = 0) -> None:
+        self.total_bytes, self.session_bytes = total_bytes, session_bytes
+        self.used = used
+        self.by_key: dict[str, int] = {}
+
+    @staticmethod
+    def usage(directory: str | os.PathLike) -> int:
+        """Bytes already under `directory` (recordings from earlier runs count too)."""
+        d = Path(directory)
+        if not d.exists():
+            return 0
+        return sum(p.stat().st_size for p in d.rglob("*") if p.is_file())
+
+    def charge(self, key: str, n: int) -> bool:
+        mine = self.by_key.get(key, 0)
+        if self.used + n > self.total_bytes or mine + n > self.session_bytes:
+            return False
+        self.used += n
+        self.by_key[key] = mine + n
+        return True
+
+
 class Recorder:
-    """Writes one session's recording as the session runs."""
+    """Writes one session's recording as the session runs.
+
+    With `budget` (a function of the bytes about to be written, e.g. `RecordQuota.charge`),
+    recording stops for good at the first frame the budget refuses: the session goes on, its
+    recording ends at its last whole frame, and `stopped` says why."""
 
     def __init__(
         self,
@@ -75,7 +108,10 @@ class Recorder:
         header: dict[str, Any],
         sample_rate: int,
         frame_size: int,
+        budget: Callable[[int], bool] | None = None,
     ) -> None:
+        self.budget = budget
+        self.stopped: str | None = None
         self.dir = Path(directory)
         self.dir.mkdir(parents=True, exist_ok=True)
         if (self.dir / "events.jsonl").exists():
@@ -104,9 +140,16 @@ class Recorder:
             or np.asarray(pcm_out).size != self.frame_size
         ):
             raise ValueError(f"recorded frames must have {self.frame_size} samples")
+        if self.stopped:
+            return
+        line = json.dumps({"t": "frame", "i": int(index), **event}, separators=(",", ":"))
+        if self.budget is not None and not self.budget(4 * self.frame_size + len(line) + 1):
+            self._stop("recording quota reached")
+            return
         self._in.append(pcm_in)
         self._out.append(pcm_out)
-        self._write({"t": "frame", "i": int(index), **event})
+        self._events.write(line + "\n")
+        self._events.flush()
         self.frames += 1
 
     def control(self, index: int, kind: str, **data: Any) -> None:
@@ -114,8 +157,18 @@ class Recorder:
         self._write({"t": "control", "i": int(index), "kind": kind, **data})
 
     def _write(self, obj: dict[str, Any]) -> None:
-        self._events.write(json.dumps(obj, separators=(",", ":")) + "\n")
+        if self.stopped:
+            return
+        line = json.dumps(obj, separators=(",", ":"))
+        if self.budget is not None and not self.budget(len(line) + 1):
+            self._stop("recording quota reached")
+            return
+        self._events.write(line + "\n")
         self._events.flush()
+
+    def _stop(self, why: str) -> None:
+        self.stopped = why
+        self.close()
 
     def close(self) -> None:
         for f in (self._in, self._out):
