@@ -475,14 +475,13 @@ def _summarise(cfg, results, answers, state_answers, spoken, ceil) -> dict:
         xs = [a["ok"] for a in answers if a["intent"] == it]
         if xs:
             per_intent[it] = {"n": len(xs), "correct": _mean(xs)}
-    facts = {}
-    for m in cfg.minutes:
-        xs = [
-            a["ok"]
-            for a in answers
-            if a["part"] == "facts" and a["ago"] is not None and abs(a["ago"] - 60 * m) < 30 * m
-        ]
-        facts[f"{m:g}min"] = {"n": len(xs), "correct": _mean(xs)}
+    facts = {f"{m:g}min": [] for m in cfg.minutes}
+    for a in answers:
+        if a["part"] == "facts" and a["ago"] is not None and cfg.minutes:
+            # Each question counts at the planned distance nearest to how long ago it was told.
+            m = min(cfg.minutes, key=lambda m: abs(a["ago"] - 60 * m))
+            facts[f"{m:g}min"].append(a["ok"])
+    facts = {k: {"n": len(v), "correct": _mean(v)} for k, v in facts.items()}
     latency = [x for r in results for x in r["latency"]]
     barge = [x for r in results for x in r["barge"]]
     pauses = [x for r in results for x in r["pauses"]]
