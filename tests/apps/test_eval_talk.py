@@ -10,9 +10,6 @@ import numpy as np
 import pytest
 
 from duplex.apps import eval_talk as E
-from duplex.data import speech as S
-
-pytestmark = pytest.mark.skipif(not S.espeak_available(), reason="espeak-ng missing")
 
 SMALL = {"conversations": 1, "turns": 8, "minutes": (0.35,), "judge_max": 6, "seed": 1}
 

@@ -6,11 +6,8 @@ import numpy as np
 import pytest
 
 from duplex.data import conversations as C
-from duplex.data import speech as S
 from duplex.data.batches import ConversationBatches, Curriculum
 from duplex.model.tokenizer import EOT, PAD
-
-pytestmark = pytest.mark.skipif(not S.espeak_available(), reason="espeak-ng missing")
 
 
 @pytest.fixture(scope="module")

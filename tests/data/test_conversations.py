@@ -14,8 +14,6 @@ from duplex.data import dialogue as G
 from duplex.data import speech as S
 from duplex.model.tokenizer import EOT, PAD
 
-pytestmark = pytest.mark.skipif(not S.espeak_available(), reason="espeak-ng missing")
-
 HOURS = {"tts": 0.004, "asr": 0.004, "duplex": 0.008}
 
 

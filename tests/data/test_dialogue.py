@@ -11,8 +11,6 @@ from duplex.data import dialogue as G
 from duplex.data import domain as D
 from duplex.data import speech as S
 
-pytestmark = pytest.mark.skipif(not S.espeak_available(), reason="espeak-ng missing")
-
 SR = 16000
 
 

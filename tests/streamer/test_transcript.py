@@ -73,11 +73,8 @@ def test_oracle_loop_transcript_matches_the_script():
     from duplex.apps import eval_talk as E
     from duplex.data import dialogue as G
     from duplex.data import domain as D
-    from duplex.data import speech as S
     from duplex.streamer.engine import Engine
 
-    if not S.espeak_available():
-        pytest.skip("espeak-ng missing")
     codec, offline = codecs.load("default"), codecs.load("default")
     bank = G.WordBank(codec.sample_rate)
     rng = np.random.default_rng(2)

@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from duplex.data import conversations as C
-from duplex.data import speech as S
 from duplex.model import duplex_lm
-
-pytestmark = pytest.mark.skipif(not S.espeak_available(), reason="espeak-ng missing")
 
 
 def test_train_command_learns_and_resumes(tmp_path):
