@@ -174,7 +174,7 @@ def run_dialogues(
         results = engine.step(heard)
         for k, s in list(live.items()):
             res = results[s]
-            lines[k].frame(res.frame, heard[s], res.pcm, res.text, res.user_text, res.tokens_out)
+            lines[k].add(heard[s], res)
             out[k].append(res.pcm)
             text[k].append(res.tokens_out[-2])
             user[k].append(res.tokens_out[-1])
@@ -204,7 +204,7 @@ def run_dialogues(
 
 def script_for(model: ScriptedLM, row: int, d: G.Dialogue, codec, kind: str) -> None:
     """Load the oracle's (or the silent model's) script for dialogue `d` into batch row `row`."""
-    from duplex.data.conversations import encode_tracks
+    from duplex.data.conversations import dialogue_record, encode_tracks
 
     fs = codec.frame_size
     F = math.ceil(len(d.user) / fs)
@@ -213,10 +213,7 @@ def script_for(model: ScriptedLM, row: int, d: G.Dialogue, codec, kind: str) -> 
         pad = np.full(F, PAD)
         model.set_script(row, pad, pad, np.tile(silence, (F, 1)), silence)
         return
-    words = [[0 if w.speaker == "user" else 1, w.utt, w.text, 0, 0] for w in d.words]
-    for w, src in zip(words, d.words, strict=True):
-        w[3] = math.floor(src.start * codec.frame_rate)
-        w[4] = math.ceil(src.end * codec.frame_rate)
+    words = dialogue_record(d, codec.frame_rate)["words"]
     audio = encode_tracks(codec, d.model[None])[0]
     model.set_script(
         row,

@@ -100,7 +100,7 @@ def replay(
             else:
                 res = engine.step({session: heard})[session]
             if lines is not None:
-                lines.frame(res.frame, heard, res.pcm, res.text, res.user_text, res.tokens_out)
+                lines.add(heard, res)
             if out is not None:
                 out.write_frame(res.pcm)
             if res.tokens_out != ev["tokens_out"] and mismatch is None:

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from duplex.data import dialogue as G
+from duplex.data.speech import Voice
 from duplex.model.tokenizer import EOT, PAD
 
 VERSION = 1
@@ -67,7 +68,12 @@ class ShardSpec:
 
 
 def plan(
-    hours: dict[str, float], split: str, seed: int, codec: str, shard_minutes: float = 20.0
+    hours: dict[str, float],
+    split: str,
+    seed: int,
+    codec: str,
+    shard_minutes: float = 20.0,
+    max_turns: int = 200,
 ) -> list[ShardSpec]:
     """The shards that make `hours` of each stage (each rounded up to whole shards)."""
     specs = []
@@ -77,9 +83,8 @@ def plan(
         n = math.ceil(h * 60 / shard_minutes - 1e-9) if h > 0 else 0
         for i in range(n):
             minutes = min(shard_minutes, h * 60 - i * shard_minutes)
-            specs.append(
-                ShardSpec(stage, split, i, shard_seed(seed, stage, split, i), minutes, codec)
-            )
+            seed_i = shard_seed(seed, stage, split, i)
+            specs.append(ShardSpec(stage, split, i, seed_i, minutes, codec, max_turns))
     return specs
 
 
@@ -139,7 +144,7 @@ def make_shard(spec: ShardSpec, out_dir: Path, codec=None) -> dict:
     rng = np.random.default_rng(spec.seed)
     bank = G.WordBank(codec.sample_rate)
     user_parts, model_parts, records, offsets = [], [], [], [0]
-    seconds, voices = 0.0, set()
+    seconds = 0.0
     while seconds < spec.minutes * 60:
         d = G.generate(spec.stage, rng, bank, spec.split, spec.max_turns)
         codes = encode_tracks(codec, np.stack([d.user, d.model]))
@@ -148,7 +153,6 @@ def make_shard(spec: ShardSpec, out_dir: Path, codec=None) -> dict:
         offsets.append(offsets[-1] + codes.shape[1])
         records.append(dialogue_record(d, codec.frame_rate))
         seconds += d.duration
-        voices.add(d.user_voice.espeak_name)
     meta = {
         "version": VERSION,
         "stage": spec.stage,
@@ -176,7 +180,7 @@ def make_shard(spec: ShardSpec, out_dir: Path, codec=None) -> dict:
 
 
 def _entry(spec: ShardSpec, path: Path, meta: dict, frames: int) -> dict:
-    voices = sorted({S_name(c["voice"]) for c in meta["conversations"]})
+    voices = sorted({Voice(**c["voice"]).espeak_name for c in meta["conversations"]})
     return {
         "file": path.name,
         "stage": spec.stage,
@@ -189,10 +193,6 @@ def _entry(spec: ShardSpec, path: Path, meta: dict, frames: int) -> dict:
         "bytes": path.stat().st_size,
         "voices": voices,
     }
-
-
-def S_name(voice: dict) -> str:
-    return f"{voice['accent']}+{voice['variant']}" if voice["variant"] else voice["accent"]
 
 
 class Shard:
@@ -307,9 +307,7 @@ def build(
     manifest.update({"version": VERSION, "seed": seed, "codec": codec})
     for p in out.glob(".*.tmp-*"):
         p.unlink()
-    specs = plan(hours, split, seed, codec, shard_minutes)
-    for s in specs:
-        s.max_turns = max_turns
+    specs = plan(hours, split, seed, codec, shard_minutes, max_turns)
     done = {e["file"] for e in manifest["shards"]}
     todo = []
     for s in specs:

@@ -220,19 +220,18 @@ class Timeline:
         self.user_utts.append((first, audio * gain))
         return t, pause
 
-    def model_says(self, text: str, start: float) -> tuple[int, float, list[tuple[float, float]]]:
-        """Place a model utterance; returns (utterance id, end, word spans)."""
+    def model_says(self, text: str, start: float) -> tuple[int, float]:
+        """Place a model utterance; returns (utterance id, end)."""
         utt, self._utt = self._utt, self._utt + 1
-        t, spans = start, []
+        t = start
         for i, w in enumerate(text.split()):
             if i:
                 t += self._gap("model")
             a = self.bank.word(MODEL_VOICE, w)
             self.model_clips.append((round(t * self.sr), a))
             self.words.append(Word("model", utt, w, t, t + len(a) / self.sr))
-            spans.append((t, t + len(a) / self.sr))
             t += len(a) / self.sr
-        return utt, t, spans
+        return utt, t
 
     def cut_model(self, utt: int, at: float) -> None:
         """The model stops speaking utterance `utt` at `at` (a barge-in): words begun before the
@@ -291,7 +290,7 @@ class Timeline:
             self.t = end + float(self.rng.uniform(0.3, 1.5))
             return ev
         r0 = end + float(self.rng.uniform(0.08, 0.2))
-        utt, r1, _spans = self.model_says(req.answer, r0)
+        utt, r1 = self.model_says(req.answer, r0)
         ev["reply_start"], ev["reply_end"] = r0, r1
         dur = r1 - r0
         if dur > 0.6 and self.rng.random() < barge_p:
@@ -320,7 +319,7 @@ class Timeline:
 
     def model_reads(self, text: str) -> None:
         """Text-to-speech practice: the model voice reads `text`, nobody asked."""
-        _, end, _ = self.model_says(text, self.t)
+        _, end = self.model_says(text, self.t)
         self.events.append({"kind": "read", "text": text, "start": self.t, "end": end})
         self.t = end + float(self.rng.uniform(0.4, 1.5))
 

@@ -77,7 +77,7 @@ def step_frame(
     res = engine.step({session: frame})[session]
     audio.write_frame(res.pcm)
     if transcript is not None:
-        transcript.frame(res.frame, frame, res.pcm, res.text, res.user_text, res.tokens_out)
+        transcript.add(frame, res)
     for key, value in audio.counters().items():
         setattr(engine.stats, key, value)
     return res

@@ -137,6 +137,10 @@ class Transcript:
             if quiet or index >= u.closed_at + self.tail:
                 self._finish(speaker)
 
+    def add(self, pcm_in: np.ndarray, res) -> None:
+        """One engine step's `FrameResult` and the input frame it heard."""
+        self.frame(res.frame, pcm_in, res.pcm, res.text, res.user_text, res.tokens_out)
+
     def _text(self, speaker: str, index: int, piece: str, eot: bool) -> None:
         u = self._open[speaker]
         if piece:
