@@ -237,3 +237,33 @@ def test_cpu_tensors_use_pytorch(monkeypatch):
     assert not common.use_triton(x["q"])
     monkeypatch.setenv("DUPLEX_GDN_BACKEND", "triton")
     assert not common.use_triton(x["q"]), "CPU tensors never go to the Triton kernels"
+
+
+def test_public_entry_points_are_the_one_dispatch_point():
+    """The Triton modules never import the public entry points back (fla's layout): routing
+    float64 and empty sequences to PyTorch is the entry points' job, and the Triton functions
+    refuse what they cannot compute instead of calling back up."""
+    import ast
+    from pathlib import Path
+
+    import duplex.kernels.gated_delta as pkg
+
+    root = Path(pkg.__file__).parent
+    for name in ("triton_chunk.py", "triton_recurrent.py"):
+        tree = ast.parse((root / name).read_text())
+        imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+        back = imported & {
+            "duplex.kernels.gated_delta.chunk",
+            "duplex.kernels.gated_delta.fused_recurrent",
+            "duplex.kernels.gated_delta",
+            "duplex.kernels",
+        }
+        assert not back, f"{name} imports {back}"
+    from duplex.kernels.gated_delta import triton_chunk, triton_recurrent
+
+    x = make_inputs(1, 4, 1, 16, 16, torch.float64)
+    args = (x["q"], x["k"], x["v"], x["g"], x["beta"], 0.25, None, False)
+    with pytest.raises(ValueError, match="float64"):
+        triton_chunk.chunk_gated_delta_rule_triton(*args)
+    with pytest.raises(ValueError, match="float32"):
+        triton_recurrent.fused_recurrent_gated_delta_rule_triton(*args)

@@ -49,12 +49,14 @@ def chunk_gated_delta_rule(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked gated delta rule: same result as the naive loop up to rounding, much faster.
 
-    Dispatches to the Triton kernels for CUDA tensors and to the PyTorch chunked form otherwise.
+    Dispatches to the Triton kernels for CUDA tensors and to the PyTorch chunked form otherwise
+    (float64 too: the kernels accumulate in float32). This is the one dispatch point, so the
+    Triton module never imports back.
     Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32 or None).
     """
     d = check_inputs(q, k, v, g, beta, initial_state)
     scale = resolve_scale(scale, d.K)
-    if use_triton(q):
+    if use_triton(q) and compute_dtype(q.dtype) != torch.float64:
         from duplex.kernels.gated_delta.triton_chunk import chunk_gated_delta_rule_triton
 
         return chunk_gated_delta_rule_triton(

@@ -31,10 +31,12 @@ def fused_recurrent_gated_delta_rule(
     """Recurrent gated delta rule, tuned for short T (T = 1 when streaming).
 
     Returns (o [B, T, H, V] in q's dtype, final state [B, H, K, V] float32 or None).
+    The one dispatch point: float64 inputs (the kernel accumulates in float32) and empty
+    sequences take the PyTorch loop even on CUDA, so the Triton module never imports back.
     """
     d = check_inputs(q, k, v, g, beta, initial_state)
     scale = resolve_scale(scale, d.K)
-    if use_triton(q):
+    if use_triton(q) and compute_dtype(q.dtype) != torch.float64 and q.shape[1] > 0:
         from duplex.kernels.gated_delta.triton_recurrent import (
             fused_recurrent_gated_delta_rule_triton,
         )

@@ -430,14 +430,11 @@ def chunk_gated_delta_rule_triton(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Chunked gated delta rule on Triton (inputs already validated).
 
-    float64 inputs go to the PyTorch form: the kernels accumulate in float32.
+    The kernels accumulate in float32: float64 inputs are the caller's to route to the
+    PyTorch form (`chunk_gated_delta_rule` does).
     """
     if compute_dtype(q.dtype) == torch.float64:
-        from duplex.kernels.gated_delta.chunk import chunk_gated_delta_rule_torch
-
-        return chunk_gated_delta_rule_torch(
-            q, k, v, g, beta, scale, initial_state, output_final_state
-        )
+        raise ValueError("the Triton kernels take float32 or half inputs, not float64")
     if chunk_size < 16 or chunk_size & (chunk_size - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
     if q.shape[1] == 0:

@@ -169,16 +169,12 @@ def fused_recurrent_gated_delta_rule_triton(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Recurrent gated delta rule on Triton (inputs already validated).
 
-    float64 inputs go to the PyTorch loop: the kernel accumulates in float32.
+    The kernel accumulates in float32 and needs at least one step: float64 inputs and empty
+    sequences are the caller's to route to the PyTorch loop (`fused_recurrent_gated_delta_rule`
+    does).
     """
     if compute_dtype(q.dtype) == torch.float64 or q.shape[1] == 0:
-        from duplex.kernels.gated_delta.fused_recurrent import (
-            fused_recurrent_gated_delta_rule_torch,
-        )
-
-        return fused_recurrent_gated_delta_rule_torch(
-            q, k, v, g, beta, scale, initial_state, output_final_state
-        )
+        raise ValueError("the Triton kernel takes float32 or half inputs with T >= 1")
     o, ht = FusedRecurrentGatedDeltaRuleTriton.apply(
         q, k, v, g, beta, scale, initial_state, output_final_state
     )
