@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from duplex.codecs.resample import StreamResampler
 from duplex.streamer.fifo import BlockFifo, FrameFifo
-from duplex.streamer.resampler import StreamResampler
 
 
 class AudioUnavailableError(RuntimeError):
