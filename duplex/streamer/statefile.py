@@ -137,17 +137,15 @@ def _tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
-def save_state(
-    path: str | os.PathLike,
+def encode_state(
     tensors: dict[str, torch.Tensor],
     meta: dict[str, Any],
     model_fingerprint: str,
     codec_fingerprint: str,
     keys: StateKeys | None = None,
-) -> Path:
-    """Write a state file atomically (signed with `keys` when given); returns its path."""
-    path = Path(path)
-    _remove_orphans(path)
+) -> bytes:
+    """A whole state file as bytes (signed with `keys` when given): what `save_state` writes
+    and what a server hands a client, with no file in between."""
     index, chunks, offset = [], [], 0
     for name, t in tensors.items():
         if t.dtype not in _NAMES:
@@ -174,18 +172,37 @@ def save_state(
         "tensors": index,
     }
     hb = json.dumps(header, sort_keys=True).encode()
-    h = hashlib.sha256()
+    body = b"".join((_PREFIX.pack(MAGIC, VERSION, len(hb)), hb, *chunks))
+    sig = bytes(_SIG)
+    if keys is not None:
+        mac = keys.signer()
+        mac.update(body)
+        sig = keys.signing_id + mac.digest()
+    return body + hashlib.sha256(body).digest() + sig
+
+
+def save_state(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    meta: dict[str, Any],
+    model_fingerprint: str,
+    codec_fingerprint: str,
+    keys: StateKeys | None = None,
+) -> Path:
+    """Write a state file atomically (signed with `keys` when given); returns its path."""
+    data = encode_state(tensors, meta, model_fingerprint, codec_fingerprint, keys)
+    return write_atomic(path, data)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write `data` to a temporary file beside `path`, then rename it: a full disk or a crash
+    never leaves a half-written state in place of a good one."""
+    path = Path(path)
+    _remove_orphans(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            mac = keys.signer() if keys is not None else None
-            for piece in (_PREFIX.pack(MAGIC, VERSION, len(hb)), hb, *chunks):
-                h.update(piece)
-                f.write(piece)
-                if mac is not None:
-                    mac.update(piece)
-            f.write(h.digest())
-            f.write(bytes(_SIG) if keys is None else keys.signing_id + mac.digest())
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -221,12 +238,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def read_header(path: str | os.PathLike) -> dict[str, Any]:
-    """The header of a state file (validated like `load_state`, fingerprints not checked)."""
-    return _parse(_bytes(Path(path)), str(path), None, False)[0]
+StateSource = str | os.PathLike | bytes | bytearray | memoryview
 
 
-def _bytes(path: Path) -> bytes:
+def read_header(source: StateSource) -> dict[str, Any]:
+    """The header of a state file or its bytes (validated like `load_state`, fingerprints not
+    checked)."""
+    return _parse(_bytes(source), _label(source), None, False)[0]
+
+
+def _label(source: StateSource) -> str:
+    return "the state" if isinstance(source, bytes | bytearray | memoryview) else str(source)
+
+
+def _bytes(source: StateSource) -> bytes:
+    if isinstance(source, bytes | bytearray | memoryview):
+        return bytes(source)
+    path = Path(source)
     try:
         return path.read_bytes()
     except FileNotFoundError:
@@ -327,7 +355,7 @@ def _check_header(header: Any, payload_len: int, label: str) -> None:
 
 
 def load_state(
-    path: str | os.PathLike,
+    source: StateSource,
     model_fingerprint: str | None = None,
     codec_fingerprint: str | None = None,
     *,
@@ -335,15 +363,14 @@ def load_state(
     require_signature: bool = False,
     label: str | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read and validate a state file; returns (tensors, meta).
+    """Read and validate a state file, or a state file's bytes; returns (tensors, meta).
 
     With fingerprints given, a state saved for another model or codec is a StateFileError.
     With `require_signature`, so is a state not signed by one of `keys`. `label` names the file
     in error messages instead of its path (a server does not show its temporary paths).
     """
-    path = Path(path)
-    label = label or str(path)
-    header, payload, _ = _parse(_bytes(path), label, keys, require_signature)
+    label = label or _label(source)
+    header, payload, _ = _parse(_bytes(source), label, keys, require_signature)
     for what, want in (("model", model_fingerprint), ("codec", codec_fingerprint)):
         have = header[f"{what}_fingerprint"]
         if want is not None and have != want:

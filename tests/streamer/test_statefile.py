@@ -382,3 +382,27 @@ def test_rows_move_between_batches() -> None:
         m.set_rows(torch.tensor([0]), row)
         got = m(x[1:3])[0]
     torch.testing.assert_close(got, ref)
+
+
+def test_state_bytes_are_the_file(tmp_path) -> None:
+    """A state encoded to bytes is byte for byte what `save_state` writes (but for its time),
+    and bytes load like a path: same tensors, same meta, same refusals."""
+    from duplex.streamer.statefile import StateKeys, encode_state
+
+    keys = StateKeys([b"k" * 16])
+    tensors = {"a": torch.arange(6.0).reshape(2, 3), "b": torch.tensor([1, 2], dtype=torch.int64)}
+    meta = {"frame": 3}
+    data = encode_state(tensors, meta, "m1", "c1", keys)
+    path = save_state(tmp_path / "s.dstate", tensors, meta, "m1", "c1", keys)
+    on_disk = path.read_bytes()
+    assert read_header(data) == {
+        **read_header(on_disk),
+        "created_unix": read_header(data)["created_unix"],
+    }
+    got, got_meta = load_state(data, "m1", "c1", keys=keys, require_signature=True)
+    assert got_meta == meta and set(got) == set(tensors)
+    assert all(torch.equal(got[k], tensors[k]) for k in tensors)
+    with pytest.raises(StateFileError, match=r"^the state was saved for a different model"):
+        load_state(data, "m2", "c1")
+    with pytest.raises(StateFileError, match="corrupt"):
+        load_state(data[:-100] + bytes(100), "m1", "c1")
