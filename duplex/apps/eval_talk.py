@@ -111,7 +111,7 @@ class ScriptedLM(DuplexLM):
             lt[r, text] = 0
             lu[r, user] = 0
             la[r, torch.arange(K), torch.as_tensor(codes)] = 0
-        return StepLogits(lt, la, lu)
+        return StepLogits(lt, la, lu, torch.zeros(B, self.cfg.backbone.d_model))
 
 
 @dataclass

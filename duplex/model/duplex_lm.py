@@ -12,9 +12,13 @@ Streams at frame t (layout in docs/streams.md):
 
 The input at step t is the user's audio of frame t plus the model's own previous tokens
 (ad[t-1], m[t-1], x[t-1]); the outputs are logits for ad[t], m[t] and x[t]. All input embeddings
-are summed per frame. The backbone's id stream (its guided-window log) is the merged text of the
-frame: the model's byte if any, else the user's byte (offset by the text vocabulary), else PAD,
-so recall works over everything either side said.
+are summed per frame. With a depth model (`depth_hidden > 0`) the K codebooks of a step are drawn
+in order, each seeing the ones drawn before it in the same step (`AudioDepth`), instead of all K
+independently from one hidden state.
+
+The backbone's id stream (its guided-window log) is the merged text of the frame: the model's
+byte if any, else the user's byte (offset by the text vocabulary unless `shared_text_ids`), else
+PAD, so recall works over everything either side said.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duplex.model.backbone import Backbone, BackboneConfig
+from duplex.model.backbone import Backbone, BackboneConfig, RMSNorm
 from duplex.model.tokenizer import PAD, VOCAB_SIZE
 from duplex.streaming import StreamingModule
 
@@ -51,6 +56,14 @@ class DuplexConfig:
     # The backbone's id log holds the same id for the same byte whoever said it, so a suffix
     # the model writes can match what the user said earlier (recall across speakers).
     shared_text_ids: bool = False
+    # Hidden width of the per-codebook depth model (0: the K codebooks are independent heads).
+    depth_hidden: int = 0
+    # Weight of codebook 0 (the first, most informative one) in the audio loss, against 1 for
+    # each acoustic codebook.
+    first_codebook_weight: float = 1.0
+    # Training only: the fraction of the model's own fed-back audio codes replaced by random
+    # codes, so it learns to continue from inputs that are not the corpus's (exposure bias).
+    audio_input_noise: float = 0.0
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
     def __post_init__(self) -> None:
@@ -59,6 +72,8 @@ class DuplexConfig:
         self.backbone.vocab_size = 2 * self.text_vocab
         if self.acoustic_delay < 0 or self.transcript_delay < 0 or self.text_lead < 0:
             raise ValueError("delays must be >= 0")
+        if self.depth_hidden < 0 or not 0.0 <= self.audio_input_noise < 1.0:
+            raise ValueError("depth_hidden must be >= 0 and audio_input_noise in [0, 1)")
 
     @property
     def audio_pad(self) -> int:
@@ -127,6 +142,9 @@ _register(
         text_pad_weight=0.25,
         text_lead=2,
         shared_text_ids=True,
+        depth_hidden=256,
+        first_codebook_weight=3.0,
+        audio_input_noise=0.1,
         backbone=copy.deepcopy(CONFIGS["small"].backbone),
     ),
 )
@@ -151,11 +169,55 @@ def undelay_audio(ad: torch.Tensor, delay: int) -> torch.Tensor:
 
 @dataclass
 class StepLogits:
-    """Logits of one step: text [B, Vt], audio [B, K, card], user_text [B, Vt]."""
+    """Logits of one step or sequence: text [B, (T,) Vt], user_text [B, (T,) Vt], hidden
+    [B, (T,) d]; audio [B, (T,) K, card] when the codebooks are independent or teacher-forced,
+    None from a streaming step of a depth model (draw them with `DuplexLM.sample_audio`)."""
 
     text: torch.Tensor
-    audio: torch.Tensor
+    audio: torch.Tensor | None
     user_text: torch.Tensor
+    hidden: torch.Tensor
+
+
+class AudioDepth(nn.Module):
+    """Within one step, codebook k is predicted from the backbone's state plus the codes of
+    codebooks 0..k-1 of the same step, so the codebooks of a frame agree with each other (the
+    residual quantiser's levels depend on each other; independent draws mix voices).
+
+    A cumulative sum of per-codebook code embeddings conditions one shared residual MLP; zero
+    initialised, so a model trained without it starts from exactly its old predictions.
+    """
+
+    def __init__(self, K: int, card: int, d: int, hidden: int) -> None:
+        super().__init__()
+        self.K = K
+        self.code_emb = nn.Parameter(torch.zeros(K - 1, card + 1, d))
+        self.pos = nn.Parameter(torch.zeros(K, d))
+        self.norm = RMSNorm(d)
+        self.up = nn.Linear(d, hidden)
+        self.down = nn.Linear(hidden, d)
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+
+    def _mix(self, u: torch.Tensor) -> torch.Tensor:
+        return u + self.down(F.silu(self.up(self.norm(u))))
+
+    def forward(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced: h [..., d], codes [..., K] -> per-codebook states [..., K, d]."""
+        n, rows, d = self.code_emb.shape
+        offsets = torch.arange(n, device=codes.device) * rows
+        # [..., K - 1, d]: embeddings of codebooks 0..K-2, each conditioning the ones after it
+        e = F.embedding(codes[..., :n] + offsets, self.code_emb.reshape(n * rows, d))
+        cond = torch.cat([torch.zeros_like(e[..., :1, :]), e.cumsum(-2)], dim=-2)
+        return self._mix(h[..., None, :] + cond + self.pos)
+
+    def state(self, h: torch.Tensor, cond: torch.Tensor, k: int) -> torch.Tensor:
+        """Codebook k's state [B, d] given cond [B, d], the summed embeddings of codes < k."""
+        return self._mix(h + cond + self.pos[k])
+
+    def embed(self, k: int, code: torch.Tensor) -> torch.Tensor:
+        """Embedding [B, d] of codebook k's code [B], added to the condition of codebooks > k."""
+        return self.code_emb[k][code]
 
 
 class DuplexLM(StreamingModule):
@@ -177,6 +239,7 @@ class DuplexLM(StreamingModule):
         self.text_head = nn.Linear(d, cfg.text_vocab, bias=False)
         self.user_text_head = nn.Linear(d, cfg.text_vocab, bias=False)
         self.audio_head = nn.Linear(d, K * card, bias=False)
+        self.depth = AudioDepth(K, card, d, cfg.depth_hidden) if cfg.depth_hidden > 0 else None
 
     def merged_text(self, text: torch.Tensor, user_text: torch.Tensor) -> torch.Tensor:
         """The backbone's id per frame: model byte, else user byte (+ Vt unless the config
@@ -208,10 +271,44 @@ class DuplexLM(StreamingModule):
         )
         return self.merged_text(prev_text, prev_user_text), extra
 
-    def _heads(self, h: torch.Tensor) -> StepLogits:
+    def _heads(self, h: torch.Tensor, audio_codes: torch.Tensor | None) -> StepLogits:
+        """Logits from hidden states h [..., d]; a depth model needs the step's audio codes
+        [..., K] (teacher forcing) to give audio logits, else audio is None."""
         K, card = self.cfg.num_codebooks, self.cfg.codebook_size
-        audio = self.audio_head(h).unflatten(-1, (K, card))
-        return StepLogits(self.text_head(h), audio, self.user_text_head(h))
+        if self.depth is None:
+            audio = self.audio_head(h).unflatten(-1, (K, card))
+        elif audio_codes is not None:
+            z = self.depth(h, audio_codes)
+            w = self.audio_head.weight.view(K, card, -1)
+            audio = torch.einsum("...kd,kcd->...kc", z, w)
+        else:
+            audio = None
+        return StepLogits(self.text_head(h), audio, self.user_text_head(h), h)
+
+    def audio_logits(self, hidden: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced audio logits [..., K, card] of hidden [..., d] given the step's codes."""
+        out = self._heads(hidden, codes).audio
+        assert out is not None
+        return out
+
+    def sample_audio(
+        self, hidden: torch.Tensor, draw: Callable[[int, torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """Draw one step's K codes [B, K] from hidden [B, d], codebook by codebook:
+        `draw(k, logits [B, card])` returns codebook k's codes [B]."""
+        K, card = self.cfg.num_codebooks, self.cfg.codebook_size
+        if self.depth is None:
+            logits = self.audio_head(hidden).unflatten(-1, (K, card))
+            return torch.stack([draw(k, logits[:, k]) for k in range(K)], dim=1)
+        w = self.audio_head.weight.view(K, card, -1)
+        cond = torch.zeros_like(hidden)
+        codes = []
+        for k in range(K):
+            code = draw(k, self.depth.state(hidden, cond, k) @ w[k].T)
+            codes.append(code)
+            if k + 1 < K:
+                cond = cond + self.depth.embed(k, code)
+        return torch.stack(codes, dim=1)
 
     def shift_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Teacher forcing: the previous step's tokens of each own stream (pad at t = 0)."""
@@ -222,9 +319,14 @@ class DuplexLM(StreamingModule):
             first = torch.full_like(x[:, :1], pad)
             return torch.cat([first, x[:, :-1]], dim=1)
 
+        prev_audio = prev(ad, cfg.audio_pad)
+        if self.training and cfg.audio_input_noise > 0:
+            noise = torch.randint_like(prev_audio, cfg.codebook_size)
+            hit = torch.rand(prev_audio.shape, device=prev_audio.device) < cfg.audio_input_noise
+            prev_audio = torch.where(hit & (prev_audio != cfg.audio_pad), noise, prev_audio)
         return {
             "target_audio": ad,
-            "prev_audio": prev(ad, cfg.audio_pad),
+            "prev_audio": prev_audio,
             "prev_text": prev(batch["model_text"], PAD),
             "prev_user_text": prev(batch["user_text"], PAD),
         }
@@ -241,19 +343,21 @@ class DuplexLM(StreamingModule):
         ids, extra = self._inputs(
             batch["user_audio"], s["prev_audio"], s["prev_text"], s["prev_user_text"]
         )
-        logits = self._heads(self.backbone(ids, extra=extra))
+        tgt = s["target_audio"]
+        logits = self._heads(self.backbone(ids, extra=extra), tgt)
         w = torch.ones(cfg.text_vocab, device=ids.device, dtype=logits.text.dtype)
         w[PAD] = cfg.text_pad_weight
         loss_text = F.cross_entropy(logits.text.flatten(0, 1), batch["model_text"].flatten(), w)
         loss_user = F.cross_entropy(logits.user_text.flatten(0, 1), batch["user_text"].flatten(), w)
-        tgt = s["target_audio"]
         # Delay gaps hold the pad code, which no head predicts: leave them out of the loss.
         loss_audio = F.cross_entropy(
             logits.audio.flatten(0, 2),
             tgt.flatten().clamp(max=cfg.codebook_size - 1),
             reduction="none",
         )
-        keep = (tgt.flatten() != cfg.audio_pad).to(loss_audio.dtype)
+        keep = (tgt != cfg.audio_pad).to(loss_audio.dtype)
+        keep[..., 0] *= cfg.first_codebook_weight
+        keep = keep.flatten()
         loss_audio = (loss_audio * keep).sum() / keep.sum().clamp(min=1)
         total = loss_text + loss_user + cfg.audio_weight * loss_audio
         return logits, {
@@ -271,14 +375,14 @@ class DuplexLM(StreamingModule):
         prev_user_text: torch.Tensor,
     ) -> StepLogits:
         """Streaming form, one frame: user_audio [B, K] (this frame), prev_audio [B, K] (the
-        model's delayed-layout codes of the previous step), prev_text [B], prev_user_text [B]."""
+        model's delayed-layout codes of the previous step), prev_text [B], prev_user_text [B].
+        A depth model's audio logits are None here: draw its codes with `sample_audio`."""
         self._require_streaming()
         ids, extra = self._inputs(
             user_audio[:, None], prev_audio[:, None], prev_text[:, None], prev_user_text[:, None]
         )
         h = self.backbone.step(ids, extra=extra)
-        out = self._heads(h[:, 0])
-        return out
+        return self._heads(h[:, 0], None)
 
     def state_bytes(self) -> int:
         """Fixed streaming state bytes per session (excludes the host-side id log)."""
@@ -323,6 +427,27 @@ def load(name_or_path: str | Path, device: str | torch.device = "cpu") -> Duplex
     torch.manual_seed(0)
     cfg = DuplexConfig.from_dict(CONFIGS[str(name_or_path)].to_dict())
     return DuplexLM(cfg).to(device).eval()
+
+
+def warm_start(model: DuplexLM, path: str | Path) -> list[str]:
+    """Load the weights of `path` into `model` where names and shapes match; tensors the file
+    lacks keep their initialisation (returned). A file with tensors the model lacks, or of
+    other shapes, is refused: it is not an ancestor of this model."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model weights not found: {path}")
+    sd = load_file(str(path))
+    own = model.state_dict()
+    extra = sorted(set(sd) - set(own))
+    shapes = sorted(k for k in sd if k in own and sd[k].shape != own[k].shape)
+    if extra or shapes:
+        raise ValueError(
+            f"weights do not fit this model: unknown tensors {extra[:5]}, other shapes {shapes[:5]}"
+        )
+    missing = model.load_state_dict(sd, strict=False).missing_keys
+    return sorted(missing)
 
 
 def save(model: DuplexLM, path: str | Path) -> Path:

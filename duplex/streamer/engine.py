@@ -407,15 +407,20 @@ class Engine:
         sp = [s.sampling for s in stepping]
         t_temp = torch.tensor([x.text_temperature for x in sp])
         t_k = torch.tensor([x.text_top_k for x in sp])
-        a_temp = torch.tensor([x.temperature for x in sp]).repeat_interleave(K)
-        a_k = torch.tensor([x.top_k for x in sp]).repeat_interleave(K)
         texts = sample(logits.text[rows], t_temp, t_k, u[:, :vt])
-        audio = sample(
-            logits.audio[rows].reshape(-1, card),
-            a_temp,
-            a_k,
-            u[:, vt : vt + K * card].reshape(-1, card),
-        ).reshape(-1, K)
+        ua = u[:, vt : vt + K * card].reshape(-1, K, card)
+        a_temp = torch.tensor([x.temperature for x in sp])
+        a_k = torch.tensor([x.top_k for x in sp])
+
+        def draw(k: int, lg: torch.Tensor) -> torch.Tensor:
+            return sample(lg, a_temp, a_k, ua[:, k])
+
+        if logits.audio is not None:
+            la = logits.audio[rows]
+            audio = torch.stack([draw(k, la[:, k]) for k in range(K)], dim=1)
+        else:
+            # Codebook by codebook: a depth model conditions each on the ones drawn before it.
+            audio = self.model.sample_audio(logits.hidden[rows], draw)
         users = sample(logits.user_text[rows], t_temp, t_k, u[:, vt + K * card :])
         return texts, audio, users
 

@@ -41,7 +41,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpus", type=Path, required=True, help="corpus directory (manifest.json)")
     p.add_argument("--out", type=Path, default=Path("runs/talk"), help="run directory")
     p.add_argument("--config", default="talk", help="model config name (talk, small, tiny)")
-    p.add_argument("--init", type=Path, help="start from these weights (.safetensors)")
+    p.add_argument(
+        "--init",
+        type=Path,
+        help="start from these weights (.safetensors of a model whose config differs from "
+        "--config only by added modules, e.g. a depth model; those start at their init)",
+    )
     p.add_argument("--steps", type=int, default=20_000, help="schedule length (20000)")
     p.add_argument("--batch-size", type=int, default=8, help="global batch, crops (8)")
     p.add_argument("--seq-len", type=int, default=400, help="frames per crop (400 = 8 s)")
@@ -71,18 +76,22 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     seed_everything(args.seed)
-    if args.init is not None:
-        model = duplex_lm.load(args.init)
-    elif args.config in duplex_lm.CONFIGS:
-        model = duplex_lm.DuplexLM(
-            duplex_lm.DuplexConfig.from_dict(duplex_lm.CONFIGS[args.config].to_dict())
-        )
-    else:
+    if args.config not in duplex_lm.CONFIGS:
         print(
             f"duplex train duplex: unknown config {args.config!r}: one of "
             f"{sorted(duplex_lm.CONFIGS)}"
         )
         return 2
+    model = duplex_lm.DuplexLM(
+        duplex_lm.DuplexConfig.from_dict(duplex_lm.CONFIGS[args.config].to_dict())
+    )
+    if args.init is not None:
+        try:
+            fresh = duplex_lm.warm_start(model, args.init)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"duplex train duplex: --init {args.init}: {e}")
+            return 2
+        print(f"[train] weights from {args.init}; new (initialised) tensors: {fresh or 'none'}")
     cfg = model.cfg
     try:
         data = ConversationBatches(

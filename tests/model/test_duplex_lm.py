@@ -136,3 +136,88 @@ def test_one_load_for_every_shipped_model() -> None:
     assert {"tiny", "small", "recall-gwa"} <= set(names)
     for name in names:
         M.load(name)
+
+
+def _deep() -> DuplexLM:
+    m = _tiny()
+    cfg = DuplexConfig.from_dict({**m.cfg.to_dict(), "depth_hidden": 24})
+    torch.manual_seed(0)
+    m = DuplexLM(cfg).double()
+    # Non-zero depth weights, so the codebooks really depend on each other.
+    with torch.no_grad():
+        for p in m.depth.parameters():
+            p.normal_(0, 0.3)
+    return m
+
+
+def test_depth_codebooks_see_the_ones_before() -> None:
+    m = _deep()
+    h = torch.randn(3, 32, dtype=torch.float64)
+    codes = torch.randint(0, 32, (3, 4))
+    base = m.audio_logits(h, codes)
+    changed = codes.clone()
+    changed[:, 1] = (changed[:, 1] + 1) % 32
+    moved = m.audio_logits(h, changed)
+    # Codebooks 0 and 1 do not see codebook 1; 2 and 3 do.
+    torch.testing.assert_close(moved[:, :2], base[:, :2], rtol=0, atol=0)
+    assert (moved[:, 2:] - base[:, 2:]).abs().amax() > 1e-3
+
+
+def test_depth_sampling_equals_teacher_forcing() -> None:
+    m = _deep()
+    h = torch.randn(3, 32, dtype=torch.float64)
+    seen = []
+
+    def greedy(k: int, logits: torch.Tensor) -> torch.Tensor:
+        seen.append(logits)
+        return logits.argmax(-1)
+
+    codes = m.sample_audio(h, greedy)
+    forced = m.audio_logits(h, codes)
+    torch.testing.assert_close(torch.stack(seen, 1), forced, rtol=1e-9, atol=1e-9)
+    assert torch.equal(forced.argmax(-1), codes)
+
+
+def test_depth_step_equals_forward() -> None:
+    m = _deep()
+    b = _batch(2, 9)
+    logits, _ = m(b)
+    s = m.shift_inputs(b)
+    with m.streaming(2):
+        for t in range(9):
+            o = m.step(
+                b["user_audio"][:, t],
+                s["prev_audio"][:, t],
+                s["prev_text"][:, t],
+                s["prev_user_text"][:, t],
+            )
+            assert o.audio is None
+            got = m.audio_logits(o.hidden, s["target_audio"][:, t])
+            torch.testing.assert_close(got, logits.audio[:, t], rtol=1e-9, atol=1e-9)
+            torch.testing.assert_close(o.text, logits.text[:, t], rtol=1e-9, atol=1e-9)
+
+
+def test_depth_zero_init_keeps_old_predictions() -> None:
+    old = _tiny()
+    cfg = DuplexConfig.from_dict({**old.cfg.to_dict(), "depth_hidden": 24})
+    new = DuplexLM(cfg).double()
+    missing = new.load_state_dict(old.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("depth.") for k in missing)
+    b = _batch(2, 10)
+    a, _ = old(b)
+    n, _ = new(b)
+    torch.testing.assert_close(n.audio, a.audio, rtol=1e-9, atol=1e-9)
+
+
+def test_audio_input_noise_only_in_training() -> None:
+    m = _tiny()
+    m.cfg.audio_input_noise = 0.5
+    b = _batch(2, 30)
+    m.eval()
+    clean = m.shift_inputs(b)["prev_audio"]
+    assert torch.equal(clean, m.shift_inputs(b)["prev_audio"])
+    m.train()
+    noisy = m.shift_inputs(b)["prev_audio"]
+    frac = (noisy != clean).double().mean()
+    assert 0.3 < frac < 0.6
+    assert torch.equal(noisy == m.cfg.audio_pad, clean == m.cfg.audio_pad)
