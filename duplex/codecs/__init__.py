@@ -9,21 +9,43 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from duplex.codecs.base import StreamingCodec
 from duplex.codecs.resample import resample
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-SHIPPED = {"default": WEIGHTS_DIR / "default.safetensors"}
+if TYPE_CHECKING:
+    from duplex.codecs.small import SmallCodecConfig
 
-__all__ = ["StreamingCodec", "available", "load", "load_small", "resample"]
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+# "default" is the voiced decoder (issue 13); "default-v1" the first decoder on the same tokens,
+# kept so the two can be compared (it reproduces no pitch: a whisper).
+SHIPPED = {
+    "default": WEIGHTS_DIR / "default.safetensors",
+    "default-v1": WEIGHTS_DIR / "default-v1.safetensors",
+}
+
+__all__ = ["StreamingCodec", "available", "load", "load_small", "resample", "small_codec"]
 
 
 def available() -> list[str]:
     """Every codec name `load` accepts (shipped small codecs and EnCodec 24 kHz)."""
     return [*sorted(SHIPPED), "encodec_24khz"]
+
+
+def small_codec(cfg: SmallCodecConfig, name: str = "") -> StreamingCodec:
+    """A small codec of config `cfg` with random weights: the decoder kind comes from the config."""
+    from duplex.codecs.small import SmallCodec
+    from duplex.codecs.voiced import VoicedCodec
+
+    kind = cfg.extra.get("decoder", "spectral")
+    if kind == "voice":
+        return VoicedCodec(cfg, name=name)
+    if kind == "spectral":
+        return SmallCodec(cfg, name=name)
+    raise ValueError(f"unknown small-codec decoder {kind!r} in the config")
 
 
 def load_small(
@@ -33,7 +55,7 @@ def load_small(
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from duplex.codecs.small import SmallCodec, SmallCodecConfig
+    from duplex.codecs.small import SmallCodecConfig
 
     path = Path(path)
     if not path.exists():
@@ -43,7 +65,7 @@ def load_small(
     if "config" not in meta:
         raise ValueError(f"{path} has no codec config in its metadata: not a duplex codec file")
     cfg = SmallCodecConfig.from_dict(json.loads(meta["config"]))
-    codec = SmallCodec(cfg, name=name or path.stem)
+    codec = small_codec(cfg, name=name or path.stem)
     sd = {k: v.float() for k, v in load_file(str(path)).items()}
     missing, unexpected = codec.load_state_dict(sd, strict=False)
     needed = [k for k in missing if not k.endswith(("embed_sum", "cluster_size", "initialized"))]
@@ -71,9 +93,11 @@ def load(
         return load_encodec_24khz(pretrained, bandwidth, download).to(device)
     if name in SHIPPED:
         if not pretrained:
-            from duplex.codecs.small import SmallCodec
+            from duplex.codecs.small import SmallCodecConfig
+            from duplex.codecs.voiced import voiced_config
 
-            return SmallCodec(name=name).to(device).eval()
+            cfg = voiced_config(SmallCodecConfig()) if name == "default" else SmallCodecConfig()
+            return small_codec(cfg, name=name).to(device).eval()
         return load_small(SHIPPED[name], device, name=name)
     if name.endswith(".safetensors") or Path(name).exists():
         return load_small(name, device)

@@ -359,7 +359,11 @@ class SmallCodec(StreamingCodec):
         self.cardinality = c.codebook_size
         self.encoder = SmallEncoder(c)
         self.quantizer = ResidualVQ(c.latent_dim, c.num_codebooks, c.codebook_size, c.ema_decay)
-        self.decoder = SmallDecoder(c)
+        self.decoder = self.build_decoder(c)
+
+    def build_decoder(self, cfg: SmallCodecConfig) -> nn.Module:
+        """The decoder of this codec (subclasses swap it and keep the encoder and quantiser)."""
+        return SmallDecoder(cfg)
 
     def _encode(self, wav: torch.Tensor) -> torch.Tensor:
         return self.quantizer.encode(self.encoder(wav))

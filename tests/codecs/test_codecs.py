@@ -17,6 +17,7 @@ from duplex.codecs.encodec_stream import (
     checkpoint_dir,
 )
 from duplex.codecs.small import SmallCodec
+from duplex.codecs.voiced import VoicedCodec
 
 torch.set_num_threads(1)
 
@@ -37,6 +38,19 @@ def _small() -> SmallCodec:
     return codec
 
 
+def _voiced() -> VoicedCodec:
+    torch.manual_seed(1)
+    codec = codecs.load("default", pretrained=False)
+    assert isinstance(codec, VoicedCodec)
+    for cb in codec.quantizer.codebooks:
+        cb.embed.normal_(0, 0.3)
+    # random heads: spread the voicing logits so both voiced and unvoiced sub-frames occur
+    head = codec.decoder.net.layers[-1].proj
+    with torch.no_grad():
+        head.weight[1].normal_(0, 0.3)
+    return codec
+
+
 @pytest.fixture(scope="module")
 def encodec() -> EncodecCodec:
     torch.manual_seed(0)
@@ -50,11 +64,16 @@ def small() -> SmallCodec:
     return _small()
 
 
-@pytest.fixture(params=["small", "encodec"])
+@pytest.fixture(scope="module")
+def voiced() -> VoicedCodec:
+    return _voiced()
+
+
+@pytest.fixture(params=["small", "voiced", "encodec"])
 def codec(
-    request: pytest.FixtureRequest, small: SmallCodec, encodec: EncodecCodec
+    request: pytest.FixtureRequest, small: SmallCodec, voiced: VoicedCodec, encodec: EncodecCodec
 ) -> StreamingCodec:
-    return small if request.param == "small" else encodec
+    return {"small": small, "voiced": voiced, "encodec": encodec}[request.param]
 
 
 def _audio(codec: StreamingCodec, batch: int, frames: int, seed: int = 0) -> torch.Tensor:
