@@ -56,6 +56,13 @@ class DuplexConfig:
     # The backbone's id log holds the same id for the same byte whoever said it, so a suffix
     # the model writes can match what the user said earlier (recall across speakers).
     shared_text_ids: bool = False
+    # With shared ids: the log keeps who said each byte (the user's offset by the text
+    # vocabulary) and the read matches bytes whoever said them (key_modulo), so a window
+    # found by the model's words shows whose words it holds.
+    window_speaker: bool = False
+    # The log stores text only: frames without a byte (PAD, most of a 50 Hz stream) are not
+    # logged, so a window's W ids span words rather than W frames.
+    log_text_only: bool = False
     # Hidden width of the per-codebook depth model (0: the K codebooks are independent heads).
     depth_hidden: int = 0
     # Weight of codebook 0 (the first, most informative one) in the audio loss, against 1 for
@@ -70,6 +77,12 @@ class DuplexConfig:
         if isinstance(self.backbone, dict):
             self.backbone = BackboneConfig(**self.backbone)
         self.backbone.vocab_size = 2 * self.text_vocab
+        if self.log_text_only:
+            self.backbone.read.skip_id = PAD
+        if self.window_speaker:
+            if not self.shared_text_ids:
+                raise ValueError("window_speaker needs shared_text_ids")
+            self.backbone.read.key_modulo = self.text_vocab
         if self.acoustic_delay < 0 or self.transcript_delay < 0 or self.text_lead < 0:
             raise ValueError("delays must be >= 0")
         if self.depth_hidden < 0 or not 0.0 <= self.audio_input_noise < 1.0:
@@ -142,6 +155,8 @@ _register(
         text_pad_weight=0.25,
         text_lead=2,
         shared_text_ids=True,
+        window_speaker=True,
+        log_text_only=True,
         depth_hidden=256,
         first_codebook_weight=3.0,
         audio_input_noise=0.1,
@@ -243,8 +258,9 @@ class DuplexLM(StreamingModule):
 
     def merged_text(self, text: torch.Tensor, user_text: torch.Tensor) -> torch.Tensor:
         """The backbone's id per frame: model byte, else user byte (+ Vt unless the config
-        shares ids between speakers), else PAD."""
-        vt = 0 if self.cfg.shared_text_ids else self.cfg.text_vocab
+        shares ids between speakers without keeping the speaker), else PAD."""
+        shared = self.cfg.shared_text_ids and not self.cfg.window_speaker
+        vt = 0 if shared else self.cfg.text_vocab
         user = torch.where(user_text != PAD, user_text + vt, torch.full_like(user_text, PAD))
         return torch.where(text != PAD, text, user)
 
@@ -433,6 +449,7 @@ def warm_start(model: DuplexLM, path: str | Path) -> list[str]:
     """Load the weights of `path` into `model` where names and shapes match; tensors the file
     lacks keep their initialisation (returned). A file with tensors the model lacks, or of
     other shapes, is refused: it is not an ancestor of this model."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
@@ -446,6 +463,14 @@ def warm_start(model: DuplexLM, path: str | Path) -> list[str]:
         raise ValueError(
             f"weights do not fit this model: unknown tensors {extra[:5]}, other shapes {shapes[:5]}"
         )
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads((f.metadata() or {}).get("duplex_config", "{}"))
+    if model.cfg.window_speaker and meta.get("shared_text_ids") and not meta.get("window_speaker"):
+        # Its user bytes shared the model's ids: they start as copies of those rows.
+        vt = model.cfg.text_vocab
+        emb = sd["backbone.embed.weight"].clone()
+        emb[vt : 2 * vt] = emb[:vt]
+        sd["backbone.embed.weight"] = emb
     missing = model.load_state_dict(sd, strict=False).missing_keys
     return sorted(missing)
 

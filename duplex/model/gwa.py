@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from duplex.kernels.gwa import gather_window_proj, window_attend_factored
-from duplex.model.ngram_index import NgramIndex, NgramIndexConfig
+from duplex.model.ngram_index import NgramIndex, NgramIndexConfig, match_keys
 from duplex.model.token_log import TokenLog, id_dtype
 from duplex.streaming import StreamingModule, StreamState
 
@@ -58,6 +58,13 @@ class GWAReadConfig:
     index_init_bits: int = 12
     index_max_load: int = 4
     ram_tokens: int = 1 << 22
+    # An id the log never stores (e.g. the PAD of a 50 Hz text stream, most of its frames): a
+    # step with it reads what the last stored id read, so windows hold only real text and a
+    # window of W ids spans words, not frames of silence. -1: store every id.
+    skip_id: int = -1
+    # > 0: n-grams match by id % key_modulo (an id's high part is a side feature, e.g. who
+    # said a byte: matched as the same byte, embedded in the window as who said it).
+    key_modulo: int = 0
 
     def __post_init__(self) -> None:
         self.orders = tuple(sorted((int(m) for m in self.orders), reverse=True))
@@ -93,6 +100,7 @@ class GWAReadConfig:
             max_load=self.index_max_load,
             ram_tokens=self.ram_tokens,
             unigram_vocab=self.vocab_size,
+            key_modulo=self.key_modulo,
         )
 
 
@@ -186,7 +194,8 @@ def read_histories(histories: list[History], ts: np.ndarray) -> dict[str, np.nda
     # the number of leading i (ids i back from both ends) where both exist and are equal.
     same = valid[..., None] & (apos >= 0) & (tpos[..., None, :] >= 0)
     same[:, :, 0] = False
-    same &= at_anchor == at_t[..., None, :]
+    mod = cfg.key_modulo
+    same &= match_keys(at_anchor, mod) == match_keys(at_t, mod)[..., None, :]
     match = np.logical_and.accumulate(same, axis=-1).sum(axis=-1, dtype=np.int64)
     offsets = np.array([h.offset for h in histories], dtype=np.int64)
     absolute = np.where(valid, anchors + offsets[:, None, None], 0)
@@ -219,12 +228,18 @@ class _HistoryRef:
     therefore discards what came after it (one timeline per stream).
     """
 
-    def __init__(self, history: History, length: int) -> None:
+    def __init__(
+        self, history: History, length: int, last_read: dict[str, np.ndarray] | None = None
+    ) -> None:
         self.history = history
         self.length = length
+        # With a skipped id: the read of the newest stored position ([1, 1, ...] arrays).
+        self.last_read = last_read
+        if last_read is None and length > 0 and history.cfg.skip_id >= 0:
+            self.last_read = read_histories([history], np.array([[length - 1]]))
 
     def __deepcopy__(self, memo: dict) -> _HistoryRef:
-        return _HistoryRef(self.history, self.length)
+        return _HistoryRef(self.history, self.length, self.last_read)
 
     def sync(self) -> History:
         if len(self.history) != self.length:
@@ -247,7 +262,10 @@ class WindowReaderState(StreamState):
 
     def select_rows(self, rows: torch.Tensor) -> WindowReaderState:
         """Rows `rows` as views (history + length): cheap; materialised by `to_saved`."""
-        picked = [_HistoryRef(self.rows[i].history, self.rows[i].length) for i in rows.tolist()]
+        picked = [
+            _HistoryRef(self.rows[i].history, self.rows[i].length, self.rows[i].last_read)
+            for i in rows.tolist()
+        ]
         return WindowReaderState(
             batch_size=len(picked), exec_mask=self.exec_mask[rows].clone(), rows=picked
         )
@@ -260,7 +278,7 @@ class WindowReaderState(StreamState):
             copy.offset = ref.history.offset
             copy.append(ref.history.log.read(0, ref.length))
             self.rows[r].history.close()
-            self.rows[r] = _HistoryRef(copy, ref.length)
+            self.rows[r] = _HistoryRef(copy, ref.length, ref.last_read)
 
     def moved_rows(self, rows: torch.Tensor, fresh: StreamState) -> WindowReaderState:
         """Histories move (no copy, no re-indexing: a restream costs nothing per token)."""
@@ -351,16 +369,34 @@ class WindowReader(StreamingModule):
         """Reads for every position of whole sequences ids [B, T] (training / offline)."""
         B, T = ids.shape
         arr = ids.detach().cpu().numpy()
-        histories = []
+        out = self._empty_read(B, T)
         for b in range(B):
-            h = History(dataclasses.replace(self.cfg, ram_tokens=T + 1))
+            kept = arr[b][arr[b] != self.cfg.skip_id]
+            if kept.size == 0:
+                continue
+            h = History(dataclasses.replace(self.cfg, ram_tokens=kept.size + 1))
             h.offset = 0 if offsets is None else int(offsets[b])
-            h.append(arr[b])
-            histories.append(h)
-        got = read_histories(histories, np.tile(np.arange(T), (B, 1)))
-        for h in histories:
+            h.append(kept)
+            got = read_histories([h], np.arange(kept.size)[None])
             h.close()
-        return _to_read(got, ids.device)
+            self._spread(out, b, got, self._last_kept(arr[b], 0))
+        return _to_read(out, ids.device)
+
+    def _last_kept(self, ids: np.ndarray, before: int) -> np.ndarray:
+        """For each of ids [T] (appended to a log of `before` stored ids): the log position of
+        the newest stored id at or before it (-1: none yet)."""
+        return before + np.cumsum(ids != self.cfg.skip_id) - 1
+
+    @staticmethod
+    def _spread(
+        out: dict[str, np.ndarray], b: int, got: dict[str, np.ndarray], last: np.ndarray
+    ) -> None:
+        """Row b's read at every step t: the read of log position last[t] (none where it is
+        -1). `got` holds the reads of log positions max(last[0], 0) onwards, [1, N, ...]."""
+        base = max(int(last[0]), 0) if last.size else 0
+        has = last >= 0
+        for name in out:
+            out[name][b, has] = got[name][0, last[has] - base]
 
     def step(self, ids: torch.Tensor) -> WindowRead:
         """Append ids [B, T] to each stream's history and return their reads.
@@ -386,16 +422,39 @@ class WindowReader(StreamingModule):
     def _append_and_read(self, rows: np.ndarray, arr: np.ndarray) -> dict[str, np.ndarray]:
         """Append arr[b] [T] to the history of each row b in `rows`, then read all of them."""
         st = self._require_streaming()
-        histories, starts = [], []
-        for b in rows:
+        T = arr.shape[1]
+        if self.cfg.skip_id < 0:
+            histories, starts = [], []
+            for b in rows:
+                ref = st.rows[b]
+                h = ref.sync()
+                starts.append(len(h))
+                h.append(arr[b])
+                ref.length = len(h)
+                histories.append(h)
+            ts = np.array(starts, dtype=np.int64)[:, None] + np.arange(T)
+            return read_histories(histories, ts)
+        out = self._empty_read(len(rows), T)
+        for i, b in enumerate(rows):
             ref = st.rows[b]
             h = ref.sync()
-            starts.append(len(h))
-            h.append(arr[b])
+            n0 = len(h)
+            last = self._last_kept(arr[b], n0)
+            h.append(arr[b][arr[b] != self.cfg.skip_id])
             ref.length = len(h)
-            histories.append(h)
-        ts = np.array(starts, dtype=np.int64)[:, None] + np.arange(arr.shape[1])
-        return read_histories(histories, ts)
+            if len(h) == 0:
+                continue
+            parts = []
+            if len(h) > n0:
+                parts.append(read_histories([h], np.arange(n0, len(h))[None]))
+            if n0 > 0 and last[0] < n0:
+                # Steps before this chunk's first stored id read the newest earlier one, whose
+                # read is kept (the exact unigram table only answers the last update's ids).
+                parts.insert(0, ref.last_read)
+            got = {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[-1]}
+            ref.last_read = {k: v[:, -1:].copy() for k, v in got.items()}
+            self._spread(out, i, got, last)
+        return out
 
     def _empty_read(self, B: int, T: int) -> dict[str, np.ndarray]:
         """What rows that read nothing get (zeros), [B, T, ...]."""

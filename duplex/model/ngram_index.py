@@ -48,6 +48,9 @@ class NgramIndexConfig:
     max_load: int = 4
     ram_tokens: int = 1 << 22
     unigram_vocab: int = 0
+    # > 0: ids are matched by id % key_modulo, so ids that differ only by a side feature kept
+    # in the high part (who said a byte) count as the same key.
+    key_modulo: int = 0
 
     def __post_init__(self) -> None:
         self.orders = tuple(int(m) for m in self.orders)
@@ -82,6 +85,11 @@ def ngram_hashes_orders(ids: np.ndarray, orders: Iterable[int]) -> dict[int, np.
         if i + 1 in wanted:
             out[i + 1] = h.copy()
     return out
+
+
+def match_keys(ids: np.ndarray, modulo: int) -> np.ndarray:
+    """The keys n-grams are matched by: the ids themselves, or ids % modulo when modulo > 0."""
+    return ids % modulo if modulo > 0 else ids
 
 
 def _bucket(h: np.ndarray, bits: int) -> np.ndarray:
@@ -143,7 +151,7 @@ class NgramIndex:
         """
         orders = self.cfg.orders
         lo = max(0, start - (max(orders[oi] for oi in ois) - 1))
-        ids = self.log.read(lo, stop)
+        ids = match_keys(self.log.read(lo, stop), self.cfg.key_modulo)
         hashes = ngram_hashes_orders(ids, [orders[oi] for oi in ois if not self.last_only(oi)])
         for oi in ois:
             m = orders[oi]
@@ -242,7 +250,7 @@ class NgramIndex:
         stop, step = n, 1 << 20
         while want.any() and stop > 0:
             start = max(0, stop - step)
-            ids = self.log.read(start, stop).astype(np.int64)
+            ids = match_keys(self.log.read(start, stop).astype(np.int64), self.cfg.key_modulo)
             # last occurrence in this block of each id: reversed first occurrence
             rev = ids[::-1]
             uniq, first = np.unique(rev, return_index=True)
@@ -277,7 +285,8 @@ class NgramIndex:
                 continue
             # want: [N, m] the m-gram ending at each t; candidates are compared in one gather.
             back = np.arange(m, dtype=np.int64)
-            want = self.log.gather(ts[:, None] - back)
+            mod = self.cfg.key_modulo
+            want = match_keys(self.log.gather(ts[:, None] - back), mod)
             cur = self.prev_links(oi, ts)
             count = np.zeros(ts.shape[0], dtype=np.int64)
             for _ in range(self.cfg.max_walk):
@@ -286,7 +295,7 @@ class NgramIndex:
                     break
                 idx = np.nonzero(live)[0]
                 c = cur[idx]
-                eq = (self.log.gather(c[:, None] - back) == want[idx]).all(axis=1)
+                eq = (match_keys(self.log.gather(c[:, None] - back), mod) == want[idx]).all(axis=1)
                 hit = idx[eq]
                 out[hit, oi, count[hit]] = cur[hit]
                 count[hit] += 1

@@ -13,6 +13,7 @@ from duplex.model.duplex_lm import (
     load,
     save,
     undelay_audio,
+    warm_start,
 )
 from duplex.model.tokenizer import PAD, ByteTokenizer
 
@@ -140,7 +141,16 @@ def test_one_load_for_every_shipped_model() -> None:
 
 def _deep() -> DuplexLM:
     m = _tiny()
-    cfg = DuplexConfig.from_dict({**m.cfg.to_dict(), "depth_hidden": 24})
+    # The talking model's layout: depth model, text-only log, speaker kept in the window.
+    cfg = DuplexConfig.from_dict(
+        {
+            **m.cfg.to_dict(),
+            "depth_hidden": 24,
+            "shared_text_ids": True,
+            "window_speaker": True,
+            "log_text_only": True,
+        }
+    )
     torch.manual_seed(0)
     m = DuplexLM(cfg).double()
     # Non-zero depth weights, so the codebooks really depend on each other.
@@ -221,3 +231,34 @@ def test_audio_input_noise_only_in_training() -> None:
     frac = (noisy != clean).double().mean()
     assert 0.3 < frac < 0.6
     assert torch.equal(noisy == m.cfg.audio_pad, clean == m.cfg.audio_pad)
+
+
+def test_window_speaker_keeps_who_said_it_and_matches_across_speakers() -> None:
+    m = _tiny()
+    cfg = DuplexConfig.from_dict(
+        {**m.cfg.to_dict(), "shared_text_ids": True, "window_speaker": True, "log_text_only": True}
+    )
+    assert cfg.backbone.read.key_modulo == cfg.text_vocab
+    assert cfg.backbone.read.skip_id == PAD
+    m = DuplexLM(cfg)
+    t = torch.tensor([[65, PAD, PAD]])
+    u = torch.tensor([[66, 67, PAD]])
+    assert m.merged_text(t, u).tolist() == [[65, 67 + cfg.text_vocab, PAD]]
+    with pytest.raises(ValueError, match="shared_text_ids"):
+        DuplexConfig(window_speaker=True)
+
+
+def test_warm_start_copies_shared_user_rows(tmp_path) -> None:
+    old = _tiny().float()
+    old.cfg.shared_text_ids = True
+    p = save(old, tmp_path / "old.safetensors")
+    cfg = DuplexConfig.from_dict({**old.cfg.to_dict(), "window_speaker": True})
+    new = DuplexLM(cfg)
+    assert warm_start(new, p) == []
+    e = new.backbone.embed.weight
+    vt = cfg.text_vocab
+    assert torch.equal(e[vt:], e[:vt])
+    assert torch.equal(e[:vt], old.backbone.embed.weight[:vt])
+    other = DuplexLM(DuplexConfig.from_dict({**cfg.to_dict(), "num_codebooks": 2}))
+    with pytest.raises(ValueError, match="do not fit"):
+        warm_start(other, p)

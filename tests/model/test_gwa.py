@@ -118,11 +118,13 @@ def test_candidates_are_earlier_occurrences_with_windows_from_the_log():
     np.testing.assert_array_equal(r["mask"][0, 0], [True, False, False])
 
 
-def test_exec_mask_and_snapshot_restore():
+@pytest.mark.parametrize("skip", [False, True])
+def test_exec_mask_and_snapshot_restore(skip):
     torch.manual_seed(2)
-    model = Backbone(small_cfg(("gdn", "gwa", "swa", "mlp"))).double().eval()
-    ids = torch.randint(0, VOCAB, (2, 40))
-    junk = torch.randint(0, VOCAB, (2, 5))
+    layers = ("gdn", "gwa", "swa", "mlp")
+    model = Backbone(skip_cfg(layers) if skip else small_cfg(layers)).double().eval()
+    ids = sparse_ids(2, 40, seed=5) if skip else torch.randint(0, VOCAB, (2, 40))
+    junk = torch.randint(1, VOCAB, (2, 5))
     with torch.no_grad():
         ref = model(ids)
         with model.streaming(2):
@@ -266,3 +268,95 @@ def test_batched_read_of_several_streams_equals_each_read():
         one = h.read(ts[b])
         for name, v in one.items():
             np.testing.assert_array_equal(got[name][b], v)
+
+
+def skip_cfg(layers: tuple[str, ...]) -> BackboneConfig:
+    cfg = small_cfg(layers)
+    cfg.read.skip_id = 0
+    return cfg
+
+
+def sparse_ids(B: int, T: int, seed: int = 0) -> torch.Tensor:
+    """Mostly the skipped id 0, as a 50 Hz text stream is mostly PAD."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 6, (B, T), generator=g)
+    ids[torch.rand(B, T, generator=g) < 0.7] = 0
+    ids[:, :3] = 0
+    return ids
+
+
+@pytest.mark.parametrize("size", [1, 5, 64])
+def test_skipping_reader_streamed_equals_parallel(size):
+    torch.manual_seed(0)
+    model = Backbone(skip_cfg(("gdn", "gwa", "mlp"))).double().eval()
+    ids = sparse_ids(2, 64)
+    with torch.no_grad():
+        full = model(ids)
+        got = stream(model, ids, chunking(64, size))
+        prefix = model(ids[:, :23])
+    torch.testing.assert_close(got, full, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(prefix, full[:, :23], rtol=1e-9, atol=1e-9)
+
+
+def test_skipped_ids_never_enter_the_windows():
+    from duplex.model.gwa import WindowReader
+
+    cfg = skip_cfg(("gwa",)).read
+    reader = WindowReader(cfg)
+    ids = sparse_ids(1, 80, seed=3)
+    read = reader.parallel(ids)
+    text = ids[0][ids[0] != 0]
+    # Every readable window slot holds a stored (non-skipped) id.
+    assert bool((read.ids[read.mask] != 0).all())
+    # A step on a skipped id reads exactly what the newest stored id read.
+    t = int(torch.nonzero(ids[0] != 0)[-1])
+    for u in range(t + 1, 80):
+        assert torch.equal(read.ids[0, u], read.ids[0, t])
+    # The local window at the last stored id is the last W stored ids (not frames).
+    local = read.ids[0, t, 0][read.mask[0, t, 0]]
+    assert torch.equal(local, text[-len(local) :])
+    assert len(local) == cfg.win_before
+    # Before any stored id there is nothing to read.
+    assert not bool(read.valid[0, :3].any())
+
+
+def test_skipping_reader_state_saved_and_loaded():
+    """A state saved mid-stream (after a skipped id) and loaded into a fresh stream continues
+    exactly as the stream it came from."""
+    torch.manual_seed(4)
+    model = Backbone(skip_cfg(("gdn", "gwa", "mlp"))).double().eval()
+    ids = sparse_ids(1, 50, seed=7)
+    ids[0, 29] = 0
+    with torch.no_grad():
+        ref = model(ids)
+        with model.streaming(1):
+            model.step(ids[:, :30])
+            tensors, plain = model.save_rows(torch.tensor([0]))
+        with model.streaming(1):
+            model.load_rows(torch.tensor([0]), tensors, plain)
+            tail = model.step(ids[:, 30:])
+    torch.testing.assert_close(tail, ref[:, 30:], rtol=1e-9, atol=1e-9)
+
+
+def test_key_modulo_matches_by_key_and_windows_keep_the_side_feature():
+    """Ids key + 10 * speaker: places are found as if the speaker were not there (same anchors
+    and match lengths as a plain reader of the keys), and the windows hold the full ids."""
+    rng = np.random.default_rng(8)
+    keys = np.concatenate([rng.integers(0, 4, 200), np.tile(rng.integers(0, 4, 7), 10)])
+    ids = keys + 10 * rng.integers(0, 2, keys.size)
+    base = dict(vocab_size=VOCAB, orders=(3, 2, 1), max_walk=16)
+    side = History(GWAReadConfig(**base, key_modulo=10))
+    plain = History(GWAReadConfig(**base))
+    side.append(ids)
+    plain.append(keys)
+    ts = np.arange(ids.size)
+    a, b = side.read(ts), plain.read(ts)
+    assert np.array_equal(a["anchors"], b["anchors"])
+    assert np.array_equal(a["match"], b["match"])
+    assert np.array_equal(a["ids"] % 10, b["ids"])
+    assert np.array_equal(a["ids"][a["mask"]] >= 10, (a["ids"] // 10)[a["mask"]] == 1)
+    assert (a["ids"][a["mask"]] >= 10).any()
+    # Without the modulo the speaker splits the matches: some anchors differ.
+    split = History(GWAReadConfig(**base))
+    split.append(ids)
+    assert not np.array_equal(split.read(ts)["anchors"], b["anchors"])
