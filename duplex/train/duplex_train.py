@@ -33,7 +33,7 @@ tree for long runs). --max-minutes stops a session early; the schedule still spa
 Examples:
   duplex train duplex --corpus ~/corpus --out ~/runs/talk --max-minutes 90
   torchrun --nproc_per_node 8 -m duplex train duplex --corpus /data/corpus --out runs/talk \\
-      --batch-size 64 --device cuda
+      --batch-size 64 --device cuda --precision bf16
 """
 
 
@@ -58,6 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ckpt-every", type=int, default=200)
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (2)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument(
+        "--precision",
+        choices=("fp32", "bf16"),
+        default="fp32",
+        help="bf16: autocast forward and loss (GPUs; weights and optimiser stay fp32)",
+    )
     p.add_argument("--ship", action="store_true", help="also write the weights as `default`")
     p.add_argument("--no-progress", action="store_true")
 
@@ -125,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         progress=not args.no_progress,
         device=args.device,
+        precision=args.precision,
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "model_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))

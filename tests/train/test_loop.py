@@ -139,3 +139,27 @@ def test_torchrun_two_processes_match_one(tmp_path) -> None:
     ddp.load_state_dict(torch.load(out / "params.pt"))
     torch.testing.assert_close(_params(ddp), _params(single), rtol=1e-10, atol=1e-12)
     assert not torch.equal(_params(ddp), _params(toy.make_model()))
+
+
+def test_bf16_autocast_trains_and_differs_from_fp32(tmp_path) -> None:
+    """bf16 reaches the forward (results differ from fp32) and still learns; weights stay fp32."""
+    runs = {}
+
+    def batch32(step: int, rows: slice) -> dict[str, torch.Tensor]:
+        return {k: v.float() for k, v in toy.make_batch(step, rows).items()}
+
+    for precision in ("fp32", "bf16"):
+        model = toy.make_model().float()
+        res = train(
+            model,
+            batch32,
+            toy.loss_fn,
+            _cfg(tmp_path / precision, steps=60, ckpt_every=1000, precision=precision),
+        )
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        runs[precision] = (res.history[0]["loss"], res.final_loss, _params(model))
+    first, last, params = runs["bf16"]
+    assert last < 0.7 * first
+    assert not torch.equal(params, runs["fp32"][2])
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp16")
