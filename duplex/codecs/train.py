@@ -26,7 +26,11 @@ import torchaudio
 
 from duplex.codecs.small import SmallCodec, SmallCodecConfig
 
-DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "default.safetensors"
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+# the first codec (encoder, quantiser and spectral decoder); its tokens are the project's tokens
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "default-v1.safetensors"
+# the voiced decoder on the same frozen encoder and quantiser (`--decoder voice`)
+VOICE_WEIGHTS = WEIGHTS_DIR / "default.safetensors"
 
 
 @dataclass
@@ -216,17 +220,24 @@ def _checkpoint(path: Path, model, opt, gen, step: int, elapsed: float) -> None:
     tmp.replace(path)
 
 
-HELP = "train the small shipped codec on synthetic espeak-ng speech (CPU, about an hour)"
-DESCRIPTION = """Train the small streaming speech codec ("default") on synthetic speech.
+HELP = "train the small shipped codec, or its voiced decoder, on synthetic espeak-ng speech"
+DESCRIPTION = """Train the small streaming speech codec on synthetic speech.
+
+--decoder spectral (the default) trains the whole first codec ("default-v1": encoder, quantiser
+and a spectral decoder) from scratch; its tokens are the ones every corpus and model uses.
+--decoder voice trains the voiced decoder ("default": harmonic-plus-noise synthesis with predicted
+F0) on the frozen encoder and quantiser of --init, so the codes stay bit-identical.
 
 The corpus is synthesised with espeak-ng (fixed seed) into --data-dir when missing. Training runs
-on one CPU thread by default and stops after --steps or --budget-minutes, whichever comes first;
-checkpoints go to --out-dir every 500 steps and --resume continues from the last one. The final
-weights (safetensors, config in the metadata) go to --weights, by default the package's shipped
-file, which `duplex.codecs.load("default")` loads.
+on --threads CPU threads and stops after --steps or --budget-minutes, whichever comes first;
+checkpoints go to --out-dir and --resume continues from the last one. The final weights
+(safetensors, config in the metadata) go to --weights, by default the package's shipped file for
+that decoder.
 
-Reproduce the shipped codec (the defaults are the shipped run's settings):
+Reproduce the first codec (the defaults are its run's settings):
   duplex train codec --data-dir data --out-dir runs/codec --seed 0
+Reproduce the voiced decoder (the shipped run's settings; see docs/codec.md):
+  duplex train codec --decoder voice --data-dir data --out-dir runs/voice --budget-minutes 100
 """
 
 
@@ -239,14 +250,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--out-dir", type=Path, default=Path("runs/codec"), help="checkpoint and log folder"
     )
     p.add_argument(
-        "--weights", type=Path, default=DEFAULT_WEIGHTS, help="final weights (.safetensors)"
+        "--decoder",
+        choices=["spectral", "voice"],
+        default="spectral",
+        help="spectral: the whole first codec; voice: the voiced decoder on frozen tokens",
+    )
+    p.add_argument(
+        "--init",
+        type=Path,
+        default=DEFAULT_WEIGHTS,
+        help="--decoder voice: codec file whose encoder and quantiser are kept",
+    )
+    p.add_argument(
+        "--weights",
+        type=Path,
+        default=None,
+        help="final weights (.safetensors); default: the shipped file of that decoder",
     )
     p.add_argument("--seed", type=int, default=d.seed, help="model init and data order")
     p.add_argument("--steps", type=int, default=d.steps, help="maximum optimiser steps")
     p.add_argument("--budget-minutes", type=float, default=d.budget_minutes, help="wall-time limit")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="clips per step")
-    p.add_argument("--segment-s", type=float, default=d.segment_s, help="clip length (s)")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (AdamW)")
+    p.add_argument(
+        "--batch-size", type=int, default=None, help=f"clips per step ({d.batch_size}; voice: 8)"
+    )
+    p.add_argument(
+        "--segment-s", type=float, default=None, help=f"clip length, s ({d.segment_s}; voice: 1.6)"
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help=f"peak learning rate, AdamW ({d.lr}; voice: 1.5e-3)"
+    )
     p.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
     p.add_argument(
         "--corpus-utterances",
@@ -258,15 +290,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.decoder == "voice":
+        from duplex.codecs.voice_train import VoiceTrainConfig
+        from duplex.codecs.voice_train import train as train_voice
+
+        d = VoiceTrainConfig()
+        vcfg = VoiceTrainConfig(
+            seed=args.seed,
+            steps=args.steps,
+            budget_minutes=args.budget_minutes,
+            batch_size=args.batch_size or d.batch_size,
+            segment_s=args.segment_s or d.segment_s,
+            lr=args.lr or d.lr,
+            threads=args.threads,
+            corpus_utterances=args.corpus_utterances,
+        )
+        weights = args.weights or VOICE_WEIGHTS
+        train_voice(vcfg, args.data_dir, args.out_dir, weights, args.init, args.resume)
+        return 0
+    d = TrainConfig()
     cfg = TrainConfig(
         seed=args.seed,
         steps=args.steps,
         budget_minutes=args.budget_minutes,
-        batch_size=args.batch_size,
-        segment_s=args.segment_s,
-        lr=args.lr,
+        batch_size=args.batch_size or d.batch_size,
+        segment_s=args.segment_s or d.segment_s,
+        lr=args.lr or d.lr,
         threads=args.threads,
         corpus_utterances=args.corpus_utterances,
     )
-    train(cfg, args.data_dir, args.out_dir, args.weights, args.resume)
+    train(cfg, args.data_dir, args.out_dir, args.weights or DEFAULT_WEIGHTS, args.resume)
     return 0

@@ -227,3 +227,14 @@ def _checkpoint(path: Path, dec, opt, gen, step: int, elapsed: float) -> None:
         tmp,
     )
     tmp.replace(path)
+
+
+def export(checkpoint: Path, init: Path, weights: Path, voice: VoiceConfig | None = None) -> None:
+    """Write a codec file from a training checkpoint (e.g. to benchmark a run in progress)."""
+    from duplex.codecs.train import save_weights
+
+    codec = build(init, voice)
+    s = torch.load(checkpoint, weights_only=False)
+    codec.decoder.load_state_dict(s["decoder"])
+    codec.decoder.train()
+    save_weights(codec, weights, {"steps": s["step"], "minutes": round(s["elapsed"] / 60, 1)})
