@@ -45,20 +45,9 @@ class Kind(IntEnum):
     PING = 0x45
 
 
-SERVER_KINDS = frozenset(
-    {
-        Kind.HELLO,
-        Kind.AUDIO,
-        Kind.TEXT,
-        Kind.STATS,
-        Kind.ERROR,
-        Kind.STATE,
-        Kind.PONG,
-        Kind.EVENT,
-        Kind.TOKENS,
-    }
-)
-CLIENT_KINDS = frozenset({Kind.PCM, Kind.CODES, Kind.TYPE, Kind.CONTROL, Kind.PING})
+# The direction is in the number: server to client below 0x40, client to server above.
+SERVER_KINDS = frozenset(k for k in Kind if k < 0x40)
+CLIENT_KINDS = frozenset(k for k in Kind if k > 0x40)
 
 
 class Op(IntEnum):
@@ -242,6 +231,7 @@ class Ping:
 
 
 Message = Hello | Audio | Codes | Tokens | Text | Stats | Event | Error | State | Control | Ping
+ClientMessage = Audio | Codes | Text | Control | Ping
 
 _U8 = struct.Struct("<B")
 _HDR_HELLO = struct.Struct("<BH")
@@ -336,7 +326,7 @@ def _need(data: bytes, st: struct.Struct, kind: Kind) -> tuple:
     return st.unpack_from(data)
 
 
-def parse_client(data: bytes, fmt: Format) -> Audio | Codes | Text | Control | Ping:
+def parse_client(data: bytes, fmt: Format) -> ClientMessage:
     """Parse one client-to-server message (the server's side)."""
     kind = _kind(data, CLIENT_KINDS, "client")
     data = bytes(data)

@@ -1,9 +1,10 @@
 """The TUI's feed for `duplex connect`: the websocket client on its own thread and event loop.
 
-It is the remote twin of `duplex.apps.tui.Worker`: the same app shows the conversation, whether
-the engine runs in this process or on a server. The client reports what it sees through
-callbacks that only put plain data on `updates`; keyboard commands arrive on `commands` and the
-client applies them between frames (typing, mute, pause, save/load state, reset, quit).
+It is the remote twin of `duplex.apps.tui.LocalFeed`: the same app shows the conversation,
+whether the engine runs in this process or on a server. The client reports typed events
+(`duplex.streamer.events`) that this feed passes on to `updates` (what a TUI shows); keyboard
+`Request`s arrive on `commands` and the client applies them between frames (typing, mute, pause,
+save/load state, reset, quit).
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ import asyncio
 import contextlib
 import queue
 import threading
-from typing import Any
 
 import numpy as np
 
-from duplex.apps import protocol as P
-from duplex.apps.connect import AudioEnds, Client, ConnectConfig
-from duplex.apps.tui import level_db
+from duplex.apps.client_audio import AudioEnds
+from duplex.apps.connect_config import ConnectConfig
+from duplex.apps.remote_client import Client
+from duplex.streamer.events import Event, Levels, Notice, Report, Words
 
 
 class RemoteFeed(threading.Thread):
@@ -47,34 +48,26 @@ class RemoteFeed(threading.Thread):
     def paused(self) -> bool:
         return self.client.paused
 
-    def _post(self, **item: object) -> None:
+    def _post(self, event: Event) -> None:
         with contextlib.suppress(queue.Full):
-            self.updates.put_nowait(item)
+            self.updates.put_nowait(event)
 
     def _warn(self, line: str) -> None:
         self.last_warning = line
-        self._post(notice=line)
+        self._post(Notice(line))
 
-    def _report(self, obj: dict[str, Any], line: str) -> None:
-        if "model" in obj:
-            self._post(text=obj["model"])
-        elif "you" in obj:
-            self._post(user_text=obj["you"])
-        elif "levels" in obj:
-            pcm_in, pcm_out = obj["levels"]
-            self._post(
-                level_in=level_db(P.int16_to_pcm(pcm_in)),
-                level_out=level_db(P.int16_to_pcm(pcm_out)),
-            )
-        elif "event" in obj:
-            kind = obj["event"].get("event")
-            if kind == "reset":
-                self._post(notice="conversation reset", reset=True)
-            elif kind == "state_loaded":
-                frame = obj["event"].get("frame")
-                self._post(notice=f"state loaded (frame {frame})", reset=True)
-        elif "stats" not in obj and "done" not in obj and line:
-            self._post(notice=line)
+    def _report(self, event: Event) -> None:
+        """What the TUI shows of the client's events: words, levels, timeline changes as
+        notices that clear the transcripts, and any other reported line as a notice."""
+        if isinstance(event, Words | Levels):
+            self._post(event)
+        elif isinstance(event, Report) and event.kind == "event":
+            if event.event == "reset":
+                self._post(Notice("conversation reset", reset=True))
+            elif event.event == "state_loaded":
+                self._post(Notice(f"state loaded (frame {event.frame})", reset=True))
+        elif isinstance(event, Report) and event.kind not in ("stats", "done") and event.text:
+            self._post(Notice(event.text))
 
     def run(self) -> None:
         try:
@@ -87,7 +80,7 @@ class RemoteFeed(threading.Thread):
             if self.exit_code:
                 self.error = self.last_warning or f"the client ended with status {self.exit_code}"
             self.ended = True
-            self._post(notice=self.error or "session ended (Ctrl+Q quits)")
+            self._post(Notice(self.error or "session ended (Ctrl+Q quits)"))
 
     def latency(self) -> tuple[str, list[float]] | None:
         c = self.client.c

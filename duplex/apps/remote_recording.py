@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from duplex.apps import protocol as P
-from duplex.streamer.recording import Recorder
+from duplex.streamer.recording import Recorder, recording_header
 
 
 class RemoteRecorder:
@@ -64,20 +64,17 @@ class RemoteRecorder:
             return self.recorder
         hello, directory = self.hello, self._directory()
         sampling = hello.extra.get("sampling") or {"seed": hello.extra.get("seed")}
-        header = {
-            "config": {
-                "model": hello.model,
-                "codec": hello.codec,
-                "sampling": sampling,
-                "state": None,
-            },
-            "model_fingerprint": hello.model_fingerprint,
-            "codec_fingerprint": hello.codec_fingerprint,
-            "frame_rate": hello.frame_rate,
-            "source": "connect",
-            "server": self.url,
-            "server_session": hello.session,
-        }
+        header = recording_header(
+            model=hello.model,
+            codec=hello.codec,
+            sampling=sampling,
+            model_fingerprint=hello.model_fingerprint,
+            codec_fingerprint=hello.codec_fingerprint,
+            frame_rate=hello.frame_rate,
+            source="connect",
+            server=self.url,
+            server_session=hello.session,
+        )
         self.recorder = Recorder(directory, header, hello.sample_rate, hello.frame_size)
         if self.state is not None:
             tmp = directory / ".initial.dstate.tmp"

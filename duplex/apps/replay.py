@@ -62,8 +62,8 @@ def replay(
 ):
     """Replay a recording; returns (frames compared, index of first mismatch or None)."""
     from duplex.streamer.audio import FileAudio
-    from duplex.streamer.conversation import printable
     from duplex.streamer.engine import Engine
+    from duplex.streamer.events import printable
     from duplex.streamer.transcript import Transcript
 
     rec, cfg, model, codec = open_recording(directory)

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fail(error: object, status: int) -> int:
-    from duplex.streamer.conversation import printable
+    from duplex.streamer.events import printable
 
     # Error text can quote untrusted input (a state file's fields): no control characters.
     print(f"duplex talk: {printable(str(error))}", file=sys.stderr)

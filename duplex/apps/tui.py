@@ -2,10 +2,11 @@
 
 The app shows transcripts, latency, levels and session facts, takes typed text and controls.
 What produces the conversation is a *feed*: a thread that runs the frame loop (the local engine
-in `Worker`, a websocket client in `duplex.apps.connect.RemoteFeed`) and only ever puts plain
-data on a queue; the app drains that queue on a timer (10 Hz) and is the only code that touches
-widgets. Commands from the keyboard go the other way on a second queue and are applied by the
-feed between frames, so the engine (or the connection) is only ever used from one thread.
+in `LocalFeed`, a websocket client in `duplex.apps.remote_feed.RemoteFeed`) and only ever puts
+typed events (`duplex.streamer.events`) on a queue; the app drains that queue on a timer (10 Hz)
+and is the only code that touches widgets. `Request`s from the keyboard go the other way on a
+second queue and are applied by the feed between frames, so the engine (or the connection) is
+only ever used from one thread.
 """
 
 from __future__ import annotations
@@ -27,8 +28,17 @@ from textual.css.query import NoMatches
 from textual.widgets import Footer, Header, Input, Log, Sparkline, Static
 
 from duplex.streamer.audio import AudioBackend, AudioUnavailableError
-from duplex.streamer.conversation import printable, step_frame
+from duplex.streamer.conversation import step_frame
 from duplex.streamer.engine import Engine, Session
+from duplex.streamer.events import (
+    Command,
+    Levels,
+    Notice,
+    Request,
+    Words,
+    level_db,
+    printable,
+)
 from duplex.streamer.statefile import StateFileError
 from duplex.streamer.transcript import Transcript
 
@@ -36,11 +46,6 @@ HELP_TEXT = (
     "Type and press Enter to send text to the model (it enters your text stream frame by frame). "
     "F2 mute mic · F3 pause · F5 save state · F6 load state · F7 reset · F1 help · Ctrl+Q quit"
 )
-
-
-def level_db(x: np.ndarray) -> float:
-    rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) if x.size else 0.0
-    return max(-60.0, 20 * np.log10(rms + 1e-9))
 
 
 def _meter(db: float, width: int = 20) -> str:
@@ -61,10 +66,8 @@ class TalkOptions:
 class Feed(Protocol):
     """What the app needs from the thread that runs a conversation.
 
-    `updates` carries dicts with any of: text, user_text (transcript pieces), level_in,
-    level_out (dB), notice (a line for the status bar), reset (clear the transcripts).
-    `commands` takes tuples: ("type", text), ("mute",), ("pause",), ("save", path),
-    ("load", path), ("reset",), ("stop",).
+    `updates` carries events: `Words` (transcript pieces), `Levels` (dB), `Notice` (a line for
+    the status bar; with `reset`, clear the transcripts). `commands` takes `Request`s.
     """
 
     updates: queue.Queue
@@ -89,7 +92,7 @@ class Feed(Protocol):
         ...
 
 
-class Worker(threading.Thread):
+class LocalFeed(threading.Thread):
     """The local frame loop (a `Feed`): reads `commands`, writes `updates`, no widgets."""
 
     def __init__(
@@ -112,43 +115,38 @@ class Worker(threading.Thread):
         # Utterance lines (`duplex talk --transcript`), when asked for.
         self.transcript: Transcript | None = None
 
-    def _post(self, **item: object) -> None:
+    def _post(self, event: Words | Levels | Notice) -> None:
         with contextlib.suppress(queue.Full):
-            self.updates.put_nowait(item)
+            self.updates.put_nowait(event)
 
-    def _apply(self, cmd: tuple) -> bool:
-        kind = cmd[0]
-        if kind == "stop":
+    def _apply(self, req: Request) -> bool:
+        kind = req.command
+        if kind == Command.STOP:
             return False
-        if kind == "type":
-            self.session.type_text(cmd[1])
-        elif kind == "mute":
+        if kind == Command.TYPE:
+            self.session.type_text(req.arg)
+        elif kind == Command.MUTE:
             self.muted = not self.muted
-            self._post(notice="microphone muted" if self.muted else "microphone on")
-        elif kind == "pause":
+            self._post(Notice("microphone muted" if self.muted else "microphone on"))
+        elif kind == Command.PAUSE:
             self.paused = not self.paused
-            self._post(notice="paused" if self.paused else "resumed")
-        elif kind == "save":
-            path = self.engine.save_session(self.session, cmd[1])
-            self._post(notice=f"state saved to {path}")
-        elif kind in ("load", "reset"):
-            sampling, recorder = self.session.sampling, self.session.recorder
-            self.session.recorder = None
-            self.engine.leave(self.session)
+            self._post(Notice("paused" if self.paused else "resumed"))
+        elif kind == Command.SAVE:
+            path = self.engine.save_session(self.session, req.arg)
+            self._post(Notice(f"state saved to {path}"))
+        elif kind == Command.LOAD:
             try:
-                state = cmd[1] if kind == "load" else None
-                self.session = self.engine.join(sampling, state=state)
+                # Checked before anything changes: a refused state leaves the conversation as
+                # it was.
+                self.engine.restore(self.session, req.arg)
             except (StateFileError, ValueError, OSError) as e:
-                self.session = self.engine.join(sampling)
-                self._post(notice=f"could not load state: {e}; started fresh")
+                self._post(Notice(f"could not load state: {e}; the conversation goes on"))
             else:
-                what = (
-                    f"state loaded from {cmd[1]} (frame {self.session.frame})"
-                    if kind == "load"
-                    else "conversation reset"
-                )
-                self._post(notice=what, reset=True)
-            self.session.recorder = recorder
+                what = f"state loaded from {req.arg} (frame {self.session.frame})"
+                self._post(Notice(what, reset=True))
+        elif kind == Command.RESET:
+            self.engine.reset(self.session)
+            self._post(Notice("conversation reset", reset=True))
         return True
 
     def run(self) -> None:
@@ -164,21 +162,20 @@ class Worker(threading.Thread):
                 frame = self.audio.read_frame()
                 if frame is None:
                     self.ended = True
-                    self._post(notice="input ended (Ctrl+Q quits)")
+                    self._post(Notice("input ended (Ctrl+Q quits)"))
                     continue
                 for text in self.schedule.get(self.session.frame, ()):
                     self.session.type_text(text)
                 heard = np.zeros(fs, np.float32) if self.muted else frame
                 res = step_frame(self.engine, self.session, self.audio, heard, self.transcript)
-                self._post(
-                    text=res.text,
-                    user_text=res.user_text,
-                    level_in=level_db(heard),
-                    level_out=level_db(res.pcm),
-                )
+                if res.text:
+                    self._post(Words("model", res.text))
+                if res.user_text:
+                    self._post(Words("you", res.user_text))
+                self._post(Levels(level_db(heard), level_db(res.pcm)))
         except AudioUnavailableError as e:
             self.error = str(e)
-            self._post(notice=f"audio stopped: {e}")
+            self._post(Notice(f"audio stopped: {e}"))
         finally:
             self.audio.close()
 
@@ -249,7 +246,7 @@ class DuplexApp(App):
         cls, engine: Engine, session: Session, audio: AudioBackend, options: TalkOptions
     ) -> DuplexApp:
         """The app over the local engine (talk, replay)."""
-        return cls(Worker(engine, session, audio, options.schedule), options)
+        return cls(LocalFeed(engine, session, audio, options.schedule), options)
 
     def compose(self) -> ComposeResult:
         yield Header(show_clock=True)
@@ -296,17 +293,15 @@ class DuplexApp(App):
                 u = self.worker.updates.get_nowait()
             except queue.Empty:
                 break
-            if u.get("reset"):
-                you.clear()
-                model.clear()
-            if u.get("user_text"):
-                you.write(printable(u["user_text"]))
-            if u.get("text"):
-                model.write(printable(u["text"]))
-            if "level_in" in u:
-                level_in, level_out = u["level_in"], u["level_out"]
-            if u.get("notice"):
-                notices.append(u["notice"])
+            if isinstance(u, Words):
+                (model if u.speaker == "model" else you).write(printable(u.text))
+            elif isinstance(u, Levels):
+                level_in, level_out = u.level_in, u.level_out
+            elif isinstance(u, Notice):
+                if u.reset:
+                    you.clear()
+                    model.clear()
+                notices.append(u.text)
         if notices:
             self.query_one("#notice", Static).update(notices[-1])
         if self.options.exit_at_end and self.worker.ended and not self._exiting:
@@ -328,7 +323,7 @@ class DuplexApp(App):
     def on_input_submitted(self, event: Input.Submitted) -> None:
         text = event.value
         if text:
-            self.worker.commands.put(("type", text + " "))
+            self.worker.commands.put(Request(Command.TYPE, text + " "))
             self.query_one("#you", Log).write_line(f"> {text}")
         event.input.value = ""
 
@@ -336,13 +331,13 @@ class DuplexApp(App):
         self.query_one("#notice", Static).update(HELP_TEXT)
 
     def action_mute(self) -> None:
-        self.worker.commands.put(("mute",))
+        self.worker.commands.put(Request(Command.MUTE))
 
     def action_pause(self) -> None:
-        self.worker.commands.put(("pause",))
+        self.worker.commands.put(Request(Command.PAUSE))
 
     def action_save(self) -> None:
-        self.worker.commands.put(("save", self.options.state_path))
+        self.worker.commands.put(Request(Command.SAVE, self.options.state_path))
 
     def action_load(self) -> None:
         if not Path(self.options.state_path).is_file():
@@ -350,13 +345,13 @@ class DuplexApp(App):
                 f"no state at {self.options.state_path}: save one first (F5)"
             )
             return
-        self.worker.commands.put(("load", self.options.state_path))
+        self.worker.commands.put(Request(Command.LOAD, self.options.state_path))
 
     def action_reset(self) -> None:
-        self.worker.commands.put(("reset",))
+        self.worker.commands.put(Request(Command.RESET))
 
     async def action_quit(self) -> None:
-        self.worker.commands.put(("stop",))
+        self.worker.commands.put(Request(Command.STOP))
         # Wait for the worker off the event loop: the feed may need this loop to finish (a
         # server in the same process answering its goodbye), and the screen stays live.
         await asyncio.to_thread(self.worker.join, 5)

@@ -6,18 +6,17 @@ TUI and the tests all use: read a frame, step the engine, write the frame, repor
 
 from __future__ import annotations
 
-import json
-import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
 from duplex.streamer.audio import AudioBackend
 from duplex.streamer.engine import Engine, FrameResult, SamplingConfig, Session
-from duplex.streamer.recording import Recorder
+from duplex.streamer.events import Printer, Report, Words
 from duplex.streamer.transcript import Transcript
 
 
@@ -48,21 +47,16 @@ def load_parts(cfg: ConversationConfig):
 def open_session(
     engine: Engine, cfg: ConversationConfig, record: str | Path | None = None
 ) -> Session:
-    """Join the engine as `cfg` says, recording to `record` if given."""
-    recorder = None
+    """Join the engine as `cfg` says, recording to `record` if given (a session that continues
+    a state carries it in the recording, so replay needs nothing else)."""
+    session = engine.join(cfg.sampling, state=cfg.state)
     if record is not None:
-        record = Path(record)
-        header = {
-            "config": asdict(cfg),
-            "model_fingerprint": engine.model_fingerprint,
-            "codec_fingerprint": engine.codec_fingerprint,
-            "frame_rate": engine.frame_rate,
-        }
-        recorder = Recorder(record, header, engine.sample_rate, engine.frame_size)
-        if cfg.state is not None:
-            # The recording carries its starting state, so replay needs nothing else.
-            shutil.copyfile(cfg.state, record / "initial.dstate")
-    return engine.join(cfg.sampling, state=cfg.state, recorder=recorder)
+        try:
+            engine.record(session, record, model=cfg.model, codec=cfg.codec, state=cfg.state)
+        except BaseException:
+            engine.leave(session)
+            raise
+    return session
 
 
 def step_frame(
@@ -107,28 +101,26 @@ def run(
     return n
 
 
-def printable(text: str) -> str:
-    """Text safe to show in a terminal: control characters (an untrained model emits any byte,
-    ESC included) become U+FFFD, newlines and tabs stay."""
-    return "".join(c if c.isprintable() or c in "\n\t" else "\ufffd" for c in text)
-
-
 class HeadlessPrinter:
-    """Prints transcripts as they grow and one stats line per second (for --headless)."""
+    """--headless for a local conversation: transcript pieces as they come and one stats line
+    per second, printed by the same `Printer` as a remote conversation's."""
 
-    def __init__(self, engine: Engine, session: Session, out=None, json_lines: bool = False):
-        import sys
-
+    def __init__(
+        self,
+        engine: Engine,
+        session: Session,
+        out: TextIO | None = None,
+        json_lines: bool = False,
+    ) -> None:
         self.engine, self.session = engine, session
-        self.out = out or sys.stdout
-        self.json_lines = json_lines
+        self.print = Printer(json_lines, out)
         self.last = time.monotonic()
 
     def __call__(self, res: FrameResult) -> None:
         if res.user_text:
-            self._emit({"you": res.user_text}, f"[you] {printable(res.user_text)}")
+            self.print(Words("you", res.user_text))
         if res.text:
-            self._emit({"model": res.text}, f"[model] {printable(res.text)}")
+            self.print(Words("model", res.text))
         now = time.monotonic()
         if now - self.last >= 1.0:
             self.last = now
@@ -143,7 +135,4 @@ class HeadlessPrinter:
             f"rtf {snap['real_time_factor']:.2f} | drops {snap['dropped_input_frames']} "
             f"underruns {snap['output_underruns']}"
         )
-        self._emit({"stats": snap}, line)
-
-    def _emit(self, obj: dict, line: str) -> None:
-        print(json.dumps(obj) if self.json_lines else line, file=self.out, flush=True)
+        self.print(Report("stats", snap, line))

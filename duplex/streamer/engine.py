@@ -16,8 +16,7 @@ from __future__ import annotations
 import collections
 import itertools
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -26,124 +25,27 @@ import torch
 
 from duplex.model.duplex_lm import DuplexLM
 from duplex.model.tokenizer import PAD, ByteTokenizer
-from duplex.streamer.recording import Recorder
+from duplex.streamer.recording import Recorder, recording_header
+from duplex.streamer.sampling import SamplingConfig, sample
+from duplex.streamer.session import FrameResult, Session, utf8_piece
+from duplex.streamer.state_check import CheckedState, StateLimits, safe
 from duplex.streamer.statefile import (
     StateFileError,
     StateKeys,
+    StateSource,
+    encode_state,
     fingerprint,
     load_state,
-    save_state,
+    write_atomic,
 )
 from duplex.streamer.stats import Stats
 
-# Largest frame count, position or position offset a loaded state may hold (2**40 frames is
-# 700 years at 50 frames a second): far from any integer overflow in later steps.
-MAX_POSITION = 1 << 40
-# Largest magnitude of any value in a loaded state's float tensors.
-MAX_STATE_VALUE = 1e6
-
-
-@dataclass
-class SamplingConfig:
-    """How a session samples its tokens; temperature 0 means greedy."""
-
-    temperature: float = 0.8
-    top_k: int = 50
-    text_temperature: float = 0.7
-    text_top_k: int = 25
-    seed: int = 0
-
-
-def sample(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, uniform: torch.Tensor
-) -> torch.Tensor:
-    """One id per row of logits [N, V], row n from its top_k[n] entries at temperature[n].
-
-    Gumbel-max: argmax(logit / T + G) with G = -log(-log(U)) draws from softmax(logit / T), so
-    all rows sample in one batched call while each row's randomness `uniform` [N, V] comes from
-    its own session's generator (a session's tokens never depend on its batch-mates).
-    Temperature <= 0 is greedy; top_k <= 0 keeps every entry.
-    """
-    V = logits.shape[-1]
-    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
-    values, idx = logits.float().topk(int(k.max()), dim=-1)
-    keep = torch.arange(values.shape[-1])[None, :] < k[:, None]
-    gumbel = -torch.log(-torch.log(uniform[:, : values.shape[-1]].clamp(1e-20, 1.0 - 1e-7)))
-    temp = temperature.clamp(min=1e-6)[:, None]
-    scores = torch.where(keep, values / temp + gumbel, torch.full_like(values, -torch.inf))
-    choice = torch.where(temperature > 0, scores.argmax(-1), torch.zeros_like(k))
-    return idx.gather(-1, choice[:, None])[:, 0]
+__all__ = ["CheckedState", "Engine", "FrameResult", "SamplingConfig", "Session", "sample"]
 
 
 def quantize16(x: np.ndarray) -> np.ndarray:
     """Clip to [-1, 1] and round to the 16-bit grid (k / 32767), as float32."""
     return (np.round(np.clip(x, -1.0, 1.0) * 32767.0) / 32767.0).astype(np.float32)
-
-
-@dataclass
-class CheckedState:
-    """A state file read and checked by `Engine.check_state_file`, ready to load."""
-
-    tensors: dict[str, torch.Tensor]
-    meta: dict[str, Any]
-    sampling: SamplingConfig | None
-    label: str
-
-
-@dataclass
-class FrameResult:
-    """What one session got from one step."""
-
-    frame: int
-    pcm: np.ndarray
-    text: str
-    user_text: str
-    tokens_in: list[int]
-    tokens_out: list[int]
-
-
-@dataclass(eq=False)
-class Session:
-    """One conversation in one slot of the engine."""
-
-    id: int
-    slot: int
-    sampling: SamplingConfig
-    generator: torch.Generator
-    prev_audio: torch.Tensor
-    prev_text: int = PAD
-    prev_user_text: int = PAD
-    frame: int = 0
-    pending_c0: collections.deque = field(default_factory=collections.deque)
-    typed: collections.deque = field(default_factory=collections.deque)
-    recorder: Recorder | None = None
-    explicit_sampling: bool = True
-    transcript: list[str] = field(default_factory=list)
-    user_transcript: list[str] = field(default_factory=list)
-    _text_bytes: bytearray = field(default_factory=bytearray)
-    _user_bytes: bytearray = field(default_factory=bytearray)
-
-    def type_text(self, text: str) -> None:
-        """Queue typed text: it enters the user's text stream one byte per frame."""
-        if self.recorder is not None and text:
-            self.recorder.control(self.frame, "type", text=text)
-        self.typed.extend(text.encode("utf-8"))
-
-
-def _utf8_piece(buf: bytearray, token: int) -> str:
-    """Append a byte token; return whatever complete UTF-8 text it finishes."""
-    if not 0 <= token < 256:
-        return ""
-    buf.append(token)
-    try:
-        s = buf.decode("utf-8")
-    except UnicodeDecodeError:
-        if len(buf) >= 4:
-            s = buf.decode("utf-8", errors="replace")
-        else:
-            return ""
-    buf.clear()
-    return s
 
 
 class Engine:
@@ -178,7 +80,7 @@ class Engine:
         self._ids = itertools.count()
         self._tok = ByteTokenizer()
         self._open = False
-        # Limits on what a loaded state may hold (see `check_state_file`).
+        # Limits on what a loaded state may hold (see `check_state`).
         self.max_state_tokens = 1 << 22
         self.max_typed_bytes = 1 << 16
         # A server's secrets: saved states are signed with them, and with
@@ -212,7 +114,7 @@ class Engine:
     def join(
         self,
         sampling: SamplingConfig | None = None,
-        state: str | Path | CheckedState | None = None,
+        state: StateSource | CheckedState | None = None,
         recorder: Recorder | None = None,
     ) -> Session:
         """Start a session in a free slot: fresh, or continuing a saved state file.
@@ -229,18 +131,11 @@ class Engine:
         fresh = slot >= self.rows
         if fresh:
             self._resize(list(range(slot)), slot + 1)
-        session = Session(
-            id=next(self._ids),
-            slot=slot,
-            sampling=sampling,
-            generator=torch.Generator().manual_seed(sampling.seed),
-            prev_audio=torch.full((self.K,), self.model.cfg.audio_pad, dtype=torch.long),
-            recorder=recorder,
-            explicit_sampling=explicit,
-        )
+        session = self._new_session(sampling, explicit, recorder)
+        session.slot = slot
         if state is not None:
             try:
-                self._load_into(session, state if isinstance(state, CheckedState) else Path(state))
+                self._load_into(session, state)
             except BaseException:
                 # Back to the batch as it was: a refused state changes nothing.
                 if self.rows > max(1, slot):
@@ -253,6 +148,20 @@ class Engine:
             self.codec.reset_rows(rows)
         self.sessions[session.id] = session
         return session
+
+    def _new_session(
+        self, sampling: SamplingConfig, explicit: bool, recorder: Recorder | None
+    ) -> Session:
+        """A session at frame 0 whose generator is seeded from its sampling (slot set later)."""
+        return Session(
+            id=next(self._ids),
+            slot=0,
+            sampling=sampling,
+            generator=torch.Generator().manual_seed(sampling.seed),
+            prev_audio=torch.full((self.K,), self.model.cfg.audio_pad, dtype=torch.long),
+            recorder=recorder,
+            explicit_sampling=explicit,
+        )
 
     def leave(self, session: Session) -> None:
         """End a session and free its slot at once."""
@@ -354,8 +263,8 @@ class Engine:
             s.prev_text = text
             s.prev_user_text = user
             y = pcm_out[r, 0].numpy().copy() if decoding[r] else np.zeros(fs, np.float32)
-            piece = _utf8_piece(s._text_bytes, text)
-            upiece = _utf8_piece(s._user_bytes, int(prev_user[r]))
+            piece = utf8_piece(s._text_bytes, text)
+            upiece = utf8_piece(s._user_bytes, int(prev_user[r]))
             if piece:
                 s.transcript.append(piece)
             if upiece:
@@ -424,8 +333,9 @@ class Engine:
         users = sample(logits.user_text[rows], t_temp, t_k, u[:, vt + K * card :])
         return texts, audio, users
 
-    def save_session(self, session: Session, path: str | Path) -> Path:
-        """Save a session's whole state (model, codec, log, tokens, RNG) to a state file."""
+    def state_bytes(self, session: Session) -> bytes:
+        """A session's whole state (model, codec, log, tokens, RNG) as a state file's bytes,
+        signed with `state_keys` when set."""
         rows = torch.tensor([session.slot])
         mt, mp = self.model.save_rows(rows)
         ct, cp = self.codec.save_rows(rows)
@@ -447,125 +357,113 @@ class Engine:
             "text_bytes": list(session._text_bytes),
             "user_bytes": list(session._user_bytes),
         }
-        return save_state(
-            path, tensors, meta, self.model_fingerprint, self.codec_fingerprint, self.state_keys
+        return encode_state(
+            tensors, meta, self.model_fingerprint, self.codec_fingerprint, self.state_keys
         )
 
-    def check_state_file(self, path: str | Path, *, label: str | None = None) -> CheckedState:
-        """Read a state file and check every value in it against this engine's model and codec
-        (types, ranges, shapes, history length <= `max_state_tokens`) without touching any
-        slot: a refused file is a StateFileError saying why. Safe to call from any thread.
+    def save_session(self, session: Session, path: str | Path) -> Path:
+        """Save a session's whole state to a state file (written atomically)."""
+        return write_atomic(path, self.state_bytes(session))
+
+    def check_state(self, source: StateSource, *, label: str | None = None) -> CheckedState:
+        """Read a state file (a path, or its bytes) and check every value in it against this
+        engine's model and codec (types, ranges, shapes, history length <= `max_state_tokens`)
+        without touching any slot: a refused state is a StateFileError saying why. Safe to call
+        from any thread.
 
         With `require_signed_states`, only states signed by one of `state_keys` pass."""
-        label = label or str(path)
+        if label is None:
+            label = (
+                "the state" if isinstance(source, bytes | bytearray | memoryview) else str(source)
+            )
         tensors, meta = load_state(
-            path,
+            source,
             self.model_fingerprint,
             self.codec_fingerprint,
             keys=self.state_keys,
             require_signature=self.require_signed_states,
             label=label,
         )
+        limits = StateLimits(
+            self.model.cfg, self.K, self.delay, self.max_state_tokens, self.max_typed_bytes
+        )
         try:
-            return self._check_state(tensors, meta, label)
+            return limits.check(tensors, meta, label)
         except StateFileError:
             raise
         except (TypeError, ValueError, KeyError, OverflowError, RuntimeError) as e:
-            # Belt and braces: whatever the checks above missed is still a refusal, not a crash.
-            raise StateFileError(f"{label}: unusable state ({_safe(e)})") from None
+            # Belt and braces: whatever the checks missed is still a refusal, not a crash.
+            raise StateFileError(f"{label}: unusable state ({safe(e)})") from None
 
-    def _check_state(self, tensors: dict[str, torch.Tensor], meta: Any, label: str) -> CheckedState:
-        def bad(what: str) -> StateFileError:
-            return StateFileError(f"{label}: {what}")
+    def restore(self, session: Session, state: StateSource | CheckedState) -> None:
+        """Continue `session` from a saved state (a path, its bytes, or checked), in its slot.
 
-        def is_int(x: Any, lo: int, hi: int) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool) and lo <= x <= hi
+        Every value is checked before anything changes: a refused state is a StateFileError
+        and the session goes on as it was (no backup, no rejoin). Its recorder stays, and so
+        does its sampling, unless it joined without one (then it samples as the state did)."""
+        self._member(session)
+        self._load_into(session, state)
 
-        def int_list(x: Any, lo: int, hi: int, most: int) -> bool:
-            return isinstance(x, list) and len(x) <= most and all(is_int(v, lo, hi) for v in x)
+    def reset(self, session: Session) -> None:
+        """Start `session` over in its slot: fresh model and codec rows, frame 0, its generator
+        re-seeded from its sampling. Its sampling and recorder stay (`record` starts a new
+        recording)."""
+        self._member(session)
+        rows = torch.zeros(self.rows, dtype=torch.bool)
+        rows[session.slot] = True
+        self.model.reset_rows(rows)
+        self.codec.reset_rows(rows)
+        fresh = self._new_session(session.sampling, session.explicit_sampling, session.recorder)
+        for f in fields(Session):
+            if f.name not in ("id", "slot"):
+                setattr(session, f.name, getattr(fresh, f.name))
 
-        cfg = self.model.cfg
-        if not isinstance(meta, dict):
-            raise bad("meta is not an object")
-        for key in ("frame", "prev_text", "prev_user_text", "pending_c0", "model_plain"):
-            if key not in meta:
-                raise bad(f"state file lacks {key!r}")
-        if not is_int(meta["frame"], 0, MAX_POSITION):
-            raise bad(f"frame must be an integer in [0, {MAX_POSITION}]")
-        for key in ("prev_text", "prev_user_text"):
-            if not is_int(meta[key], 0, cfg.text_vocab - 1):
-                raise bad(f"{key} must be a text token in [0, {cfg.text_vocab})")
-        if not int_list(meta["pending_c0"], 0, cfg.codebook_size - 1, self.delay):
-            raise bad(
-                f"pending_c0 must hold at most {self.delay} codes in [0, {cfg.codebook_size})"
-            )
-        typed = meta.get("typed", [])
-        if not int_list(typed, 0, 255, self.max_typed_bytes):
-            raise bad(f"typed must be at most {self.max_typed_bytes} bytes (integers 0..255)")
-        for key in ("text_bytes", "user_bytes"):
-            if not int_list(meta.get(key, []), 0, 255, 3):
-                raise bad(f"{key} must be at most 3 bytes (integers 0..255)")
-        for key in ("transcript", "user_transcript"):
-            v = meta.get(key, "")
-            if not isinstance(v, str) or len(v) > 4 * self.max_state_tokens + 64:
-                raise bad(f"{key} must be a string of at most {4 * self.max_state_tokens} chars")
-        sampling = meta.get("sampling")
-        if sampling is not None:
-            sampling = _check_sampling(sampling, bad)
-        for key in ("model_plain", "codec_plain"):
-            plain = meta.get(key, {})
-            if not isinstance(plain, dict):
-                raise bad(f"{key} is not an object")
-            for name, v in plain.items():
-                if name.endswith(("/lengths", "/offsets")):
-                    ok = int_list(v, 0, MAX_POSITION, 1)
-                else:
-                    ok = (
-                        v is None
-                        or isinstance(v, bool | int | float)
-                        or (isinstance(v, str) and len(v) <= 256)
-                    )
-                if not ok:
-                    raise bad(f"{key} field {_safe(name)!r} is malformed or out of range")
-        history = 0
-        for name, t in tensors.items():
-            if name in ("session/prev_audio", "session/rng"):
-                continue
-            if not name.startswith(("model/", "codec/")):
-                raise bad(f"unknown tensor {_safe(name)!r}")
-            if t.dtype.is_floating_point:
-                if t.numel() and not bool(torch.isfinite(t).all()):
-                    raise bad(f"tensor {name!r} holds NaN or infinite values")
-                if t.numel() and float(t.abs().max()) > MAX_STATE_VALUE:
-                    raise bad(f"tensor {name!r} holds values beyond +-{MAX_STATE_VALUE:g}")
-            elif t.dtype != torch.bool and t.numel():
-                if "/ids." in name:
-                    history += t.numel()
-                elif int(t.min()) < -1 or int(t.max()) > MAX_POSITION:
-                    raise bad(f"tensor {name!r} holds values outside [-1, {MAX_POSITION}]")
-        if history > self.max_state_tokens:
-            raise bad(
-                f"history of {history} tokens is longer than this engine allows "
-                f"({self.max_state_tokens})"
-            )
-        prev_audio = tensors.get("session/prev_audio")
-        if prev_audio is None or tensors.get("session/rng") is None:
-            raise bad("state file lacks the session's tokens or random generator")
-        if prev_audio.shape != (self.K,) or prev_audio.dtype != torch.int64:
-            raise bad(f"saved audio tokens have shape {tuple(prev_audio.shape)}, not ({self.K},)")
-        if int(prev_audio.min()) < 0 or int(prev_audio.max()) > cfg.audio_pad:
-            raise bad(f"saved audio tokens fall outside [0, {cfg.audio_pad}]")
-        rng = tensors["session/rng"]
-        try:
-            torch.Generator().set_state(rng)
-        except (RuntimeError, TypeError) as e:
-            raise bad(f"the saved random generator state is unusable: {e}") from None
-        return CheckedState(tensors, meta, sampling, label)
+    def record(
+        self,
+        session: Session,
+        directory: str | Path,
+        *,
+        model: str,
+        codec: str,
+        state: str | None = None,
+        budget: Any = None,
+        **extra: Any,
+    ) -> Recorder:
+        """Record `session` from now on into `directory` (closing any recording it had), with
+        the one recording header every front end writes. A session that continues a saved state
+        carries it as initial.dstate, so replay needs nothing else; `budget(n)` (see
+        `Recorder`) is charged for it too. `model`/`codec` are the names replay loads."""
+        header = recording_header(
+            model=model,
+            codec=codec,
+            sampling=asdict(session.sampling),
+            model_fingerprint=self.model_fingerprint,
+            codec_fingerprint=self.codec_fingerprint,
+            frame_rate=self.frame_rate,
+            state=state,
+            **extra,
+        )
+        if session.recorder is not None:
+            session.recorder.close()
+            session.recorder = None
+        recorder = Recorder(directory, header, self.sample_rate, self.frame_size, budget=budget)
+        if session.restored or session.frame > 0:
+            data = self.state_bytes(session)
+            write_atomic(recorder.dir / "initial.dstate", data)
+            if budget is not None and not budget(len(data)):
+                recorder.close()
+                recorder.stopped = "recording quota reached"
+        session.recorder = recorder
+        return recorder
 
-    def _load_into(self, session: Session, state: Path | CheckedState) -> None:
+    def _member(self, session: Session) -> None:
+        if not self._open or self.sessions.get(session.id) is not session:
+            raise ValueError(f"session {session.id} is not in this engine (it left)")
+
+    def _load_into(self, session: Session, state: StateSource | CheckedState) -> None:
         """Load a state into a session's slot. Every value is checked first (see
-        `check_state_file`); any error leaves everything unchanged."""
-        st = state if isinstance(state, CheckedState) else self.check_state_file(state)
+        `check_state`); any error leaves everything unchanged."""
+        st = state if isinstance(state, CheckedState) else self.check_state(state)
         tensors, meta, label = st.tensors, st.meta, st.label
         rows = torch.tensor([session.slot])
 
@@ -580,7 +478,7 @@ class Engine:
         except Exception as e:
             self.model.set_rows(rows, before_m)
             self.codec.set_rows(rows, before_c)
-            raise StateFileError(f"{label}: {_safe(e)}") from None
+            raise StateFileError(f"{label}: {safe(e)}") from None
         session.generator.set_state(tensors["session/rng"])
         session.prev_audio = tensors["session/prev_audio"].clone()
         session.frame = meta["frame"]
@@ -593,31 +491,8 @@ class Engine:
         # Half-decoded UTF-8 characters continue where they stopped.
         session._text_bytes = bytearray(meta.get("text_bytes", []))
         session._user_bytes = bytearray(meta.get("user_bytes", []))
-        if meta.get("transcript"):
-            session.transcript = [meta["transcript"]]
-        if meta.get("user_transcript"):
-            session.user_transcript = [meta["user_transcript"]]
-
-
-def _safe(x: Any) -> str:
-    """Text from a state file, fit to show: only plain characters, at most 160."""
-    return "".join(c if c.isalnum() or c in " _./:-,()'=<>+" else "?" for c in str(x)[:160])
-
-
-def _check_sampling(x: Any, bad: Callable[[str], Exception]) -> SamplingConfig:
-    """A saved sampling config, every field of the right type and in range."""
-    names = {f.name for f in fields(SamplingConfig)}
-    if not isinstance(x, dict) or set(x) != names:
-        raise bad(f"sampling must be an object with exactly the fields {sorted(names)}")
-    for key in ("temperature", "text_temperature"):
-        v = x[key]
-        if not isinstance(v, int | float) or isinstance(v, bool) or not 0.0 <= v <= 100.0:
-            raise bad(f"sampling {key} must be a number in [0, 100]")
-    for key in ("top_k", "text_top_k"):
-        v = x[key]
-        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 31:
-            raise bad(f"sampling {key} must be an integer in [0, 2**31)")
-    seed = x["seed"]
-    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << 63:
-        raise bad("sampling seed must be an integer in [0, 2**63)")
-    return SamplingConfig(**x)
+        # What was said before the state: its transcripts (none, for a session restored in
+        # place, is none).
+        session.transcript = [meta["transcript"]] if meta.get("transcript") else []
+        session.user_transcript = [meta["user_transcript"]] if meta.get("user_transcript") else []
+        session.restored = True

@@ -67,6 +67,30 @@ class _WavWriter:
         self.f.close()
 
 
+def recording_header(
+    *,
+    model: str,
+    codec: str,
+    sampling: dict[str, Any],
+    model_fingerprint: str,
+    codec_fingerprint: str,
+    frame_rate: float,
+    state: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """The header of every recording, whoever makes it (talk, serve, connect): the config replay
+    rebuilds the conversation from, the fingerprints it checks, and what else the maker adds
+    (`extra`: server session, segment, source)."""
+    config = {"model": model, "codec": codec, "sampling": sampling, "state": state}
+    return {
+        "config": config,
+        "model_fingerprint": model_fingerprint,
+        "codec_fingerprint": codec_fingerprint,
+        "frame_rate": frame_rate,
+        **extra,
+    }
+
+
 class RecordQuota:
     """Bytes a server may write into recordings, per session and in all, shared by recorders.
 

@@ -28,7 +28,7 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from duplex.apps import protocol as P
-from duplex.apps.serve import DuplexServer, ServeConfig
+from duplex.apps.server import DuplexServer, ServeConfig
 from duplex.codecs.small import SmallCodec, SmallCodecConfig
 from duplex.model.duplex_lm import load
 from duplex.streamer.engine import Engine, SamplingConfig
@@ -510,7 +510,7 @@ async def test_connect_client_streams_a_wav_and_saves_state(parts, tmp_path, cap
         # The saved state is a whole, valid state of this model and codec, signed by this
         # server, at the frame the session ended (50 frames + 10 of tail), with the typed text
         # in it; and it loads back into a session.
-        checked = server.engine.check_state_file(state)
+        checked = server.engine.check_state(state)
         assert checked.meta["frame"] == 60, checked.meta["frame"]
         assert checked.meta["sampling"]["seed"] == 4
         assert checked.meta["typed"] == [] and "hey" in checked.meta["user_transcript"]
@@ -527,7 +527,7 @@ async def test_connect_client_streams_a_wav_and_saves_state(parts, tmp_path, cap
 
 
 def test_jitter_buffer_waits_drops_old_and_counts_underruns() -> None:
-    from duplex.apps.connect import JitterBuffer
+    from duplex.apps.jitter import JitterBuffer
 
     jb = JitterBuffer(target=2, max_frames=4)
     frame = [np.full(4, i, np.int16) for i in range(8)]

@@ -283,7 +283,7 @@ async def test_non_reading_client_cannot_grow_the_server(parts) -> None:
 def test_output_queue_is_bounded_in_bytes() -> None:
     """The output queue drops its oldest messages by bytes as well as by count, and keeps
     count of queued STATE replies (a second SAVE_STATE waits for the first to be read)."""
-    from duplex.apps.serve import Conn
+    from duplex.apps.server_conn import Conn
 
     c = Conn(None, "s", None, 4, out_limit=512, out_limit_bytes=100_000)
     state = bytes([P.Kind.STATE]) + P.STATE_MAGIC + bytes(60_000)
@@ -357,7 +357,7 @@ async def test_connections_per_address_are_limited(parts) -> None:
                         pass
                 assert info.value.response.status_code == 429
                 assert b"per client address" in info.value.response.body
-            assert server.refused_peers == 1
+            assert server.gate.refused_peers == 1
         assert_unharmed(result)
     async with running(parts, max_sessions=8, connect_rate=2.0, connect_burst=4.0) as server:
         async with honest_beside(server) as result:
@@ -393,7 +393,7 @@ async def test_a_failing_step_closes_only_its_session(parts) -> None:
             def corrupt() -> None:
                 conn.session.prev_text = 10**6
 
-            await server._op(corrupt)
+            await server.scheduler.op(corrupt)
             frames = _frames(4, 30)
             for i, f in enumerate(frames):
                 with contextlib.suppress(ConnectionClosed):
@@ -417,7 +417,7 @@ async def test_handshakes_are_bounded_and_failures_logged_in_one_line(parts, cap
     ):
         silent = [await asyncio.open_connection("127.0.0.1", server.port) for _ in range(30)]
         await asyncio.sleep(0.3)
-        assert len(server._handshaking) <= 8 and server.refused_handshakes >= 22
+        assert len(server.gate.handshaking) <= 8 and server.gate.refused_handshakes >= 22
         for _, w in silent:
             w.close()
         for _ in range(30):
@@ -449,9 +449,9 @@ async def test_error_text_is_plain_and_hides_server_paths(parts) -> None:
 
 
 def test_one_line_log_filter_drops_tracebacks() -> None:
-    from duplex.apps.serve import _OneLineLog
+    from duplex.apps.server_guard import OneLineLog
 
-    f = _OneLineLog()
+    f = OneLineLog()
     try:
         raise ValueError("bad request line")
     except ValueError:

@@ -11,8 +11,9 @@ import queue
 
 from textual.widgets import Static
 
-from duplex.apps.connect import redact_url
+from duplex.apps.connect_config import redact_url
 from duplex.apps.tui import DuplexApp, TalkOptions
+from duplex.streamer.events import Notice
 
 HOSTILE = "[/x] [b]not bold[/b] [@click=app.quit]quit[/] \x1b[2J"
 
@@ -46,7 +47,7 @@ async def test_notices_and_facts_are_not_markup(tmp_path) -> None:
     feed = FakeFeed()
     app = DuplexApp(feed, TalkOptions(str(tmp_path / "s.dstate")))
     async with app.run_test(size=(120, 40)) as pilot:
-        feed.updates.put({"notice": f"could not load state: {HOSTILE}"})
+        feed.updates.put(Notice(f"could not load state: {HOSTILE}"))
         for _ in range(50):
             await pilot.pause(0.05)
             if "could not load" in str(app.query_one("#notice", Static).render()):

@@ -9,6 +9,7 @@ steps; stopping runs the leaves still queued.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import numpy as np
 import pytest
@@ -115,18 +116,28 @@ async def test_codes_input_equals_engine_alone(parts) -> None:
     assert [t for _, t in c.results] == want
 
 
-async def test_a_step_waits_for_the_batch_until_the_frame_clock(parts) -> None:
-    """With a slow clock (2 s a frame): a session alone with a frame does not step before the
-    clock (its batch-mate may still send), but does step then; a full batch steps at once."""
-    model, codec = parts
-    fs = codec.frame_size
-    with Engine(model, codec, slots=2) as engine:
+@contextlib.asynccontextmanager
+async def _slow_pair(parts):
+    """Two joined lanes on a slow frame clock (2 s a frame): (scheduler, a, its lane, b, its
+    lane), the collectors beside their lanes."""
+    with Engine(*parts, slots=2) as engine:
         sched = Scheduler(engine, frame_rate=0.5)
         await sched.start()
         a, b = Collector(), Collector()
         la, lb = a.lane(), b.lane()
         await _joined(sched, engine, la, 1)
         await _joined(sched, engine, lb, 2)
+        try:
+            yield sched, a, la, b, lb
+        finally:
+            await sched.stop()
+
+
+async def test_a_step_waits_for_the_batch_until_the_frame_clock(parts) -> None:
+    """With a slow clock (2 s a frame): a session alone with a frame does not step before the
+    clock (its batch-mate may still send), but does step then; a full batch steps at once."""
+    fs = parts[1].frame_size
+    async with _slow_pair(parts) as (sched, a, la, b, lb):
         loop = asyncio.get_running_loop()
         # Let the clock pass its first deadline with nothing queued.
         await asyncio.sleep(2.2)
@@ -145,21 +156,13 @@ async def test_a_step_waits_for_the_batch_until_the_frame_clock(parts) -> None:
         await until(lambda: len(a.results) == 2 and len(b.results) == 1)
         assert loop.time() - t1 < 1.5, "a full batch waited for the clock"
         assert sched.batch_sizes[2] == 1
-        await sched.stop()
 
 
 async def test_a_backlog_is_worked_off_without_waiting(parts) -> None:
     """Three frames queued for one session while its batch-mate has none: the first two step
     at once (a backlog), the last one waits for the clock again."""
-    model, codec = parts
-    fs = codec.frame_size
-    with Engine(model, codec, slots=2) as engine:
-        sched = Scheduler(engine, frame_rate=0.5)
-        await sched.start()
-        a, b = Collector(), Collector()
-        la, lb = a.lane(), b.lane()
-        await _joined(sched, engine, la, 1)
-        await _joined(sched, engine, lb, 2)
+    fs = parts[1].frame_size
+    async with _slow_pair(parts) as (sched, a, la, _, _):
         await asyncio.sleep(0.1)
         for i, x in enumerate(_frames(1, 3, fs)):
             la.push(FrameIn(i, pcm=x))
@@ -167,7 +170,6 @@ async def test_a_backlog_is_worked_off_without_waiting(parts) -> None:
         await asyncio.sleep(1.2)
         assert [seq for seq, _ in a.results] == [0, 1]
         await until(lambda: len(a.results) == 3)
-        await sched.stop()
 
 
 async def test_a_full_queue_drops_its_oldest_frame() -> None:

@@ -1,0 +1,494 @@
+"""The websocket client of `duplex serve`: one conversation, surviving reconnects.
+
+It sends one PCM frame per frame period (a WAV file paced in real time, or the microphone) and
+plays what comes back through a jitter buffer (`duplex.apps.jitter`). A lost connection is
+retried with exponential backoff. Once a second it reports a stats line: round-trip time
+(PING/PONG), frame latency (a frame sent until its answer arrives), jitter depth, drops and
+underruns, and the server's counts. What it sees goes out as typed events
+(`duplex.streamer.events`), printed headless or shown by the TUI.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import ssl
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from duplex.apps import protocol as P
+from duplex.apps.connect_config import (
+    ConnectConfig,
+    Counters,
+    Retry,
+    ServerRefused,
+    redact_url,
+    with_query,
+)
+from duplex.apps.jitter import JitterBuffer
+from duplex.apps.remote_recording import RemoteRecorder
+from duplex.streamer.events import (
+    Command,
+    Event,
+    Levels,
+    Printer,
+    Report,
+    Request,
+    Words,
+    level_db,
+    printable,
+)
+from duplex.streamer.transcript import Transcript
+
+
+class Client:
+    """One conversation with the server, surviving reconnects.
+
+    What it sees goes to `report(event)` as typed events (default: `Printer`, lines or --json)
+    and `warn(line)` (default: stderr); the TUI's feed replaces both. With `commands`
+    (a thread-safe queue of the TUI's command tuples) the conversation can be steered while it
+    runs: typing, mute, pause, save/load state, reset, stop.
+    """
+
+    def __init__(
+        self,
+        cfg: ConnectConfig,
+        prepare: Any,
+        out=None,
+        report: Callable[[Event], None] | None = None,
+        warn: Callable[[str], None] | None = None,
+        commands: queue.Queue | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.prepare = prepare
+        # Levels cost a little per frame: only a TUI shows them.
+        self.wants_levels = report is not None
+        self.report = report or Printer(cfg.json_lines, out)
+        self.warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.commands = commands
+        self.muted = False
+        self.paused = False
+        self.quitting = False
+        self.recorder: RemoteRecorder | None = None
+        self.save_path = cfg.save_state
+        self.pending_state: bytes | None = None
+        self.level_in: np.ndarray | None = None
+        self.source: Any = None
+        self.sink: Any = None
+        self.out = out or sys.stdout
+        self.c = Counters()
+        self.jitter = JitterBuffer(cfg.jitter_target, cfg.jitter_max)
+        self.error: BaseException | None = None
+        self.hello: P.Hello | None = None
+        self.sent_at: dict[int, float] = {}
+        self.seq = 0
+        self.input_done = False
+        self.last_audio = time.monotonic()
+        self.state_saved = asyncio.Event()
+        # --transcript: what was sent per frame and the text of the frame being answered.
+        self.lines: Transcript | None = None
+        self._sent_pcm: dict[int, np.ndarray] = {}
+        self._pieces = {"model": "", "user": ""}
+
+    async def run(self) -> int:
+        """Connect (and reconnect) until the input is done; returns the exit status."""
+        try:
+            return await self._run()
+        finally:
+            if self.recorder is not None:
+                self.recorder.close()
+            if self.lines is not None:
+                self.lines.close()
+
+    async def _run(self) -> int:
+        from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+        from duplex.streamer.audio import AudioUnavailableError
+
+        delay = self.cfg.backoff
+        failures = 0
+        while True:
+            sessions = self.c.sessions
+            try:
+                await self._session()
+                return 0
+            except ServerRefused as e:
+                self.warn(f"duplex connect: {e}")
+                return e.exit_code
+            except AudioUnavailableError as e:
+                self.warn(f"duplex connect: {e}")
+                return 3
+            except P.ProtocolError as e:
+                self.warn(f"duplex connect: bad message from the server: {e}")
+                return 6
+            except (ValueError, FileNotFoundError, FileExistsError) as e:
+                self.warn(f"duplex connect: {e}")
+                return 2
+            except InvalidStatus as e:
+                status = e.response.status_code
+                if status == 401:
+                    self.warn("duplex connect: the server refused the token (401)")
+                    return 4
+                reason = f"HTTP {status}"
+            except (OSError, ConnectionClosed, TimeoutError, Retry) as e:
+                reason = str(e) or type(e).__name__
+            if self.quitting:
+                return 0
+            if self.c.sessions > sessions:
+                # The connection had worked: a new outage gets the whole retry budget again.
+                failures, delay = 0, self.cfg.backoff
+            failures += 1
+            if failures > self.cfg.retries:
+                self.warn(f"duplex connect: giving up after {failures} tries: {reason}")
+                return 5
+            self.warn(f"duplex connect: connection lost ({reason}); retrying in {delay:.1f} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, self.cfg.backoff_max)
+            self.c.reconnects += 1
+
+    async def _session(self) -> None:
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import ConnectionClosed
+
+        headers = {"Authorization": f"Bearer {self.cfg.token}"} if self.cfg.token else None
+        ctx = None
+        if self.cfg.url.startswith("wss://"):
+            ctx = ssl.create_default_context(cafile=self.cfg.cafile)
+        url = with_query(self.cfg.url, seed=self.cfg.seed, tokens=1 if self.cfg.record else None)
+        async with connect(
+            url,
+            additional_headers=headers,
+            compression=None,
+            max_size=None,
+            ssl=ctx,
+            open_timeout=10,
+        ) as ws:
+            hello = P.parse_server(await asyncio.wait_for(ws.recv(), 30), None)
+            if isinstance(hello, P.Error):
+                with contextlib.suppress(ConnectionClosed):
+                    await asyncio.wait_for(ws.recv(), 10)
+                if hello.code == P.ErrorCode.FULL:
+                    raise Retry(f"server busy: {printable(hello.message)}")
+                raise ServerRefused(
+                    f"the server refused the session: {printable(hello.message)}", 6
+                )
+            if not isinstance(hello, P.Hello):
+                raise ServerRefused(f"the server's first message was {type(hello).__name__}", 6)
+            if "PCM" not in hello.accepts:
+                raise ServerRefused("the server does not accept PCM audio", 6)
+            if self.hello is None:
+                self.prepare(self, hello)
+            elif (hello.sample_rate, hello.frame_size) != (
+                self.hello.sample_rate,
+                self.hello.frame_size,
+            ):
+                raise ServerRefused("after reconnecting, the server has another audio format", 6)
+            self.hello = hello
+            self.c.sessions += 1
+            self.sent_at.clear()
+            if self.cfg.record:
+                if self.recorder is None:
+                    self.recorder = RemoteRecorder(self.cfg.record, redact_url(self.cfg.url))
+                directory = self.recorder.begin(hello)
+                self.report(Report("recording", str(directory), f"[record] {directory}"))
+            self.report(
+                Report(
+                    "hello",
+                    vars(hello),
+                    f"[connected] session {hello.session}: model {hello.model}, codec "
+                    f"{hello.codec}, {hello.sample_rate} Hz, {hello.frame_size} samples/frame",
+                )
+            )
+            if self.cfg.load_state and self.c.reconnects == 0:
+                await self._load_state(ws, self.cfg.load_state)
+            if self.cfg.text and self.c.reconnects == 0:
+                await ws.send(P.encode(P.Text(self.cfg.text), "client"))
+            tasks = [
+                asyncio.create_task(self._send(ws)),
+                asyncio.create_task(self._ping(ws)),
+                asyncio.create_task(self._play()),
+                asyncio.create_task(self._report()),
+            ]
+            if self.commands is not None:
+                tasks.append(asyncio.create_task(self._steer(ws)))
+            try:
+                await self._receive(ws)
+            finally:
+                for t in tasks:
+                    t.cancel()
+                for t in tasks:
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await t
+
+    async def _send(self, ws: Any) -> None:
+        """Send frames at the frame rate, then (when the input ends) finish the session."""
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            await self._send_frames(ws)
+        except ConnectionClosed:
+            pass
+        except Exception as e:
+            # Remembered for the receiver, which ends when this close arrives.
+            self.error = e
+            await ws.close(1000, "client failed")
+
+    async def _load_state(self, ws: Any, path: str) -> None:
+        self.pending_state = Path(path).read_bytes()
+        await ws.send(P.encode(P.Control(P.Op.LOAD_STATE, self.pending_state), "client"))
+
+    async def _steer(self, ws: Any) -> None:
+        """Apply the TUI's commands (polled: the queue is filled from another thread)."""
+        while True:
+            while not self.commands.empty():
+                req: Request = self.commands.get_nowait()
+                kind = req.command
+                if kind == Command.STOP:
+                    self.quitting = self.input_done = True
+                    await ws.close(1000, "client quit")
+                    return
+                if kind == Command.TYPE:
+                    await ws.send(P.encode(P.Text(req.arg), "client"))
+                elif kind == Command.MUTE:
+                    self.muted = not self.muted
+                    self.warn("microphone muted" if self.muted else "microphone on")
+                elif kind == Command.PAUSE:
+                    self.paused = not self.paused
+                    self.warn("paused (nothing is sent)" if self.paused else "resumed")
+                elif kind == Command.SAVE:
+                    self.save_path = req.arg
+                    await ws.send(P.encode(P.Control(P.Op.SAVE_STATE), "client"))
+                elif kind == Command.LOAD:
+                    try:
+                        await self._load_state(ws, req.arg)
+                    except OSError as e:
+                        self.warn(f"could not read {req.arg}: {e}")
+                elif kind == Command.RESET:
+                    await ws.send(P.encode(P.Control(P.Op.RESET), "client"))
+            await asyncio.sleep(0.02)
+
+    async def _send_frames(self, ws: Any) -> None:
+        loop = asyncio.get_running_loop()
+        fs = self.hello.frame_size
+        period = 1.0 / self.hello.frame_rate
+        limit = None
+        if self.cfg.max_seconds is not None:
+            limit = int(self.cfg.max_seconds * self.hello.frame_rate)
+        next_t = loop.time()
+        while not self.input_done:
+            if self.paused:
+                await asyncio.sleep(period)
+                next_t = loop.time()
+                continue
+            frame = await self.source.read(loop)
+            if frame is None or (limit is not None and self.seq >= limit):
+                self.input_done = True
+                break
+            if frame.size != fs:
+                raise ValueError(f"input frame has {frame.size} samples, expected {fs}")
+            pcm = P.pcm_to_int16(frame)
+            if self.muted:
+                pcm = np.zeros_like(pcm)
+            self.sent_at[self.seq] = time.monotonic()
+            if self.recorder is not None:
+                self.recorder.sent_frame(self.seq, pcm)
+            if self.cfg.transcript:
+                if self.lines is None:
+                    self.lines = Transcript(self.hello.frame_rate, self.cfg.transcript)
+                self._sent_pcm[self.seq] = pcm
+            self.level_in = pcm
+            await ws.send(P.encode(P.Audio(self.seq, pcm), "client"))
+            self.seq += 1
+            self.c.sent += 1
+            if self.source.paced_by_device:
+                continue
+            next_t += period
+            await asyncio.sleep(max(0.0, next_t - loop.time()))
+        # Let the last answers arrive, then save the state if asked and say goodbye.
+        # A server that is behind still answers: wait while answers keep coming (at most 30 s),
+        # give up after 2 s without one.
+        end = loop.time() + 30.0
+        while self.sent_at and loop.time() < end and time.monotonic() - self.last_audio < 2.0:
+            await asyncio.sleep(period)
+        if self.cfg.save_state:
+            self.save_path = self.cfg.save_state
+            self.state_saved.clear()
+            await ws.send(P.encode(P.Control(P.Op.SAVE_STATE), "client"))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.state_saved.wait(), 30)
+        await ws.close(1000, "done")
+
+    async def _ping(self, ws: Any) -> None:
+        while True:
+            await ws.send(P.encode(P.Ping(time.monotonic_ns()), "client"))
+            await asyncio.sleep(1.0)
+
+    async def _play(self) -> None:
+        """Playout clock: one frame per period from the jitter buffer to the sink."""
+        loop = asyncio.get_running_loop()
+        period = 1.0 / self.hello.frame_rate
+        next_t = loop.time()
+        while True:
+            frame = self.jitter.pull(self.hello.frame_size)
+            if frame is not None:
+                self.sink.play(P.int16_to_pcm(frame))
+            next_t += period
+            await asyncio.sleep(max(0.0, next_t - loop.time()))
+
+    def _transcribe(self, msg: P.Audio) -> None:
+        """One answered frame into the --transcript lines (text arrives before its audio).
+
+        No end-of-turn tokens reach the client, so utterances close after a second without
+        text."""
+        for k in [k for k in self._sent_pcm if k < msg.frame]:
+            del self._sent_pcm[k]
+        sent = self._sent_pcm.pop(msg.frame, None)
+        heard = P.int16_to_pcm(sent) if sent is not None else np.zeros(0, np.float32)
+        model, user = self._pieces["model"], self._pieces["user"]
+        self._pieces = {"model": "", "user": ""}
+        self.lines.frame(msg.frame, heard, P.int16_to_pcm(msg.pcm), model, user)
+
+    def finish(self) -> None:
+        """The last stats line and the summary of the whole conversation."""
+        self.stats_line()
+        self.report(
+            Report(
+                "done",
+                {"sent": self.c.sent, "received": self.c.received},
+                f"[done] sent {self.c.sent} frames, received {self.c.received}; "
+                f"model said: {''.join(self.c.transcript)!r}",
+            )
+        )
+
+    def _levels(self, out: np.ndarray) -> None:
+        """Levels of the last frame sent and the frame just received (for the TUI's meters)."""
+        if not self.wants_levels:
+            return
+        pcm_in = np.zeros(0, np.int16) if self.level_in is None else self.level_in
+        self.report(Levels(level_db(P.int16_to_pcm(pcm_in)), level_db(P.int16_to_pcm(out))))
+
+    def _drain(self) -> None:
+        """Write what is still buffered (the session is over: nothing to keep pace with)."""
+        while self.jitter.frames:
+            self.sink.play(P.int16_to_pcm(self.jitter.frames.popleft()))
+
+    async def _report(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.stats_line()
+
+    def stats_line(self) -> None:
+        lat = np.fromiter(self.c.latency_ms, dtype=np.float64)
+        p50, p99 = np.percentile(lat, [50, 99]).tolist() if lat.size else (0.0, 0.0)
+        s = self.c.server
+        obj = {
+            "sent": self.c.sent,
+            "received": self.c.received,
+            "rtt_ms": self.c.rtt_ms,
+            "latency_ms": {"p50": p50, "p99": p99},
+            "jitter_depth": self.jitter.depth,
+            "jitter_dropped": self.jitter.dropped,
+            "underruns": self.jitter.underruns,
+            "reconnects": self.c.reconnects,
+            "server_dropped_input": s.get("dropped_input_frames", 0),
+            "server_queue": s.get("queue_depth", 0),
+        }
+        rtt = f"{self.c.rtt_ms:.1f} ms" if self.c.rtt_ms is not None else "-"
+        line = (
+            f"[stats] sent {obj['sent']} recv {obj['received']} | rtt {rtt} | latency p50 "
+            f"{p50:.0f} ms p99 {p99:.0f} ms | jitter {obj['jitter_depth']} frames, dropped "
+            f"{obj['jitter_dropped']}, underruns {obj['underruns']} | server drops "
+            f"{obj['server_dropped_input']} queue {obj['server_queue']}"
+        )
+        self.report(Report("stats", obj, line))
+
+    async def _receive(self, ws: Any) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        fmt = self.hello.format()
+        try:
+            async for data in ws:
+                try:
+                    msg = P.parse_server(data, fmt)
+                except P.ProtocolError as e:
+                    await ws.close(int(P.Close.POLICY), str(e)[:120])
+                    raise ServerRefused(f"bad message from the server: {e}", 6) from None
+                self._handle(msg)
+        except ConnectionClosed:
+            pass
+        if self.error is not None:
+            raise self.error
+        rcvd = ws.close_code
+        if rcvd == 1000 and self.input_done:
+            self._drain()
+            return
+        if rcvd in (1003, 1008, 1009, 4000):
+            raise ServerRefused(f"the server closed the session ({rcvd}: {ws.close_reason})", 6)
+        raise Retry(f"the server closed the connection ({rcvd}: {ws.close_reason or 'no reason'})")
+
+    def _handle(self, msg: Any) -> None:
+        if self.recorder is not None:
+            self.recorder.received(msg)
+        if isinstance(msg, P.Audio):
+            t = self.sent_at.pop(msg.frame, None)
+            if t is not None:
+                self.c.latency_ms.append(1000.0 * (time.monotonic() - t))
+            for k in [k for k in self.sent_at if k < msg.frame]:
+                # Frames the server dropped never come back; forget them.
+                del self.sent_at[k]
+            self.c.received += 1
+            self.last_audio = time.monotonic()
+            if self.lines is not None:
+                self._transcribe(msg)
+            self.jitter.push(msg.pcm)
+            self.sink.received(P.int16_to_pcm(msg.pcm))
+            self._levels(msg.pcm)
+        elif isinstance(msg, P.Text):
+            who = "model" if msg.stream == P.Stream.MODEL else "you"
+            self._pieces["model" if who == "model" else "user"] += msg.text
+            if who == "model":
+                self.c.transcript.append(msg.text)
+            self.report(Words(who, msg.text, msg.frame))
+        elif isinstance(msg, P.Ping):
+            self.c.rtt_ms = (time.monotonic_ns() - msg.nonce) / 1e6
+        elif isinstance(msg, P.Stats):
+            self.c.server = msg.data
+        elif isinstance(msg, P.Error):
+            shown = printable(msg.message)
+            self.report(
+                Report("error", msg.code, f"[error] {shown}", extra={"message": msg.message})
+            )
+            if msg.code == P.ErrorCode.STATE:
+                self.pending_state = None
+        elif isinstance(msg, P.Event):
+            kind = msg.data.get("event")
+            frame = msg.data.get("frame")
+            self.report(
+                Report(
+                    "event",
+                    msg.data,
+                    f"[event] {msg.data}",
+                    frame=frame if isinstance(frame, int) else None,
+                    event=str(kind),
+                )
+            )
+            if kind in ("reset", "state_loaded"):
+                state = self.pending_state if kind == "state_loaded" else None
+                self.pending_state = None
+                if self.recorder is not None:
+                    self.recorder.timeline_changed(int(msg.data.get("frame", 0)), state)
+        elif isinstance(msg, P.State):
+            if self.save_path:
+                path = Path(self.save_path)
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_bytes(msg.blob)
+                os.replace(tmp, path)
+                self.report(Report("state", str(path), f"[state] saved to {path}"))
+            self.state_saved.set()

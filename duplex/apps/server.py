@@ -1,0 +1,490 @@
+"""The websocket transport of `duplex serve`: connections in, a scheduler's sessions behind them.
+
+One asyncio event loop does all networking; the batched stepping, the engine thread and its
+operation queue are `duplex.streamer.scheduler.Scheduler`'s. This module only turns messages into
+engine operations and frames, and results into messages: every engine operation (join, leave,
+typed text, save or restore a state, reset) goes through the scheduler, so the engine is never
+touched concurrently and a session is never stepped after it left.
+
+A misbehaving client only ever hurts itself: every message is parsed strictly
+(`duplex.apps.protocol`), and anything wrong gets an ERROR message and a close (1003 or 1008)
+for that connection alone. Costs are budgeted in what they cost, not in message counts: bytes
+queued for output, bytes buffered on input, typed bytes waiting to enter the model, history
+tokens a loaded state rebuilds, connections and handshakes per peer (`duplex.apps.server_guard`).
+State files a client uploads are untrusted: the server accepts back only states it signed itself
+(unless told otherwise), and the engine checks every value in them before a slot changes. The
+threat model is docs/security.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import ssl
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
+
+from duplex.apps import protocol as P
+from duplex.apps.server_conn import Conn, LimitError, close_reason
+from duplex.apps.server_guard import WS_LOG, Gate, TokenBucket, peer_of
+from duplex.streamer.engine import SamplingConfig
+from duplex.streamer.recording import RecordQuota
+from duplex.streamer.scheduler import FrameIn, Lane, Scheduler
+from duplex.streamer.statefile import StateFileError, StateKeys
+
+if TYPE_CHECKING:
+    from websockets.asyncio.server import Server, ServerConnection
+
+    from duplex.streamer.engine import CheckedState, Engine, FrameResult, Session
+
+log = logging.getLogger("duplex.serve")
+
+
+@dataclass
+class ServeConfig:
+    """Server settings; every limit is explicit so nothing buffers without bound."""
+
+    host: str = "127.0.0.1"
+    port: int = 8998
+    token: str | None = None
+    max_sessions: int = 16
+    max_message_bytes: int = 4 << 20
+    input_queue_messages: int = 4
+    idle_timeout: float = 60.0
+    queue_frames: int = 10
+    out_queue_messages: int = 512
+    out_queue_bytes: int = 4 << 20
+    max_typed_bytes: int = 4096
+    max_state_tokens: int = 100_000
+    max_per_peer: int = 4
+    connect_rate: float = 2.0
+    connect_burst: float = 8.0
+    max_handshakes: int = 64
+    open_timeout: float = 5.0
+    state_secrets: list[bytes] | None = None
+    allow_unsigned_states: bool = False
+    flood_rate: float = 150.0
+    flood_burst: float = 250.0
+    control_rate: float = 2.0
+    control_burst: float = 5.0
+    stats_interval: float = 1.0
+    record: str | None = None
+    # Disk budget of --record: all recordings under the directory, and one session's segments.
+    record_max_mb: float = 2048.0
+    record_session_mb: float = 256.0
+    certfile: str | None = None
+    keyfile: str | None = None
+    model_name: str = "tiny"
+    codec_name: str = "default"
+    sampling: dict[str, Any] = field(default_factory=dict)
+    ping_interval: float | None = 20.0
+    ping_timeout: float | None = 20.0
+
+
+class DuplexServer:
+    """The websocket server around an entered `Engine` whose slots bound the sessions."""
+
+    def __init__(self, engine: Engine, cfg: ServeConfig) -> None:
+        if engine.slots < cfg.max_sessions:
+            raise ValueError(f"engine has {engine.slots} slots, max_sessions {cfg.max_sessions}")
+        self.engine = engine
+        self.cfg = cfg
+        # Saved states are signed with the server's secret; loads need that signature unless
+        # the operator allows unsigned states.
+        self.keys = StateKeys(cfg.state_secrets) if cfg.state_secrets else StateKeys.random()
+        engine.state_keys = self.keys
+        engine.require_signed_states = not cfg.allow_unsigned_states
+        self.record_quota = None
+        if cfg.record:
+            self.record_quota = RecordQuota(
+                int(cfg.record_max_mb * 2**20),
+                int(cfg.record_session_mb * 2**20),
+                RecordQuota.usage(cfg.record),
+            )
+        engine.max_state_tokens = cfg.max_state_tokens
+        engine.max_typed_bytes = cfg.max_typed_bytes
+        self.gate = Gate(cfg)
+        self.scheduler = Scheduler(engine, after_tick=self._after_tick)
+        self.refused_full = 0
+        self.refused_saves = 0
+        self._background: set[asyncio.Task] = set()
+        self.sampling = SamplingConfig(**cfg.sampling)
+        self.fmt = P.Format(
+            engine.frame_size, engine.K, int(engine.codec.cardinality), P.MAX_TEXT_BYTES
+        )
+        self.conns: set[Conn] = set()
+        self.active = 0
+        self.stopping = False
+        self._server: Server | None = None
+        self._last_stats = 0.0
+
+    @property
+    def port(self) -> int:
+        return self._server.sockets[0].getsockname()[1]
+
+    @property
+    def batch_sizes(self) -> Any:
+        return self.scheduler.batch_sizes
+
+    @property
+    def failed_steps(self) -> int:
+        return self.scheduler.failed_steps
+
+    async def start(self) -> None:
+        """Bind and start serving (port 0 picks a free port: read `.port`)."""
+        from websockets.asyncio.server import serve
+
+        await self.scheduler.start()
+        ctx = None
+        if self.cfg.certfile:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(self.cfg.certfile, self.cfg.keyfile)
+        self._server = await serve(
+            self._handler,
+            self.cfg.host,
+            self.cfg.port,
+            process_request=self.gate.process_request,
+            compression=None,
+            max_size=self.cfg.max_message_bytes,
+            # Input buffered per connection is at most this many messages of max_size bytes:
+            # beyond it the websocket layer stops reading the socket.
+            max_queue=self.cfg.input_queue_messages,
+            ping_interval=self.cfg.ping_interval,
+            ping_timeout=self.cfg.ping_timeout,
+            open_timeout=self.cfg.open_timeout,
+            close_timeout=2.0,
+            logger=WS_LOG,
+            create_connection=self.gate.connection_class(),
+            ssl=ctx,
+        )
+
+    async def stop(self) -> None:
+        """Close every session with 1001, stop stepping, free the engine's slots."""
+        self.stopping = True
+        if self._server is not None:
+            self._server.close(close_connections=True)
+            await self._server.wait_closed()
+        await self.scheduler.stop()
+        for conn in list(self.conns):
+            self._leave(conn)
+
+    def _sampling_for(self, ws: ServerConnection) -> SamplingConfig:
+        query = parse_qs(urlsplit(ws.request.path).query)
+        sampling = SamplingConfig(**asdict(self.sampling))
+        if "seed" in query:
+            sampling.seed = int(query["seed"][0])
+        return sampling
+
+    def _deliver(self, conn: Conn, f: FrameIn, res: FrameResult) -> None:
+        """One stepped frame's messages: its TOKENS and TEXT first; its AUDIO ends it."""
+        seq = f.seq
+        if conn.tokens:
+            conn.send(P.encode(P.Tokens(seq, res.tokens_in, res.tokens_out)))
+        if res.text:
+            conn.send(P.encode(P.Text(res.text, seq, P.Stream.MODEL)))
+        if res.user_text:
+            conn.send(P.encode(P.Text(res.user_text, seq, P.Stream.USER)))
+        conn.send(P.encode(P.Audio(seq, P.pcm_to_int16(res.pcm))))
+        conn.frames_out += 1
+        conn.latency_ms.append(1000.0 * (time.monotonic() - f.t))
+
+    def _close_soon(self, conn: Conn, code: P.ErrorCode, message: str) -> None:
+        """Close a session without waiting for it: the ERROR and the close are sent by a task
+        of their own, so a client that does not read delays no one else."""
+        conn.closed = True
+        conn.lane.closed = True
+        task = asyncio.get_running_loop().create_task(self._fatal(conn, code, message))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _after_tick(self, live: list[Lane]) -> None:
+        now = time.monotonic()
+        if now - self._last_stats < self.cfg.stats_interval:
+            return
+        self._last_stats = now
+        snap = self.engine.stats.snapshot()
+        engine = {
+            "stages_ms": {
+                k: {"p50": v["p50"], "p99": v["p99"]} for k, v in snap["stages_ms"].items()
+            },
+            "real_time_factor": snap["real_time_factor"],
+            "frame_ms": snap["frame_ms"],
+        }
+        for c in self.conns:
+            if c.lane in live:
+                c.send(P.encode(c.stats(len(self.conns), engine)))
+
+    def _record(self, conn: Conn, session: Session) -> None:
+        """Engine thread: the next recording segment of `conn` (with --record)."""
+        if not self.cfg.record:
+            return
+        name = conn.sid if conn.segment == 0 else f"{conn.sid}-{conn.segment}"
+        quota = self.record_quota
+        self.engine.record(
+            session,
+            Path(self.cfg.record) / name,
+            model=self.cfg.model_name,
+            codec=self.cfg.codec_name,
+            budget=lambda n, key=conn.sid: quota.charge(key, n),
+            server_session=conn.sid,
+            segment=conn.segment,
+        )
+
+    def _join(self, conn: Conn) -> Session:
+        """Engine thread: a new engine session for `conn`, recorded if --record is on."""
+        session = self.engine.join(conn.sampling)
+        try:
+            self._record(conn, session)
+        except BaseException:
+            self.engine.leave(session)
+            raise
+        conn.segment += 1
+        return session
+
+    def _save(self, conn: Conn) -> bytes:
+        return self.engine.state_bytes(conn.session)
+
+    def _load(self, conn: Conn, checked: CheckedState) -> int:
+        """Engine thread: continue from a checked state (a refused one changes nothing)."""
+        self.engine.restore(conn.session, checked)
+        self._record(conn, conn.session)
+        conn.segment += 1
+        return int(conn.session.frame)
+
+    def _reset(self, conn: Conn) -> int:
+        self.engine.reset(conn.session)
+        self._record(conn, conn.session)
+        conn.segment += 1
+        return int(conn.session.frame)
+
+    def _type(self, conn: Conn, text: str) -> int:
+        """Engine thread: queue typed text; returns the frame it starts entering at."""
+        waiting = len(conn.session.typed) + len(text.encode("utf-8"))
+        if waiting > self.cfg.max_typed_bytes:
+            raise LimitError(
+                f"typed text waiting to enter the model would be {waiting} bytes; at most "
+                f"{self.cfg.max_typed_bytes} (it enters one byte per audio frame)"
+            )
+        conn.session.type_text(text)
+        return int(conn.session.frame)
+
+    def _leave(self, conn: Conn) -> None:
+        if conn.session is not None:
+            self.engine.leave(conn.session)
+            conn.session = None
+
+    def _hello(self, conn: Conn) -> P.Hello:
+        e = self.engine
+        return P.Hello(
+            version=P.VERSION,
+            model=self.cfg.model_name,
+            codec=self.cfg.codec_name,
+            model_fingerprint=e.model_fingerprint,
+            codec_fingerprint=e.codec_fingerprint,
+            sample_rate=int(e.sample_rate),
+            frame_size=int(e.frame_size),
+            frame_rate=float(e.frame_rate),
+            num_codebooks=int(e.K),
+            cardinality=self.fmt.cardinality,
+            accepts=["PCM", "CODES", "TYPE", "CONTROL", "PING"],
+            session=conn.sid,
+            max_message_bytes=self.cfg.max_message_bytes,
+            max_text_bytes=self.fmt.max_text_bytes,
+            extra={
+                "controls": [op.name for op in P.Op],
+                "queue_frames": self.cfg.queue_frames,
+                "idle_timeout": self.cfg.idle_timeout,
+                "signed_states": not self.cfg.allow_unsigned_states,
+                "max_typed_bytes": self.cfg.max_typed_bytes,
+                "max_state_tokens": self.cfg.max_state_tokens,
+                "out_queue_bytes": self.cfg.out_queue_bytes,
+                "seed": conn.sampling.seed,
+                "sampling": asdict(conn.sampling),
+            },
+        )
+
+    async def _fatal(self, conn: Conn, code: P.ErrorCode, message: str) -> None:
+        """Tell the client what went wrong, then close with the code the protocol assigns."""
+        from websockets.exceptions import ConnectionClosed
+
+        conn.closed = True
+        if conn.lane is not None:
+            conn.lane.closed = True
+        close = P.CLOSE_FOR[code] or P.Close.POLICY
+        try:
+            # A client that does not read gets 2 s to take the ERROR, then the close (whose
+            # own timeout is the connection's close_timeout), then the connection is dropped.
+            async with asyncio.timeout(2.0):
+                await conn.ws.send(P.encode(P.Error(int(code), message)))
+        except (ConnectionClosed, TimeoutError):
+            pass
+        with contextlib.suppress(ConnectionClosed):
+            await conn.ws.close(int(close), close_reason(message))
+
+    async def _writer(self, conn: Conn) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        with contextlib.suppress(ConnectionClosed):
+            while not conn.closed:
+                await conn.wake.wait()
+                conn.wake.clear()
+                while conn.out and not conn.closed:
+                    await conn.ws.send(conn.next_out())
+
+    async def _handler(self, ws: ServerConnection) -> None:
+        """One connection: admit, join, handshake, then read until it ends."""
+        from websockets.exceptions import ConnectionClosed
+
+        conn = Conn(
+            ws,
+            secrets.token_hex(6),
+            self._sampling_for(ws),
+            self.cfg.queue_frames,
+            self.cfg.out_queue_messages,
+            self.cfg.out_queue_bytes,
+            parse_qs(urlsplit(ws.request.path).query).get("tokens", ["0"])[0] == "1",
+            peer_of(ws),
+        )
+        conn.lane = Lane(
+            on_frame=lambda f, res: self._deliver(conn, f, res),
+            on_failure=lambda why: self._close_soon(conn, P.ErrorCode.INTERNAL, why),
+            queue_frames=self.cfg.queue_frames,
+        )
+        if self.stopping:
+            await ws.close(int(P.Close.GOING_AWAY), "server shutting down")
+            return
+        if self.active >= self.cfg.max_sessions:
+            self.refused_full += 1
+            await self._fatal(
+                conn, P.ErrorCode.FULL, f"server is full ({self.cfg.max_sessions} sessions)"
+            )
+            return
+        self.active += 1
+        writer = None
+        try:
+            try:
+                conn.session = await self.scheduler.op(lambda: self._join(conn))
+            except Exception as e:
+                await self._fatal(conn, P.ErrorCode.INTERNAL, f"cannot start a session: {e}")
+                return
+            self.conns.add(conn)
+            self.scheduler.add(conn.lane)
+            await ws.send(P.encode(self._hello(conn)))
+            writer = asyncio.create_task(self._writer(conn))
+            await self._read(conn)
+        except Exception as e:
+            if not isinstance(e, ConnectionClosed):
+                log.error("session %s failed: %r", conn.sid, e)
+                await self._fatal(conn, P.ErrorCode.INTERNAL, "internal server error")
+        finally:
+            conn.closed = conn.lane.closed = True
+            self.conns.discard(conn)
+            self.scheduler.discard(conn.lane)
+            self.active -= 1
+            # Queued now, runs before any later join: the slot is free for the next client.
+            self.scheduler.op_nowait(lambda: self._leave(conn))
+            if writer is not None:
+                conn.wake.set()
+                writer.cancel()
+
+    async def _read(self, conn: Conn) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        bucket = TokenBucket(self.cfg.flood_rate, self.cfg.flood_burst)
+        # State loads and saves cost engine time every session waits for: a tighter limit, and
+        # a LOAD_STATE costs one CONTROL per started 256 KiB (its cost grows with its size).
+        controls = TokenBucket(self.cfg.control_rate, self.cfg.control_burst)
+        conn.last_audio = time.monotonic()
+        while not conn.closed:
+            # Only audio keeps a session alive: a client that only pings, types or sends
+            # controls holds a slot (and a row of every step) for no conversation.
+            remaining = conn.last_audio + self.cfg.idle_timeout - time.monotonic()
+            try:
+                async with asyncio.timeout(max(0.0, remaining)):
+                    data = await conn.ws.recv()
+            except TimeoutError:
+                await self._fatal(
+                    conn, P.ErrorCode.IDLE, f"no audio for {self.cfg.idle_timeout:g} s"
+                )
+                return
+            except ConnectionClosed:
+                return
+            now = time.monotonic()
+            if not bucket.take(now):
+                await self._fatal(
+                    conn,
+                    P.ErrorCode.FLOOD,
+                    f"more than {self.cfg.flood_rate:g} messages/s sustained",
+                )
+                return
+            try:
+                msg = P.parse_client(data, self.fmt)
+            except P.ProtocolError as e:
+                await self._fatal(conn, e.code, str(e))
+                return
+            del data
+            if isinstance(msg, P.Control):
+                cost = 1.0 + len(msg.blob) // (256 << 10)
+                if not controls.take(now, min(cost, self.cfg.control_burst)):
+                    await self._fatal(
+                        conn,
+                        P.ErrorCode.FLOOD,
+                        f"more than {self.cfg.control_rate:g} CONTROL requests/s sustained "
+                        "(a LOAD_STATE counts one per started 256 KiB)",
+                    )
+                    return
+            try:
+                await self._dispatch(conn, msg, now)
+            except LimitError as e:
+                await self._fatal(conn, e.code, str(e))
+                return
+
+    async def _dispatch(self, conn: Conn, msg: P.ClientMessage, now: float) -> None:
+        op = self.scheduler.op
+        if isinstance(msg, P.Audio):
+            conn.last_audio = now
+            conn.lane.push(FrameIn(msg.frame, pcm=P.int16_to_pcm(msg.pcm), t=now))
+            self.scheduler.wake()
+        elif isinstance(msg, P.Codes):
+            conn.last_audio = now
+            conn.lane.push(FrameIn(msg.frame, codes=list(msg.codes), t=now))
+            self.scheduler.wake()
+        elif isinstance(msg, P.Ping):
+            conn.send(P.encode(P.Ping(msg.nonce)))
+        elif isinstance(msg, P.Text):
+            text = msg.text
+            frame = await op(lambda: self._type(conn, text))
+            conn.send(P.encode(P.Event({"event": "typed", "frame": frame, "text": text})))
+        elif isinstance(msg, P.Control):
+            what = f"{msg.op.name} failed"
+            try:
+                if msg.op == P.Op.SAVE_STATE:
+                    if conn.state_pending:
+                        self.refused_saves += 1
+                        raise StateFileError(
+                            "the previous STATE has not been read yet; read it first"
+                        )
+                    blob = await op(lambda: self._save(conn))
+                    conn.send(P.encode(P.State(blob)))
+                elif msg.op == P.Op.LOAD_STATE:
+                    # Read and checked off the engine thread: no session waits for it.
+                    checked = await asyncio.to_thread(
+                        self.engine.check_state, msg.blob, label="the LOAD_STATE payload"
+                    )
+                    msg = None  # the blob is no longer needed; do not hold it while loading
+                    frame = await op(lambda: self._load(conn, checked))
+                    conn.send(P.encode(P.Event({"event": "state_loaded", "frame": frame})))
+                else:
+                    frame = await op(lambda: self._reset(conn))
+                    conn.send(P.encode(P.Event({"event": "reset", "frame": frame})))
+            except (StateFileError, ValueError) as e:
+                conn.send(P.encode(P.Error(int(P.ErrorCode.STATE), f"{what}: {e}")))
+            except OSError as e:
+                # The detail (a path on this server) stays in the server's log.
+                log.error("session %s: %s: %s", conn.sid, what, e)
+                conn.send(P.encode(P.Error(int(P.ErrorCode.STATE), f"{what}: server error")))

@@ -1,0 +1,66 @@
+"""How a session draws its tokens: its sampling settings and the batched draw itself.
+
+Every session of a batch samples in one call per stream, yet its tokens depend only on its own
+settings and its own random generator, never on its batch-mates: the draw is Gumbel-max with
+each row's noise taken from its session's generator.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+
+@dataclass
+class SamplingConfig:
+    """How a session samples its tokens; temperature 0 means greedy."""
+
+    temperature: float = 0.8
+    top_k: int = 50
+    text_temperature: float = 0.7
+    text_top_k: int = 25
+    seed: int = 0
+
+
+def sample(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, uniform: torch.Tensor
+) -> torch.Tensor:
+    """One id per row of logits [N, V], row n from its top_k[n] entries at temperature[n].
+
+    Gumbel-max: argmax(logit / T + G) with G = -log(-log(U)) draws from softmax(logit / T), so
+    all rows sample in one batched call while each row's randomness `uniform` [N, V] comes from
+    its own session's generator (a session's tokens never depend on its batch-mates).
+    Temperature <= 0 is greedy; top_k <= 0 keeps every entry.
+    """
+    V = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
+    values, idx = logits.float().topk(int(k.max()), dim=-1)
+    keep = torch.arange(values.shape[-1])[None, :] < k[:, None]
+    gumbel = -torch.log(-torch.log(uniform[:, : values.shape[-1]].clamp(1e-20, 1.0 - 1e-7)))
+    temp = temperature.clamp(min=1e-6)[:, None]
+    scores = torch.where(keep, values / temp + gumbel, torch.full_like(values, -torch.inf))
+    choice = torch.where(temperature > 0, scores.argmax(-1), torch.zeros_like(k))
+    return idx.gather(-1, choice[:, None])[:, 0]
+
+
+def check_sampling(x: Any, bad: Callable[[str], Exception]) -> SamplingConfig:
+    """A saved sampling config (from an untrusted state file), every field of the right type
+    and in range; anything else is `bad(why)`."""
+    names = {f.name for f in fields(SamplingConfig)}
+    if not isinstance(x, dict) or set(x) != names:
+        raise bad(f"sampling must be an object with exactly the fields {sorted(names)}")
+    for key in ("temperature", "text_temperature"):
+        v = x[key]
+        if not isinstance(v, int | float) or isinstance(v, bool) or not 0.0 <= v <= 100.0:
+            raise bad(f"sampling {key} must be a number in [0, 100]")
+    for key in ("top_k", "text_top_k"):
+        v = x[key]
+        if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 31:
+            raise bad(f"sampling {key} must be an integer in [0, 2**31)")
+    seed = x["seed"]
+    if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 1 << 63:
+        raise bad("sampling seed must be an integer in [0, 2**63)")
+    return SamplingConfig(**x)
