@@ -18,50 +18,53 @@ import numpy as np
 import torch
 
 from duplex.model import recall as R
+from duplex.model import recall_models as M
+from duplex.model import recall_tasks as K
+from duplex.model import recall_train as RT
 from duplex.train.loop import TrainConfig, train
 
 BATCH, T = 16, 256
 
 
-def hard_niah(rng: np.random.Generator) -> R.Sample:
+def hard_niah(rng: np.random.Generator) -> K.Sample:
     """niah whose value ids all come from a 12-id pool (same id -> same pool id)."""
-    s = R.niah(T, rng, asked=2)
-    pool = R.VAL0 + rng.choice(R.N_VAL, size=12, replace=False)
+    s = K.niah(T, rng, asked=2)
+    pool = K.VAL0 + rng.choice(K.N_VAL, size=12, replace=False)
     ids = s.ids.copy()
-    vals = (ids >= R.VAL0) & (ids < R.FILL0)
-    ids[vals] = pool[(ids[vals] - R.VAL0) % 12]
+    vals = (ids >= K.VAL0) & (ids < K.FILL0)
+    ids[vals] = pool[(ids[vals] - K.VAL0) % 12]
     s.ids = ids
     return s
 
 
-def hard_copy(rng: np.random.Generator) -> R.Sample:
+def hard_copy(rng: np.random.Generator) -> K.Sample:
     """copy over a 48-id alphabet (same id -> same pool id)."""
-    s = R.copy_task(T, rng, span=48, min_back=T // 4)
-    pool = R.CONTENT0 + rng.choice(R.VOCAB - R.CONTENT0, size=48, replace=False)
+    s = K.copy_task(T, rng, span=48, min_back=T // 4)
+    pool = K.CONTENT0 + rng.choice(K.VOCAB - K.CONTENT0, size=48, replace=False)
     ids = s.ids.copy()
-    content = ids >= R.CONTENT0
+    content = ids >= K.CONTENT0
     ids[content] = pool[ids[content] % 48]
     s.ids = ids
     return s
 
 
-def make_batch(step: int, rows: slice) -> R.RecallBatch:
+def make_batch(step: int, rows: slice) -> RT.RecallBatch:
     samples = []
     for r in range(*rows.indices(BATCH)):
         rng = np.random.default_rng([99, step, r])
         u = rng.random()
         if u < 0.5:
-            samples.append(R.training_sample(T, rng))
+            samples.append(K.training_sample(T, rng))
         elif u < 0.75:
             samples.append(hard_niah(rng))
         else:
             samples.append(hard_copy(rng))
-    return R.collate(samples)
+    return RT.collate(samples)
 
 
 def main() -> None:
     torch.set_num_threads(1)
-    model = R.load_recall("recall-gwa").train()
+    model = M.load_recall("recall-gwa").train()
     cfg = TrainConfig(
         out_dir="runs/gwa-ft-exp",
         steps=400,
@@ -76,10 +79,10 @@ def main() -> None:
         progress=False,
         device="cpu",
     )
-    res = train(model, make_batch, R.recall_loss, cfg)
+    res = train(model, make_batch, RT.recall_loss, cfg)
     print(res.steps_done, res.final_loss)
     model.eval()
-    R.save_model(model, "runs/gwa-ft-exp/ft.safetensors", "recall-gwa-ft")
+    M.save_model(model, "runs/gwa-ft-exp/ft.safetensors", "recall-gwa-ft")
     for task, asked in (("niah", 8), ("copy", 1), ("mqar", 1)):
         r = R.evaluate("runs/gwa-ft-exp/ft.safetensors", task, 16384, 4, asked=asked)
         print(task, r.accuracy, r.correct, r.items, round(r.token_accuracy, 4))

@@ -1,6 +1,6 @@
 """`duplex train recall`: train a recall model on short generated sequences with the shared loop.
 
-Every model sees the same task mixture (`recall.training_sample`) at the same sequence length,
+Every model sees the same task mixture (`recall_tasks.training_sample`) at the same sequence length,
 so the comparison between mixers is like for like. The result is written as safetensors (config
 in its metadata); `--ship` writes it where `load_recall(NAME)` finds shipped models.
 """
@@ -8,19 +8,78 @@ in its metadata); `--ship` writes it where `load_recall(NAME)` finds shipped mod
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from duplex.model.backbone import Backbone
-from duplex.model.recall import (
-    MODELS,
-    WEIGHTS_DIR,
-    make_batch_fn,
-    model_config,
-    recall_loss,
-    save_model,
-)
+from duplex.model.recall_models import MODELS, WEIGHTS_DIR, model_config, save_model
+from duplex.model.recall_tasks import Sample, training_sample
+
+
+@dataclass
+class RecallBatch:
+    """ids [B, T]; targets [B, A] answer ids and where [B, A] their positions (-1: padding);
+    offsets [B] absolute position of each row's first id."""
+
+    ids: torch.Tensor
+    where: torch.Tensor
+    targets: torch.Tensor
+    offsets: torch.Tensor
+
+    def to(self, device: torch.device) -> RecallBatch:
+        return RecallBatch(
+            *(t.to(device) for t in (self.ids, self.where, self.targets, self.offsets))
+        )
+
+
+def make_batch_fn(T: int, global_batch: int, seed: int):
+    """make_batch(step, rows) for the shared loop: row r of step s is a pure function of (s, r)."""
+
+    def make_batch(step: int, rows: slice) -> RecallBatch:
+        samples = []
+        for r in range(*rows.indices(global_batch)):
+            rng = np.random.default_rng([seed, step, r])
+            samples.append(training_sample(T, rng))
+        return collate(samples)
+
+    return make_batch
+
+
+def collate(samples: list[Sample]) -> RecallBatch:
+    """Samples of one length as a batch; answer positions padded with -1 to the longest."""
+    A = max(sum(i.size for i in s.items) for s in samples)
+    where = np.full((len(samples), A), -1, dtype=np.int64)
+    tg = np.zeros((len(samples), A), dtype=np.int64)
+    for b, s in enumerate(samples):
+        idx = np.concatenate(s.items)
+        where[b, : idx.size] = idx
+        tg[b, : idx.size] = s.ids[idx]
+    return RecallBatch(
+        torch.from_numpy(np.stack([s.ids for s in samples])),
+        torch.from_numpy(where),
+        torch.from_numpy(tg),
+        torch.tensor([s.offset for s in samples]),
+    )
+
+
+def recall_loss(model: torch.nn.Module, batch: RecallBatch) -> tuple[torch.Tensor, dict]:
+    """Cross-entropy on the answer ids only (the rest of the sequence is unpredictable filler)."""
+    net = model.module if hasattr(model, "module") else model
+    hidden = model(batch.ids, batch.offsets)
+    valid = batch.where >= 0
+    b_idx = torch.arange(batch.ids.shape[0])[:, None].expand_as(batch.where)[valid]
+    # h: [n_answers, d] the outputs one position before each answer
+    h = hidden[b_idx, batch.where[valid] - 1]
+    logits = net.logits(h)
+    tgt = batch.targets[valid]
+    loss = F.cross_entropy(logits, tgt)
+    acc = (logits.argmax(-1) == tgt).float().mean()
+    return loss, {"acc": float(acc), "tokens": float(batch.ids.numel())}
+
 
 HELP = "train a recall model (recall-gwa, recall-gdr, recall-swa, recall-attn)"
 DESCRIPTION = """Train a recall model on generated short sequences (mqar, passkey, niah, copy,

@@ -12,6 +12,9 @@ import torch
 
 from duplex.apps.cli import main as cli_main
 from duplex.model import recall as R
+from duplex.model import recall_models as M
+from duplex.model import recall_tasks as T
+from duplex.model import recall_train as RT
 from duplex.model.backbone import Backbone
 from duplex.model.gated_deltanet import GatedDeltaNetConfig
 from duplex.model.gwa import History
@@ -33,47 +36,47 @@ def find(ids: np.ndarray, key: np.ndarray) -> list[int]:
 
 @pytest.mark.parametrize("N,key_len", [(2048, 1), (16 * 5000, 2)])
 def test_mqar_answers_are_the_stored_values(N, key_len):
-    s = R.mqar(N, np.random.default_rng(0))
+    s = T.mqar(N, np.random.default_rng(0))
     assert s.ids.size == N
     assert len(s.items) == min(1024, max(4, min(65536, N // 16)))
     for item in s.items[:200]:
         a = int(item[0])
         key = s.ids[a - key_len : a]
-        assert np.all((key >= R.KEY0) & (key < R.KEY0 + R.N_KEY))
+        assert np.all((key >= T.KEY0) & (key < T.KEY0 + T.N_KEY))
         assert value_after(s.ids, key, s.start) == [int(s.ids[a])]
 
 
 def test_passkey_niah_copy_position_answers():
     rng = np.random.default_rng(1)
-    s = R.passkey(1000, rng)
-    p = int(np.nonzero(s.ids[: s.start] == R.PASSKEY)[0][0])
+    s = T.passkey(1000, rng)
+    p = int(np.nonzero(s.ids[: s.start] == T.PASSKEY)[0][0])
     np.testing.assert_array_equal(s.ids[p + 1 : p + 6], s.ids[s.items[0]])
-    s = R.niah(3000, rng, asked=3)
+    s = T.niah(3000, rng, asked=3)
     for item in s.items:
         key = s.ids[item[0] - 4 : item[0]]
         p = find(s.ids[: s.start], key)
         assert len(p) >= 1
         np.testing.assert_array_equal(s.ids[p[0] + 4 : p[0] + 12], s.ids[item])
-    s = R.copy_task(4000, rng)
+    s = T.copy_task(4000, rng)
     span = s.ids[s.start + 1 :]
     assert span.size == 500 and s.items[0].size == 492
     starts = find(s.ids[: s.start], span[:8])
     assert len(starts) == 1 and s.start - starts[0] >= 2000
     np.testing.assert_array_equal(s.ids[starts[0] : starts[0] + 500], span)
-    s = R.position(3000, rng, asked=2, offset=123456)
+    s = T.position(3000, rng, asked=2, offset=123456)
     for item in s.items:
         digits = {}
         for a in item:
-            place = int(s.ids[a - 5]) - R.PLACE0
-            digits[place] = int(s.ids[a]) - R.DIGIT0
+            place = int(s.ids[a - 5]) - T.PLACE0
+            digits[place] = int(s.ids[a]) - T.DIGIT0
         key = s.ids[item[0] - 4 : item[0]]
         where = [q + 3 for q in find(s.ids[: s.start], key)]
-        value = sum(d * R.POS_BASE**j for j, d in digits.items())
+        value = sum(d * T.POS_BASE**j for j, d in digits.items())
         assert value - 123456 in where
 
 
 def test_training_batches_are_deterministic_by_row():
-    mb = R.make_batch_fn(256, 8, seed=5)
+    mb = RT.make_batch_fn(256, 8, seed=5)
     full = mb(3, slice(0, 8))
     part = mb(3, slice(4, 8))
     torch.testing.assert_close(full.ids[4:], part.ids)
@@ -84,8 +87,8 @@ def test_training_batches_are_deterministic_by_row():
 def test_gwa_read_reaches_every_mqar_answer_at_long_context():
     """For each query the reader offers a window whose id after the anchor is the answer."""
     N = 1 << 18
-    s = R.mqar(N, np.random.default_rng(2))
-    cfg = R.model_config("recall-gwa").read
+    s = T.mqar(N, np.random.default_rng(2))
+    cfg = M.model_config("recall-gwa").read
     h = History(cfg)
     h.append(s.ids)
     ans = np.array([int(i[0]) for i in s.items])
@@ -102,8 +105,8 @@ def test_gwa_read_reaches_every_mqar_answer_at_long_context():
 def test_eval_cli_runs_and_reports(tmp_path, capsys):
     torch.manual_seed(0)
     path = tmp_path / "tiny.safetensors"
-    cfg = R.model_config("recall-gwa")
-    R.save_model(Backbone(cfg), path, "tiny")
+    cfg = M.model_config("recall-gwa")
+    M.save_model(Backbone(cfg), path, "tiny")
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     rc = cli_main(
         [

@@ -1,0 +1,251 @@
+"""Recall tasks: generated from a seed, at any context length, scored item by item.
+
+Everything is generated here from a seed, at any context length, with one vocabulary of 8192 ids:
+
+    0-15     control: PAD BOS SEP QUERY PASSKEY COPY POS
+    16-31    digits 0..15
+    32-47    digit-place markers P0..P15 (which digit of a position is asked)
+    64-4159  key ids (4096)     4160-6207  value ids (2048)     6208-8191  filler ids (1984)
+
+Tasks (each returns the ids and which of them are answers, grouped into items scored exactly):
+- mqar: P key-value pairs spread through filler, then queries "key value" (keys of 2 ids when P
+  exceeds the 4096 one-id keys); queried pairs half uniform, half at power-law distances.
+- passkey: "PASSKEY d d d d d" at a random depth in filler; "QUERY PASSKEY" -> the 5 digits.
+- niah: a haystack of (4-id key, 8-id value) pairs; "QUERY key" -> the 8-id value.
+- copy: random ids; "COPY" + the first 8 ids of a span of 1000 (N/8 when shorter) that starts at
+  least 100K (N/2 when shorter) ids back -> the rest of the span, fed back one id at a time.
+- position: 4-id items in filler; "P_j key" -> hex digit j of the absolute index of the item's last
+  id, for j = 0..5 (an item is right when all 6 digits are).
+
+The models live in `recall_models`, their training in `recall_train`, the evaluation and
+`duplex eval recall` in `recall`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+VOCAB = 8192
+PAD, BOS, SEP, QUERY, PASSKEY, COPY, POS = 0, 1, 2, 3, 4, 5, 6
+DIGIT0 = 16
+PLACE0 = 32
+KEY0, N_KEY = 64, 4096
+VAL0, N_VAL = KEY0 + N_KEY, 2048
+FILL0 = VAL0 + N_VAL
+N_FILL = VOCAB - FILL0
+CONTENT0 = KEY0
+POS_DIGITS, POS_BASE = 6, 16
+TASKS = ("mqar", "passkey", "niah", "copy", "position")
+
+
+@dataclass
+class Sample:
+    """ids [N]; answer index arrays grouped per scored item (each index i: ids[i] is predicted
+    from the output at i - 1); `start`: first id of the query section (prefill covers ids before
+    it); `offset`: absolute position of ids[0]."""
+
+    ids: np.ndarray
+    items: list[np.ndarray]
+    start: int
+    offset: int = 0
+
+
+def _filler(rng: np.random.Generator, n: int) -> np.ndarray:
+    return rng.integers(FILL0, VOCAB, size=n)
+
+
+def _distinct(rng: np.random.Generator, n: int, space: int) -> np.ndarray:
+    """n distinct integers in [0, space)."""
+    if n > space:
+        raise ValueError(f"cannot draw {n} distinct values from {space}")
+    out = np.unique(rng.integers(0, space, size=n))
+    while out.size < n:
+        out = np.unique(np.concatenate([out, rng.integers(0, space, size=n - out.size)]))
+    return rng.permutation(out)[:n]
+
+
+def _place(rng: np.random.Generator, ctx: np.ndarray, blocks: list[np.ndarray]) -> np.ndarray:
+    """Write blocks at random non-overlapping places of ctx, in order; returns their starts."""
+    n, total = ctx.size, sum(b.size for b in blocks)
+    if total > n:
+        raise ValueError(f"{total} ids of items do not fit in a context of {n}")
+    gaps = rng.multinomial(n - total, np.ones(len(blocks) + 1) / (len(blocks) + 1))
+    starts = np.empty(len(blocks), dtype=np.int64)
+    pos = 0
+    for i, b in enumerate(blocks):
+        pos += gaps[i]
+        starts[i] = pos
+        ctx[pos : pos + b.size] = b
+        pos += b.size
+    return starts
+
+
+def _place_fast(rng: np.random.Generator, ctx: np.ndarray, items: np.ndarray) -> np.ndarray:
+    """Like `_place` for P equal-length items [P, L] (vectorised for 64K pairs at 1M)."""
+    P, L = items.shape
+    free = ctx.size - P * L
+    if free < 0:
+        raise ValueError(f"{P * L} ids of items do not fit in a context of {ctx.size}")
+    cuts = np.sort(rng.integers(0, free + 1, size=P))
+    starts = cuts + np.arange(P) * L
+    idx = starts[:, None] + np.arange(L)[None]
+    ctx[idx] = items
+    return starts
+
+
+def mqar(
+    N: int,
+    rng: np.random.Generator,
+    pairs: int | None = None,
+    queries: int | None = None,
+    key_len: int | None = None,
+    key_pool: int | None = None,
+) -> Sample:
+    """Multi-query associative recall (see module docstring). `key_pool` (training only) draws
+    each id of a 2-id key from a small pool so that keys share ids and only the pair identifies."""
+    P = pairs if pairs is not None else max(4, min(65536, N // 16))
+    kl = key_len if key_len is not None else (1 if P <= N_KEY else 2)
+    Q = min(P, queries if queries is not None else 1024)
+    C = N - Q * (kl + 1)
+    if kl == 1:
+        keys = KEY0 + _distinct(rng, P, N_KEY)[:, None]
+    else:
+        pool = key_pool or N_KEY
+        a = rng.choice(N_KEY, size=pool, replace=False) if pool < N_KEY else np.arange(N_KEY)
+        b = rng.choice(N_KEY, size=pool, replace=False) if pool < N_KEY else np.arange(N_KEY)
+        flat = _distinct(rng, P, pool * pool)
+        keys = KEY0 + np.stack([a[flat // pool], b[flat % pool]], axis=1)
+    vals = VAL0 + rng.integers(0, N_VAL, size=(P, 1))
+    ctx = _filler(rng, C)
+    _place_fast(rng, ctx, np.concatenate([keys, vals], axis=1))
+    # Queries: half uniform over pairs, half at power-law distance (rank from the newest pair).
+    n_pow = Q // 2
+    rank = np.floor(np.exp(rng.uniform(0, math.log(P), size=n_pow))).astype(np.int64)
+    chosen = np.unique(np.concatenate([P - np.clip(rank, 1, P), rng.integers(0, P, size=Q)]))
+    chosen = rng.permutation(chosen)[:Q]
+    if chosen.size < Q:
+        rest = np.setdiff1d(np.arange(P), chosen)
+        chosen = np.concatenate([chosen, rng.permutation(rest)[: Q - chosen.size]])
+    chosen = rng.permutation(chosen)
+    qs = np.concatenate([keys[chosen], vals[chosen]], axis=1).reshape(-1)
+    ids = np.concatenate([ctx, qs])
+    ans = C + np.arange(Q) * (kl + 1) + kl
+    return Sample(ids, [np.array([a]) for a in ans], C)
+
+
+def passkey(N: int, rng: np.random.Generator) -> Sample:
+    """A 5-digit number at a random depth in filler, asked at the end."""
+    key = DIGIT0 + rng.integers(0, 10, size=5)
+    C = N - 7
+    ctx = _filler(rng, C)
+    _place(rng, ctx, [np.concatenate([[PASSKEY], key])])
+    ids = np.concatenate([ctx, [QUERY, PASSKEY], key])
+    return Sample(ids, [C + 2 + np.arange(5)], C)
+
+
+def niah(N: int, rng: np.random.Generator, asked: int = 1) -> Sample:
+    """Haystack of (4-id key, 8-id value) pairs; `asked` of them queried at the end."""
+    per = 12
+    C = N - asked * (1 + per)
+    P = C // per
+    keys = KEY0 + rng.integers(0, N_KEY, size=(P, 4))
+    vals = VAL0 + rng.integers(0, N_VAL, size=(P, 8))
+    ctx = _filler(rng, C)
+    _place_fast(rng, ctx, np.concatenate([keys, vals], axis=1))
+    which = rng.choice(P, size=asked, replace=False)
+    parts, items = [ctx], []
+    pos = C
+    for w in which:
+        parts.append(np.concatenate([[QUERY], keys[w], vals[w]]))
+        items.append(pos + 5 + np.arange(8))
+        pos += 1 + per
+    return Sample(np.concatenate(parts), items, C)
+
+
+def copy_task(
+    N: int, rng: np.random.Generator, span: int | None = None, min_back: int | None = None
+) -> Sample:
+    """Reproduce a span of random ids first seen far back, given its first 8 ids."""
+    L = span if span is not None else min(1000, N // 8)
+    back = min_back if min_back is not None else min(100_000, N // 2)
+    prompt = 8
+    C = N - 1 - L
+    ctx = rng.integers(CONTENT0, VOCAB, size=C)
+    latest = C - back
+    if latest < 0:
+        raise ValueError(f"context {N} too short for a copy from {back} back")
+    s = int(rng.integers(0, latest + 1))
+    src = ctx[s : s + L].copy()
+    ids = np.concatenate([ctx, [COPY], src])
+    return Sample(ids, [C + 1 + np.arange(prompt, L)], C)
+
+
+def position(
+    N: int, rng: np.random.Generator, asked: int = 1, offset: int = 0, items: int | None = None
+) -> Sample:
+    """4-id items in filler; each asked item gets 6 queries "P_j k1 k2 k3 k4 d_j"."""
+    per_q = 6
+    C = N - asked * POS_DIGITS * per_q
+    n_items = items if items is not None else max(asked, C // 64)
+    keys = KEY0 + rng.integers(0, N_KEY, size=(n_items, 4))
+    ctx = _filler(rng, C)
+    starts = _place_fast(rng, ctx, keys)
+    which = rng.choice(n_items, size=asked, replace=False)
+    parts, out = [ctx], []
+    pos = C
+    for w in which:
+        where = offset + int(starts[w]) + 3
+        digits = [(where // POS_BASE**j) % POS_BASE for j in range(POS_DIGITS)]
+        idx = []
+        for j in rng.permutation(POS_DIGITS):
+            parts.append(np.concatenate([[PLACE0 + j], keys[w], [DIGIT0 + digits[j]]]))
+            idx.append(pos + 5)
+            pos += per_q
+        out.append(np.array(idx))
+    return Sample(np.concatenate(parts), out, C, offset)
+
+
+def make_task(
+    task: str, N: int, rng: np.random.Generator, offset: int = 0, asked: int = 1
+) -> Sample:
+    """The evaluation form of each task at context length N."""
+    if task == "mqar":
+        return mqar(N, rng)
+    if task == "passkey":
+        return passkey(N, rng)
+    if task == "niah":
+        return niah(N, rng, asked=asked)
+    if task == "copy":
+        return copy_task(N, rng)
+    if task == "position":
+        return position(N, rng, asked=asked, offset=offset)
+    raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
+
+
+def training_sample(T: int, rng: np.random.Generator) -> Sample:
+    """One short training sequence: a task drawn from a fixed mixture, sizes drawn at random.
+
+    Keys sharing ids (mqar `key_pool`) teach the read to trust the longest match, and random
+    absolute offsets teach every digit of the position features, so 1M-token positions are not
+    new to the model.
+    """
+    offset = int(rng.integers(0, POS_BASE**POS_DIGITS - T))
+    u = rng.random()
+    if u < 0.3:
+        kl = int(rng.integers(1, 3))
+        P = int(rng.integers(8, 49))
+        pool = int(rng.integers(math.isqrt(P) + 2, 16)) if kl == 2 else None
+        s = mqar(T, rng, pairs=P, queries=min(P, 32), key_len=kl, key_pool=pool)
+    elif u < 0.35:
+        s = passkey(T, rng)
+    elif u < 0.5:
+        s = niah(T, rng, asked=2)
+    elif u < 0.7:
+        s = copy_task(T, rng, span=48, min_back=T // 4)
+    else:
+        s = position(T, rng, asked=2, offset=offset, items=int(rng.integers(4, 24)))
+    s.offset = offset
+    return s
