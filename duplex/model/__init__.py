@@ -1,7 +1,8 @@
 """Layers, the DuplexLM, configs, checkpoints and the token log used by guided window attention.
 
-`load(name_or_path)` is the one entry point: the duplex models ("tiny", "small" or a DuplexLM
-safetensors file) and the recall models ("recall-gwa", "recall-gdr", ...).
+`load(name_or_path)` is the one entry point: the duplex models ("default", the trained talking
+model; "tiny", "small", "talk" untrained configs; or a DuplexLM safetensors file) and the recall
+models ("recall-gwa", "recall-gdr", ...).
 """
 
 from __future__ import annotations
@@ -26,4 +27,9 @@ def available() -> list[str]:
     from duplex.model import duplex_lm, recall
 
     shipped = [m for m in recall.MODELS if (recall.WEIGHTS_DIR / f"{m}.safetensors").is_file()]
-    return [*sorted(duplex_lm.CONFIGS), *shipped]
+    trained = sorted(
+        p.stem.removeprefix("duplex_")
+        for p in duplex_lm.WEIGHTS_DIR.glob("duplex_*.safetensors")
+        if p.stem.removeprefix("duplex_") not in duplex_lm.CONFIGS
+    )
+    return [*sorted(duplex_lm.CONFIGS), *trained, *shipped]

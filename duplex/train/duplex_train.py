@@ -65,6 +65,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="bf16: autocast forward and loss (GPUs; weights and optimiser stay fp32)",
     )
     p.add_argument("--ship", action="store_true", help="also write the weights as `default`")
+    p.add_argument(
+        "--eval-conversations",
+        type=int,
+        default=0,
+        help="at every checkpoint, run `duplex eval talk` on this many held-out conversations "
+        "(8 turns, no fact distances) and append its figures to RUN/evals.json (0: off)",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -73,6 +80,44 @@ def loss_fn(model, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     metrics = {k: float(v.detach()) for k, v in losses.items() if k != "loss"}
     metrics["tokens"] = float(batch["user_audio"].shape[0] * batch["user_audio"].shape[1])
     return losses["loss"], metrics
+
+
+def checkpoint_eval(out: Path, conversations: int):
+    """An `on_checkpoint` hook: a short `duplex eval talk` of the weights just saved, its
+    headline figures appended to out/evals.json (curves of what the listener hears)."""
+    from duplex.apps.eval_talk import EvalConfig, evaluate
+    from duplex.model import duplex_lm
+
+    def run_eval(model, step: int) -> None:
+        path = out / "eval_model.safetensors"
+        duplex_lm.save(model, path)
+        cfg = EvalConfig(
+            model=str(path),
+            conversations=conversations,
+            turns=8,
+            minutes=(),
+            state_prompt=False,
+            judge_max=8,
+        )
+        rep = evaluate(cfg, progress=False)
+        t = rep["timing"]
+        record = {
+            "step": step,
+            "answers": rep["answers"]["correct"],
+            "wer": rep["listening"]["wer"],
+            "spoken_ratio": rep["speaking"]["ratio"],
+            "latency_p50": t["reply_latency_p50"],
+            "replied": t["replied"],
+            "barge_in_stopped": t["barge_in_stopped_200ms"],
+            "pause_takeovers": t["pause_takeovers"],
+        }
+        file = out / "evals.json"
+        evals = json.loads(file.read_text()) if file.is_file() else []
+        evals = [e for e in evals if e["step"] != step] + [record]
+        file.write_text(json.dumps(evals, indent=1))
+        print(f"[eval] step {step}: " + ", ".join(f"{k} {v}" for k, v in record.items()))
+
+    return run_eval
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,7 +180,8 @@ def run(args: argparse.Namespace) -> int:
     )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "model_config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
-    res = train(model, data.batch, loss_fn, tcfg)
+    hook = checkpoint_eval(args.out, args.eval_conversations) if args.eval_conversations else None
+    res = train(model, data.batch, loss_fn, tcfg, on_checkpoint=hook)
     model.cpu().eval()
     path = duplex_lm.save(model, args.out / "model.safetensors")
     if args.ship:

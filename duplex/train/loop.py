@@ -201,11 +201,14 @@ def train(
     make_batch: MakeBatch,
     loss_fn: LossFn,
     cfg: TrainConfig,
+    on_checkpoint: Callable[[nn.Module, int], None] | None = None,
 ) -> TrainResult:
     """Train `model` in place for cfg.steps steps (or until cfg.max_minutes) and return a summary.
 
     Writes to cfg.out_dir (main process only): `checkpoint.pt` (model, optimiser, step, history),
-    `history.json`, `loss.png` and `config.json`. With cfg.resume and a checkpoint present, the
+    `history.json`, `loss.png` and `config.json`. `on_checkpoint(model, step)` runs on the main
+    process after each checkpoint (an evaluation of the weights just saved); the model is back
+    in training mode after it. With cfg.resume and a checkpoint present, the
     run continues from it and ends exactly where an uninterrupted run would.
     """
     ctx = _Dist(cfg.device)
@@ -251,6 +254,11 @@ def train(
             }
             _save_atomic(state, ckpt_path)
             save_curves(history, out_dir)
+            if on_checkpoint is not None:
+                inner = _unwrap(net)
+                inner.eval()
+                on_checkpoint(inner, step)
+                inner.train()
 
     bar = None
     if ctx.main and cfg.progress:

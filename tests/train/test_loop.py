@@ -163,3 +163,16 @@ def test_bf16_autocast_trains_and_differs_from_fp32(tmp_path) -> None:
     assert not torch.equal(params, runs["fp32"][2])
     with pytest.raises(ValueError, match="precision"):
         TrainConfig(precision="fp16")
+
+
+def test_on_checkpoint_sees_each_checkpoint_in_eval_mode(tmp_path) -> None:
+    seen = []
+
+    def hook(model: torch.nn.Module, step: int) -> None:
+        saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+        seen.append((step, model.training, saved["step"]))
+
+    model = toy.make_model()
+    train(model, toy.make_batch, toy.loss_fn, _cfg(tmp_path, steps=7, ckpt_every=3), hook)
+    assert seen == [(3, False, 3), (6, False, 6), (7, False, 7)]
+    assert model.training
