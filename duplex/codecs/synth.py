@@ -172,8 +172,7 @@ def min_phase_spectrum(ceps: torch.Tensor, n_fft: int, max_log_gain: float) -> t
     real part; its exponential is the filter's response.
     """
     logspec = torch.fft.rfft(ceps, n=n_fft)
-    re = logspec.real.clamp(max=max_log_gain)
-    return torch.polar(torch.exp(re), logspec.imag)
+    return torch.exp(torch.complex(logspec.real.clamp(max=max_log_gain), logspec.imag))
 
 
 class _FilteredBlocks(nn.Module):
