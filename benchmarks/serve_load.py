@@ -90,6 +90,8 @@ def start_server(n: int, codec: str, args: argparse.Namespace) -> tuple[subproce
     cmd = [sys.executable, "-m", "duplex", "serve", "--port", "0", "--max-sessions", str(n)]
     cmd += ["--model", args.model, "--codec", codec, "--threads", str(args.threads)]
     cmd += ["--queue-frames", str(args.queue_frames), "--idle-timeout", "600"]
+    # Every client connects from 127.0.0.1: lift the per-address limits meant for strangers.
+    cmd += ["--max-per-peer", str(n), "--connect-rate", "1000"]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
     )
