@@ -71,6 +71,20 @@ def load_small(
     needed = [k for k in missing if not k.endswith(("embed_sum", "cluster_size", "initialized"))]
     if needed or unexpected:
         raise ValueError(f"{path} does not match the codec: missing {needed}, extra {unexpected}")
+    if missing:
+        # Shipped files leave out the codebooks' EMA statistics (training only). Set them from
+        # the codebooks rather than leaving construction-time random values: they are part of the
+        # state dict, so a codec's fingerprint (recordings, state files) must not depend on the
+        # random generator's position when it was loaded.
+        from duplex.codecs.small import ResidualVQ
+
+        quantizer = getattr(codec, "quantizer", None)
+        if isinstance(quantizer, ResidualVQ):
+            with torch.no_grad():
+                for cb in quantizer.codebooks:
+                    cb.embed_sum.copy_(cb.embed)
+                    cb.cluster_size.fill_(1.0)
+                    cb.initialized.fill_(True)
     return codec.to(device).eval()
 
 

@@ -233,8 +233,10 @@ class HarmonicNoiseSynth(StreamingModule):
         harm, nz = self.excitation(f0, gate, offset)
         hop = self.cfg.hop
         # [B, T] -> [B, J, hop] -> [B, hop, J]
-        blocks_h = harm.view(B, J, hop).transpose(1, 2)
-        blocks_n = nz.view(B, J, hop).transpose(1, 2)
+        blocks_h = harm.float().view(B, J, hop).transpose(1, 2)
+        # the noise table follows the module's dtype (float64 at inference): the filters and
+        # their tail always run in float32, so cast here
+        blocks_n = nz.float().view(B, J, hop).transpose(1, 2)
         # the filters need no float64 (no state integrates them): float32 is faster
         packed = torch.cat([blocks_h, blocks_n, ceps_h.float(), ceps_n.float()], dim=1)
         return self.ola(packed)
