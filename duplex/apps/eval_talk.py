@@ -49,7 +49,7 @@ SCRIPTED = ("oracle", "silent")
 class EvalConfig:
     """What `eval talk` runs."""
 
-    model: str = "tiny"
+    model: str = "default"
     codec: str = "default"
     conversations: int = 4
     turns: int = 16
@@ -627,7 +627,7 @@ the oracle scores near the ceiling, silence near zero. The 60-minute fact questi
 of audio through the loop (minutes on this CPU); --minutes 1,10 is quicker.
 
 Examples:
-  duplex eval talk                                 the shipped model (tiny, untrained)
+  duplex eval talk                                 the shipped model (default, trained)
   duplex eval talk --model oracle --minutes 1,10
   duplex eval talk --model runs/m1/model.safetensors --json out.json --png out.png
 """
@@ -635,7 +635,7 @@ Examples:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--model", default="tiny", help="model name, .safetensors, oracle or silent (tiny)"
+        "--model", default="default", help="model name, .safetensors, oracle or silent (default)"
     )
     p.add_argument("--codec", default="default", help="codec name or .safetensors")
     p.add_argument("--conversations", type=int, default=4, help="held-out conversations (4)")

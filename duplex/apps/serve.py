@@ -67,7 +67,11 @@ non-loopback address without a token), 3 when the address cannot be bound."""
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8998, help="port (default 8998; 0 picks one)")
-    p.add_argument("--model", default="tiny", help="model name or .safetensors (default: tiny)")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="model name or .safetensors (default: default, the trained model)",
+    )
     p.add_argument(
         "--codec", default="default", help="codec name or .safetensors (default: default)"
     )

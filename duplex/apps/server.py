@@ -79,7 +79,7 @@ class ServeConfig:
     record_session_mb: float = 256.0
     certfile: str | None = None
     keyfile: str | None = None
-    model_name: str = "tiny"
+    model_name: str = "default"
     codec_name: str = "default"
     sampling: dict[str, Any] = field(default_factory=dict)
     ping_interval: float | None = 20.0

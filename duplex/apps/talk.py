@@ -30,7 +30,11 @@ Exit status: 0 on success, 2 on a usage or input error, 3 when no audio device i
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="model name or .safetensors (default: tiny)")
+    p.add_argument(
+        "--model",
+        default="default",
+        help="model name or .safetensors (default: default, the trained model)",
+    )
     p.add_argument(
         "--codec", default="default", help="codec name or .safetensors (default: default)"
     )

@@ -36,7 +36,9 @@ Example: duplex bench engine --frames 500 --max-batch 48"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="model config or .safetensors (default tiny)")
+    p.add_argument(
+        "--model", default="default", help="model name or .safetensors (default: default)"
+    )
     p.add_argument("--codec", default="default", help="codec (default: the shipped codec)")
     p.add_argument("--frames", type=int, default=500, help="frames per latency measurement")
     p.add_argument("--batches", default="1,2,4,8,12,16,24,32,48", help="session counts to try")

@@ -104,7 +104,7 @@ async def running(parts, **kw) -> AsyncIterator[DuplexServer]:
     # Every test client comes from 127.0.0.1: per-address connect rates are tested on their own.
     kw.setdefault("connect_rate", 1000.0)
     kw.setdefault("connect_burst", 1000.0)
-    cfg = ServeConfig(host="127.0.0.1", port=0, ping_interval=None, **kw)
+    cfg = ServeConfig(host="127.0.0.1", port=0, ping_interval=None, model_name="tiny", **kw)
     with Engine(model, codec, slots=cfg.max_sessions) as eng:
         server = DuplexServer(eng, cfg)
         await server.start()
@@ -619,7 +619,9 @@ async def test_connect_reconnects_after_the_server_restarts(parts, tmp_path, cap
     sf.write(wav, P.int16_to_pcm(np.concatenate(_frames(8, 100))), 16000, subtype="PCM_16")
     model, codec = parts
     with Engine(model, codec, slots=1) as eng:
-        cfg = ServeConfig(port=0, max_sessions=1, queue_frames=64, ping_interval=None)
+        cfg = ServeConfig(
+            port=0, max_sessions=1, queue_frames=64, ping_interval=None, model_name="tiny"
+        )
         first = DuplexServer(eng, cfg)
         await first.start()
         port = first.port
