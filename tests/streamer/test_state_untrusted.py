@@ -362,7 +362,8 @@ def test_talk_refuses_a_crafted_state_without_a_traceback(tmp_path) -> None:
     sf.write(wav, np.concatenate([_frame(i) for i in range(10)]), 16000, subtype="PCM_16")
     r = subprocess.run(
         [
-            *(sys.executable, "-m", "duplex", "talk", "--codec", str(codec_file)),
+            *(sys.executable, "-m", "duplex", "talk", "--model", "tiny"),
+            *("--codec", str(codec_file)),
             *("--state", str(bad), "--input", str(wav)),
             *("--output", str(tmp_path / "out.wav"), "--headless"),
         ],
