@@ -84,7 +84,8 @@ class SpectralLoss(torch.nn.Module):
         }
 
 
-def _lr(cfg: TrainConfig, step: int, progress: float) -> float:
+def lr_at(cfg, step: int, progress: float) -> float:
+    """Warm-up then cosine from cfg.lr to cfg.min_lr (any config with lr, min_lr, warmup)."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
@@ -134,13 +135,7 @@ def train(cfg: TrainConfig, data_dir: Path, out_dir: Path, weights: Path, resume
     ckpt = out_dir / "checkpoint.pt"
     log_path = out_dir / "train_log.jsonl"
     if resume and ckpt.exists():
-        s = torch.load(ckpt, weights_only=False)
-        model.load_state_dict(s["model"])
-        opt.load_state_dict(s["opt"])
-        gen.set_state(s["gen"])
-        torch.set_rng_state(s["rng"])
-        step, elapsed = s["step"], s["elapsed"]
-        print(f"resumed at step {step} ({elapsed / 60:.1f} min)", flush=True)
+        step, elapsed = resume_checkpoint(ckpt, model, opt, gen)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"small codec: {n_params / 1e6:.2f} M parameters; config {cfg}", flush=True)
     seg = round(cfg.segment_s * model.sample_rate)
@@ -155,7 +150,7 @@ def train(cfg: TrainConfig, data_dir: Path, out_dir: Path, weights: Path, resume
         progress = max(step / cfg.steps, elapsed / budget)
         if progress >= 1.0:
             break
-        lr = _lr(cfg, step, progress)
+        lr = lr_at(cfg, step, progress)
         for g in opt.param_groups:
             g["lr"] = lr
         # [B, 1, seg]
@@ -195,20 +190,35 @@ def train(cfg: TrainConfig, data_dir: Path, out_dir: Path, weights: Path, resume
             with open(log_path, "a") as f:
                 f.write(json.dumps(last) + "\n")
         if step % 500 == 0:
-            _checkpoint(ckpt, model, opt, gen, step, time.time() - t_start)
+            save_checkpoint(ckpt, model, opt, gen, step, time.time() - t_start)
     elapsed = time.time() - t_start
-    _checkpoint(ckpt, model, opt, gen, step, elapsed)
+    save_checkpoint(ckpt, model, opt, gen, step, elapsed)
     info = {"steps": step, "minutes": round(elapsed / 60, 1), "train_config": cfg.__dict__, **avg}
     save_weights(model, weights, info)
     print(f"done: {step} steps in {elapsed / 60:.1f} min -> {weights}", flush=True)
     return info
 
 
-def _checkpoint(path: Path, model, opt, gen, step: int, elapsed: float) -> None:
+def resume_checkpoint(path: Path, module, opt, gen, key: str = "model") -> tuple[int, float]:
+    """Restore what `save_checkpoint` wrote (weights under `key`, optimiser, both RNGs);
+    returns (step, elapsed seconds)."""
+    s = torch.load(path, weights_only=False)
+    module.load_state_dict(s[key])
+    opt.load_state_dict(s["opt"])
+    gen.set_state(s["gen"])
+    torch.set_rng_state(s["rng"])
+    print(f"resumed at step {s['step']} ({s['elapsed'] / 60:.1f} min)", flush=True)
+    return s["step"], s["elapsed"]
+
+
+def save_checkpoint(
+    path: Path, module, opt, gen, step: int, elapsed: float, key: str = "model"
+) -> None:
+    """Atomically write weights (under `key`), optimiser and RNG states for an exact resume."""
     tmp = path.with_suffix(".tmp")
     torch.save(
         {
-            "model": model.state_dict(),
+            key: module.state_dict(),
             "opt": opt.state_dict(),
             "gen": gen.get_state(),
             "rng": torch.get_rng_state(),
@@ -289,27 +299,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from --out-dir/checkpoint.pt")
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.decoder == "voice":
-        from duplex.codecs.voice_train import VoiceTrainConfig
-        from duplex.codecs.voice_train import train as train_voice
-
-        d = VoiceTrainConfig()
-        vcfg = VoiceTrainConfig(
-            seed=args.seed,
-            steps=args.steps,
-            budget_minutes=args.budget_minutes,
-            batch_size=args.batch_size or d.batch_size,
-            segment_s=args.segment_s or d.segment_s,
-            lr=args.lr or d.lr,
-            threads=args.threads,
-            corpus_utterances=args.corpus_utterances,
-        )
-        weights = args.weights or VOICE_WEIGHTS
-        train_voice(vcfg, args.data_dir, args.out_dir, weights, args.init, args.resume)
-        return 0
-    d = TrainConfig()
-    cfg = TrainConfig(
+def _config_from_args(cls, args: argparse.Namespace):
+    """A codec or voice training config from the shared flags (0/None keeps its default)."""
+    d = cls()
+    return cls(
         seed=args.seed,
         steps=args.steps,
         budget_minutes=args.budget_minutes,
@@ -319,5 +312,17 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         corpus_utterances=args.corpus_utterances,
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.decoder == "voice":
+        from duplex.codecs.voice_train import VoiceTrainConfig
+        from duplex.codecs.voice_train import train as train_voice
+
+        vcfg = _config_from_args(VoiceTrainConfig, args)
+        weights = args.weights or VOICE_WEIGHTS
+        train_voice(vcfg, args.data_dir, args.out_dir, weights, args.init, args.resume)
+        return 0
+    cfg = _config_from_args(TrainConfig, args)
     train(cfg, args.data_dir, args.out_dir, args.weights or DEFAULT_WEIGHTS, args.resume)
     return 0

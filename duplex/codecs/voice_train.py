@@ -93,12 +93,6 @@ def build(init: Path, voice: VoiceConfig | None = None) -> VoicedCodec:
     return codec
 
 
-def _lr(cfg: VoiceTrainConfig, step: int, progress: float) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-
 def train(
     cfg: VoiceTrainConfig,
     data_dir: Path,
@@ -109,7 +103,14 @@ def train(
     voice: VoiceConfig | None = None,
 ) -> dict:
     """Run (or resume) training; writes checkpoints, a JSONL log and the final codec file."""
-    from duplex.codecs.train import SpectralLoss, ensure_corpus, save_weights
+    from duplex.codecs.train import (
+        SpectralLoss,
+        ensure_corpus,
+        lr_at,
+        resume_checkpoint,
+        save_checkpoint,
+        save_weights,
+    )
     from duplex.data.speech import Corpus, augment
 
     torch.set_num_threads(cfg.threads)
@@ -126,13 +127,7 @@ def train(
     ckpt = out_dir / "checkpoint.pt"
     log_path = out_dir / "train_log.jsonl"
     if resume and ckpt.exists():
-        s = torch.load(ckpt, weights_only=False)
-        dec.load_state_dict(s["decoder"])
-        opt.load_state_dict(s["opt"])
-        gen.set_state(s["gen"])
-        torch.set_rng_state(s["rng"])
-        step, elapsed = s["step"], s["elapsed"]
-        print(f"resumed at step {step} ({elapsed / 60:.1f} min)", flush=True)
+        step, elapsed = resume_checkpoint(ckpt, dec, opt, gen, key="decoder")
     n_params = sum(p.numel() for p in dec.parameters())
     print(f"voiced decoder: {n_params / 1e6:.2f} M parameters; {cfg}", flush=True)
     seg = round(cfg.segment_s * codec.sample_rate)
@@ -148,7 +143,7 @@ def train(
         progress = max(step / cfg.steps, elapsed / budget)
         if progress >= 1.0:
             break
-        lr = _lr(cfg, step, progress)
+        lr = lr_at(cfg, step, progress)
         for g in opt.param_groups:
             g["lr"] = lr
         # [B, 1, seg]
@@ -196,9 +191,9 @@ def train(
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
         if step % 200 == 0:
-            _checkpoint(ckpt, dec, opt, gen, step, time.time() - t_start)
+            save_checkpoint(ckpt, dec, opt, gen, step, time.time() - t_start, key="decoder")
     elapsed = time.time() - t_start
-    _checkpoint(ckpt, dec, opt, gen, step, elapsed)
+    save_checkpoint(ckpt, dec, opt, gen, step, elapsed, key="decoder")
     info = {
         "steps": step,
         "minutes": round(elapsed / 60, 1),
@@ -211,22 +206,6 @@ def train(
     save_weights(codec, weights, info)
     print(f"done: {step} steps in {elapsed / 60:.1f} min -> {weights}", flush=True)
     return info
-
-
-def _checkpoint(path: Path, dec, opt, gen, step: int, elapsed: float) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {
-            "decoder": dec.state_dict(),
-            "opt": opt.state_dict(),
-            "gen": gen.get_state(),
-            "rng": torch.get_rng_state(),
-            "step": step,
-            "elapsed": elapsed,
-        },
-        tmp,
-    )
-    tmp.replace(path)
 
 
 def export(checkpoint: Path, init: Path, weights: Path, voice: VoiceConfig | None = None) -> None:
