@@ -435,22 +435,34 @@ class WindowReader(StreamingModule):
             ts = np.array(starts, dtype=np.int64)[:, None] + np.arange(T)
             return read_histories(histories, ts)
         out = self._empty_read(len(rows), T)
+        # Append every row first, then read the new positions of rows that stored the same
+        # number of ids in one batched call (a streaming step: the rows that heard a byte).
+        lasts, starts, groups = [], [], {}
         for i, b in enumerate(rows):
             ref = st.rows[b]
             h = ref.sync()
-            n0 = len(h)
-            last = self._last_kept(arr[b], n0)
+            starts.append(len(h))
+            lasts.append(self._last_kept(arr[b], len(h)))
             h.append(arr[b][arr[b] != self.cfg.skip_id])
             ref.length = len(h)
-            if len(h) == 0:
-                continue
-            parts = []
-            if len(h) > n0:
-                parts.append(read_histories([h], np.arange(n0, len(h))[None]))
+            if len(h) > starts[i]:
+                groups.setdefault(len(h) - starts[i], []).append(i)
+        fresh: dict[int, dict[str, np.ndarray]] = {}
+        for n, members in groups.items():
+            histories = [st.rows[rows[i]].history for i in members]
+            ts = np.array([starts[i] for i in members])[:, None] + np.arange(n)
+            got = read_histories(histories, ts)
+            for j, i in enumerate(members):
+                fresh[i] = {k: v[j : j + 1] for k, v in got.items()}
+        for i, b in enumerate(rows):
+            ref, n0, last = st.rows[b], starts[i], lasts[i]
+            parts = [fresh[i]] if i in fresh else []
             if n0 > 0 and last[0] < n0:
                 # Steps before this chunk's first stored id read the newest earlier one, whose
                 # read is kept (the exact unigram table only answers the last update's ids).
                 parts.insert(0, ref.last_read)
+            if not parts:
+                continue
             got = {k: np.concatenate([p[k] for p in parts], axis=1) for k in parts[-1]}
             ref.last_read = {k: v[:, -1:].copy() for k, v in got.items()}
             self._spread(out, i, got, last)
