@@ -24,6 +24,8 @@ import numpy as np
 VERSION = 1
 STATE_MAGIC = b"DPLXSTAT"
 MAX_TEXT_BYTES = 1024
+# The largest Opus packet of one frame (RFC 6716, 3.2.1); larger is not one Opus packet.
+MAX_OPUS_BYTES = 1275
 
 
 class Kind(IntEnum):
@@ -38,11 +40,13 @@ class Kind(IntEnum):
     PONG = 0x07
     EVENT = 0x08
     TOKENS = 0x09
+    OPUS_AUDIO = 0x0A
     PCM = 0x41
     CODES = 0x42
     TYPE = 0x43
     CONTROL = 0x44
     PING = 0x45
+    OPUS = 0x46
 
 
 # The direction is in the number: server to client below 0x40, client to server above.
@@ -160,6 +164,16 @@ class Audio:
 
 
 @dataclass
+class Opus:
+    """One 20 ms frame as an Opus packet: server output (OPUS_AUDIO) or client input (OPUS).
+    Only the packet's size is checked here; whether libopus takes it is the receiver's
+    decoder's business (`duplex.apps.wire_opus`), since a packet depends on those before it."""
+
+    frame: int
+    packet: bytes
+
+
+@dataclass
 class Codes:
     """One frame of codec tokens from the client ([num_codebooks] ints)."""
 
@@ -230,8 +244,10 @@ class Ping:
     nonce: int
 
 
-Message = Hello | Audio | Codes | Tokens | Text | Stats | Event | Error | State | Control | Ping
-ClientMessage = Audio | Codes | Text | Control | Ping
+Message = (
+    Hello | Audio | Opus | Codes | Tokens | Text | Stats | Event | Error | State | Control | Ping
+)
+ClientMessage = Audio | Opus | Codes | Text | Control | Ping
 
 _U8 = struct.Struct("<B")
 _HDR_HELLO = struct.Struct("<BH")
@@ -291,6 +307,17 @@ def _pcm(payload: bytes, fmt: Format, what: str) -> np.ndarray:
     return np.frombuffer(payload, dtype="<i2").astype(np.int16)
 
 
+def _opus(data: bytes, kind: Kind) -> Opus:
+    _, seq = _need(data, _HDR_FRAME, kind)
+    packet = data[_HDR_FRAME.size :]
+    if not 1 <= len(packet) <= MAX_OPUS_BYTES:
+        raise ProtocolError(
+            f"{kind.name} message carries {len(packet)} bytes; an Opus packet is "
+            f"1..{MAX_OPUS_BYTES} bytes"
+        )
+    return Opus(seq, bytes(packet))
+
+
 def _state_blob(payload: bytes, what: str) -> bytes:
     if not payload.startswith(STATE_MAGIC):
         raise ProtocolError(f"{what} does not hold a state file (no {STATE_MAGIC!r} magic)")
@@ -333,6 +360,8 @@ def parse_client(data: bytes, fmt: Format) -> ClientMessage:
     if kind == Kind.PCM:
         _, seq = _need(data, _HDR_FRAME, kind)
         return Audio(seq, _pcm(data[_HDR_FRAME.size :], fmt, "PCM message"))
+    if kind == Kind.OPUS:
+        return _opus(data, kind)
     if kind == Kind.CODES:
         _, seq = _need(data, _HDR_FRAME, kind)
         body = data[_HDR_FRAME.size :]
@@ -373,7 +402,7 @@ def parse_client(data: bytes, fmt: Format) -> ClientMessage:
 
 def parse_server(
     data: bytes, fmt: Format | None
-) -> Hello | Audio | Tokens | Text | Stats | Event | Error | State | Ping:
+) -> Hello | Audio | Opus | Tokens | Text | Stats | Event | Error | State | Ping:
     """Parse one server-to-client message (the client's side); `fmt` is None before HELLO."""
     kind = _kind(data, SERVER_KINDS, "server")
     data = bytes(data)
@@ -389,6 +418,8 @@ def parse_server(
     if kind == Kind.AUDIO:
         _, frame = _need(data, _HDR_FRAME, kind)
         return Audio(frame, _pcm(data[_HDR_FRAME.size :], fmt, "AUDIO message"))
+    if kind == Kind.OPUS_AUDIO:
+        return _opus(data, kind)
     if kind == Kind.TEXT:
         _, frame, stream = _need(data, _HDR_TEXT, kind)
         try:
@@ -450,7 +481,7 @@ def _hello(version: int, obj: dict[str, Any]) -> Hello:
 
 def encode(msg: Message, direction: str = "server") -> bytes:
     """Serialise a message. `direction` disambiguates the shared dataclasses: "server" makes
-    AUDIO/TEXT/PONG, "client" makes PCM/TYPE/PING."""
+    AUDIO/OPUS_AUDIO/TEXT/PONG, "client" makes PCM/OPUS/TYPE/PING."""
     if direction not in ("server", "client"):
         raise ValueError("direction must be 'server' or 'client'")
     server = direction == "server"
@@ -463,6 +494,11 @@ def encode(msg: Message, direction: str = "server") -> bytes:
             raise ValueError("audio must be int16")
         kind = Kind.AUDIO if server else Kind.PCM
         return _HDR_FRAME.pack(kind, msg.frame) + pcm.astype("<i2").tobytes()
+    if isinstance(msg, Opus):
+        if not 1 <= len(msg.packet) <= MAX_OPUS_BYTES:
+            raise ValueError(f"an Opus packet is 1..{MAX_OPUS_BYTES} bytes")
+        kind = Kind.OPUS_AUDIO if server else Kind.OPUS
+        return _HDR_FRAME.pack(kind, msg.frame) + bytes(msg.packet)
     if isinstance(msg, Codes):
         return _HDR_FRAME.pack(Kind.CODES, msg.frame) + np.asarray(msg.codes, "<u2").tobytes()
     if isinstance(msg, Tokens):

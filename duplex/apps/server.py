@@ -32,6 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 from duplex.apps import protocol as P
 from duplex.apps.server_conn import Conn, LimitError, close_reason
 from duplex.apps.server_guard import WS_LOG, Gate, TokenBucket, peer_of
+from duplex.apps.wire_opus import OpusDecoder, OpusEncoder, OpusError
 from duplex.streamer.engine import SamplingConfig
 from duplex.streamer.recording import RecordQuota
 from duplex.streamer.scheduler import FrameIn, Lane, Scheduler
@@ -84,6 +85,9 @@ class ServeConfig:
     sampling: dict[str, Any] = field(default_factory=dict)
     ping_interval: float | None = 20.0
     ping_timeout: float | None = 20.0
+    # What an Opus session's answers are encoded at (?audio=opus); 24 kbps keeps 16 kHz speech
+    # intelligible to the model's ear and to people.
+    opus_bitrate: int = 24_000
 
 
 class DuplexServer:
@@ -189,7 +193,11 @@ class DuplexServer:
             conn.send(P.encode(P.Text(res.text, seq, P.Stream.MODEL)))
         if res.user_text:
             conn.send(P.encode(P.Text(res.user_text, seq, P.Stream.USER)))
-        conn.send(P.encode(P.Audio(seq, P.pcm_to_int16(res.pcm))))
+        pcm = P.pcm_to_int16(res.pcm)
+        if conn.opus_out is not None:
+            conn.send(P.encode(P.Opus(seq, conn.opus_out.encode(pcm))))
+        else:
+            conn.send(P.encode(P.Audio(seq, pcm)))
         conn.frames_out += 1
         conn.latency_ms.append(1000.0 * (time.monotonic() - f.t))
 
@@ -291,7 +299,7 @@ class DuplexServer:
             frame_rate=float(e.frame_rate),
             num_codebooks=int(e.K),
             cardinality=self.fmt.cardinality,
-            accepts=["PCM", "CODES", "TYPE", "CONTROL", "PING"],
+            accepts=["PCM", "CODES", "TYPE", "CONTROL", "PING", "OPUS"],
             session=conn.sid,
             max_message_bytes=self.cfg.max_message_bytes,
             max_text_bytes=self.fmt.max_text_bytes,
@@ -305,6 +313,8 @@ class DuplexServer:
                 "out_queue_bytes": self.cfg.out_queue_bytes,
                 "seed": conn.sampling.seed,
                 "sampling": asdict(conn.sampling),
+                "audio": "opus" if conn.opus_out is not None else "pcm",
+                "opus": {"bitrate": self.cfg.opus_bitrate, "packet_ms": 20},
             },
         )
 
@@ -340,6 +350,7 @@ class DuplexServer:
         """One connection: admit, join, handshake, then read until it ends."""
         from websockets.exceptions import ConnectionClosed
 
+        query = parse_qs(urlsplit(ws.request.path).query)
         conn = Conn(
             ws,
             secrets.token_hex(6),
@@ -347,9 +358,17 @@ class DuplexServer:
             self.cfg.queue_frames,
             self.cfg.out_queue_messages,
             self.cfg.out_queue_bytes,
-            parse_qs(urlsplit(ws.request.path).query).get("tokens", ["0"])[0] == "1",
+            query.get("tokens", ["0"])[0] == "1",
             peer_of(ws),
         )
+        if query.get("audio", ["pcm"])[0] == "opus":
+            try:
+                conn.opus_out = OpusEncoder(
+                    int(self.engine.sample_rate), int(self.engine.frame_size), self.cfg.opus_bitrate
+                )
+            except OpusError as e:
+                await self._fatal(conn, P.ErrorCode.UNSUPPORTED, f"no Opus here: {e}")
+                return
         conn.lane = Lane(
             on_frame=lambda f, res: self._deliver(conn, f, res),
             on_failure=lambda why: self._close_soon(conn, P.ErrorCode.INTERNAL, why),
@@ -449,6 +468,20 @@ class DuplexServer:
         if isinstance(msg, P.Audio):
             conn.last_audio = now
             conn.lane.push(FrameIn(msg.frame, pcm=P.int16_to_pcm(msg.pcm), t=now))
+            self.scheduler.wake()
+        elif isinstance(msg, P.Opus):
+            # Decoded here, in order, by this session's own decoder: a packet libopus refuses
+            # closes this session alone (ERROR 1, close 1008).
+            if conn.opus_in is None:
+                conn.opus_in = OpusDecoder(
+                    int(self.engine.sample_rate), int(self.engine.frame_size)
+                )
+            try:
+                pcm = conn.opus_in.decode(msg.packet)
+            except OpusError as e:
+                raise LimitError(f"OPUS frame {msg.frame}: {e}", P.ErrorCode.BAD_MESSAGE) from None
+            conn.last_audio = now
+            conn.lane.push(FrameIn(msg.frame, pcm=P.int16_to_pcm(pcm), t=now))
             self.scheduler.wake()
         elif isinstance(msg, P.Codes):
             conn.last_audio = now

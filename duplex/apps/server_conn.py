@@ -22,6 +22,7 @@ from duplex.streamer.scheduler import Lane
 if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection
 
+    from duplex.apps.wire_opus import OpusDecoder, OpusEncoder
     from duplex.streamer.engine import SamplingConfig, Session
 
 _STATE = bytes([P.Kind.STATE])
@@ -64,6 +65,10 @@ class Conn:
     dropped_output_messages: int = 0
     frames_out: int = 0
     latency_ms: collections.deque = field(default_factory=lambda: collections.deque(maxlen=500))
+    # Opus on the wire (docs/protocol.md): this session's own decoder of its OPUS input (made
+    # at its first OPUS frame) and encoder of its answers (with ?audio=opus).
+    opus_in: OpusDecoder | None = None
+    opus_out: OpusEncoder | None = None
 
     @property
     def session(self) -> Session | None:

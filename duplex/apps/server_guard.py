@@ -3,7 +3,8 @@
 Everything here runs before a session exists, on the event loop: the handshake budget (at most
 `max_handshakes` unfinished handshakes server-wide and twice `max_per_peer` per client address;
 one more is dropped at once), connections per address and their rate (HTTP 429), the token
-(HTTP 401) and the query parameters (HTTP 400). Failed handshakes are logged in one line each, at
+(HTTP 401) and the query parameters (HTTP 400). Plain GETs (no websocket upgrade) get the
+browser page (`duplex.apps.web_page`) or 404. Failed handshakes are logged in one line each, at
 most one a second, so a flood of bad connections cannot flood the log.
 """
 
@@ -18,11 +19,17 @@ from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+from duplex.apps import web_page
+
 if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection
     from websockets.http11 import Request, Response
 
     from duplex.apps.server import ServeConfig
+
+
+# What the server sends the model's audio as (?audio=...): int16 PCM or Opus packets.
+AUDIO_WIRES = ("pcm", "opus")
 
 
 class TokenBucket:
@@ -136,6 +143,14 @@ class Gate:
         url = urlsplit(request.path)
         if url.path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
+        upgrade = web_page.is_upgrade(request)
+        if not upgrade and url.path != "/auth":
+            # A plain GET: the browser page (no token: it holds no secrets; its websocket does
+            # need one), or 404 rather than a confusing failed websocket handshake.
+            page = web_page.respond(connection, url.path)
+            if page is not None:
+                return page
+            return connection.respond(HTTPStatus.NOT_FOUND, f"no page at {url.path}\n")
         peer = peer_of(connection)
         now = time.monotonic()
         bucket = self.buckets.get(peer)
@@ -162,6 +177,10 @@ class Gate:
         query = parse_qs(url.query)
         if query.get("tokens", ["0"])[0] not in ("0", "1"):
             return connection.respond(HTTPStatus.BAD_REQUEST, "tokens must be 0 or 1\n")
+        if query.get("audio", ["pcm"])[0] not in AUDIO_WIRES:
+            return connection.respond(
+                HTTPStatus.BAD_REQUEST, f"audio must be one of {', '.join(AUDIO_WIRES)}\n"
+            )
         if self.cfg.token:
             got = None
             auth = request.headers.get("Authorization")
@@ -180,5 +199,9 @@ class Gate:
                 return connection.respond(HTTPStatus.BAD_REQUEST, "seed must be an integer\n")
             if not 0 <= seed < 1 << 63:
                 return connection.respond(HTTPStatus.BAD_REQUEST, "seed is out of range\n")
+        if not upgrade:
+            # GET /auth: the same limits and token check as an upgrade, answered in plain HTTP,
+            # since a browser's websocket API hides why an upgrade was refused.
+            return connection.respond(HTTPStatus.OK, "ok\n")
         self.peers[peer].add(connection)
         return None

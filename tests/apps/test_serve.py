@@ -230,7 +230,7 @@ async def test_token_checked_before_upgrade(parts) -> None:
 
 async def test_healthz_and_bad_query(parts) -> None:
     async with running(parts, max_sessions=1, token="t") as server:
-        for path, status in (("/healthz", b"200"), ("/?token=t&seed=x", b"400")):
+        for path, status in (("/healthz", b"200"), ("/auth?token=t&seed=x", b"400")):
             reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
             writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
             line = await asyncio.wait_for(reader.readline(), 10)
