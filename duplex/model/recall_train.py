@@ -101,6 +101,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu or cuda")
     p.add_argument("--out", default=None, help="run directory (default runs/NAME)")
     p.add_argument("--ship", action="store_true", help=f"write {WEIGHTS_DIR}/NAME.safetensors")
     p.add_argument("--no-progress", action="store_true")
@@ -127,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         ckpt_every=100,
         max_minutes=args.max_minutes,
         progress=not args.no_progress,
-        device="cpu",
+        device=args.device,
     )
     res = train(model, make_batch_fn(args.seq_len, args.batch_size, args.seed), recall_loss, cfg)
     model.cpu().eval()
