@@ -73,6 +73,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output", metavar="WAV", help="write the model's audio to this WAV file")
     p.add_argument("--device", help="audio device name fragment or index (both directions)")
     p.add_argument("--text", default="", help="text to type to the model at the start")
+    p.add_argument(
+        "--wire",
+        choices=("pcm", "opus"),
+        default="pcm",
+        help="audio on the wire: pcm (int16, 256 kbps each way at 16 kHz) or opus (20 ms "
+        "packets, about 24 kbps; needs PyAV)",
+    )
     p.add_argument("--seed", type=int, help="ask the server for this sampling seed")
     p.add_argument("--seconds", type=float, help="stop sending after this many seconds")
     p.add_argument("--tail", type=float, default=1.0, help="seconds of silence after --input")
@@ -131,6 +138,7 @@ def run(args: argparse.Namespace) -> int:
         json_lines=args.json,
         record=args.record,
         transcript=args.transcript,
+        wire=args.wire,
     )
     if args.record and (Path(args.record) / "events.jsonl").exists():
         print(

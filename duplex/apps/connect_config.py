@@ -30,6 +30,8 @@ class ConnectConfig:
     json_lines: bool = False
     record: str | None = None
     transcript: str | None = None
+    # Audio on the wire: "pcm" (int16) or "opus" (20 ms packets both ways; docs/protocol.md).
+    wire: str = "pcm"
 
 
 class Retry(Exception):
@@ -56,6 +58,9 @@ class Counters:
     reconnects: int = 0
     sessions: int = 0
     transcript: list[str] = field(default_factory=list)
+    # Audio bytes on the wire (PCM or Opus payloads), for the bitrate a session costs.
+    audio_bytes_sent: int = 0
+    audio_bytes_received: int = 0
 
 
 def with_query(url: str, **params: Any) -> str:

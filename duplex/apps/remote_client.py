@@ -34,6 +34,7 @@ from duplex.apps.connect_config import (
 )
 from duplex.apps.jitter import JitterBuffer
 from duplex.apps.remote_recording import RemoteRecorder
+from duplex.apps.wire_opus import OpusDecoder, OpusEncoder, OpusError
 from duplex.streamer.events import (
     Command,
     Event,
@@ -87,6 +88,10 @@ class Client:
         self.jitter = JitterBuffer(cfg.jitter_target, cfg.jitter_max)
         self.error: BaseException | None = None
         self.hello: P.Hello | None = None
+        # With --wire opus: this connection's encoder and decoder (Opus is stateful, so both
+        # start afresh with every connection, as the server's do).
+        self.opus_enc: OpusEncoder | None = None
+        self.opus_dec: OpusDecoder | None = None
         self.sent_at: dict[int, float] = {}
         self.seq = 0
         self.input_done = False
@@ -161,7 +166,13 @@ class Client:
         ctx = None
         if self.cfg.url.startswith("wss://"):
             ctx = ssl.create_default_context(cafile=self.cfg.cafile)
-        url = with_query(self.cfg.url, seed=self.cfg.seed, tokens=1 if self.cfg.record else None)
+        opus = self.cfg.wire == "opus"
+        url = with_query(
+            self.cfg.url,
+            seed=self.cfg.seed,
+            tokens=1 if self.cfg.record else None,
+            audio="opus" if opus else None,
+        )
         async with connect(
             url,
             additional_headers=headers,
@@ -183,6 +194,15 @@ class Client:
                 raise ServerRefused(f"the server's first message was {type(hello).__name__}", 6)
             if "PCM" not in hello.accepts:
                 raise ServerRefused("the server does not accept PCM audio", 6)
+            if opus:
+                if "OPUS" not in hello.accepts or hello.extra.get("audio") != "opus":
+                    raise ServerRefused("the server does not speak Opus; use --wire pcm", 6)
+                try:
+                    bitrate = int(hello.extra.get("opus", {}).get("bitrate", 24_000))
+                    self.opus_enc = OpusEncoder(hello.sample_rate, hello.frame_size, bitrate)
+                    self.opus_dec = OpusDecoder(hello.sample_rate, hello.frame_size)
+                except (OpusError, TypeError, ValueError) as e:
+                    raise ServerRefused(f"cannot use Opus with this server: {e}", 6) from None
             if self.hello is None:
                 self.prepare(self, hello)
             elif (hello.sample_rate, hello.frame_size) != (
@@ -304,7 +324,12 @@ class Client:
                     self.lines = Transcript(self.hello.frame_rate, self.cfg.transcript)
                 self._sent_pcm[self.seq] = pcm
             self.level_in = pcm
-            await ws.send(P.encode(P.Audio(self.seq, pcm), "client"))
+            if self.opus_enc is not None:
+                data = P.encode(P.Opus(self.seq, self.opus_enc.encode(pcm)), "client")
+            else:
+                data = P.encode(P.Audio(self.seq, pcm), "client")
+            await ws.send(data)
+            self.c.audio_bytes_sent += len(data) - 5
             self.seq += 1
             self.c.sent += 1
             if self.source.paced_by_device:
@@ -417,6 +442,15 @@ class Client:
             async for data in ws:
                 try:
                     msg = P.parse_server(data, fmt)
+                    if isinstance(msg, P.Opus | P.Audio):
+                        self.c.audio_bytes_received += len(data) - 5
+                    if isinstance(msg, P.Opus):
+                        if self.opus_dec is None:
+                            raise P.ProtocolError("OPUS_AUDIO without ?audio=opus")
+                        try:
+                            msg = P.Audio(msg.frame, self.opus_dec.decode(msg.packet))
+                        except OpusError as e:
+                            raise P.ProtocolError(f"OPUS_AUDIO frame {msg.frame}: {e}") from None
                 except P.ProtocolError as e:
                     await ws.close(int(P.Close.POLICY), str(e)[:120])
                     raise ServerRefused(f"bad message from the server: {e}", 6) from None

@@ -196,6 +196,7 @@ async def test_two_concurrent_sessions_each_equal_their_solo_run(parts) -> None:
                 "TYPE",
                 "CONTROL",
                 "PING",
+                "OPUS",
             ]
             await a.ws.send(P.encode(P.Text("hi"), "client"))
             await asyncio.gather(a.send_frames(fa), b.send_frames(fb))
