@@ -2,7 +2,8 @@
 # Install the system packages duplex needs, only those missing. Idempotent.
 set -euo pipefail
 # chromium: the real browser the web page tests drive headless (issue 16).
-PKGS=(libportaudio2 libsndfile1 pulseaudio pulseaudio-utils libasound2-plugins espeak-ng tmux openssl chromium)
+# libspeexdsp1: the default echo canceller of talk and connect (issue 15).
+PKGS=(libportaudio2 libsndfile1 pulseaudio pulseaudio-utils libasound2-plugins espeak-ng tmux openssl chromium libspeexdsp1)
 missing=()
 for p in "${PKGS[@]}"; do
   if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
