@@ -97,7 +97,10 @@ class AudioEnds:
                 self.opened.append(out)
             client.source, client.sink = source, Sink(out, speaker=False)
         else:
-            device = DeviceAudio(sr, fs, args.device, args.device)
+            from duplex.streamer.echo import EchoSettings
+
+            echo = EchoSettings.from_args(args)
+            device = DeviceAudio(sr, fs, args.device, args.device, echo=echo)
             device.start()
             self.opened.append(device)
             client.source, client.sink = DeviceSource(device), Sink(device, speaker=True)

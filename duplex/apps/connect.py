@@ -72,6 +72,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", metavar="WAV", help="read your side from this audio file")
     p.add_argument("--output", metavar="WAV", help="write the model's audio to this WAV file")
     p.add_argument("--device", help="audio device name fragment or index (both directions)")
+    from duplex.streamer.echo import add_arguments as add_echo_arguments
+
+    add_echo_arguments(p)
     p.add_argument("--text", default="", help="text to type to the model at the start")
     p.add_argument(
         "--wire",

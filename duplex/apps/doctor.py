@@ -310,9 +310,28 @@ def check_espeak() -> Check:
     return Check("espeak-ng", "ok", exe)
 
 
+def check_echo() -> list[Check]:
+    """The echo cancellers' libraries: talk and connect cancel the speaker's echo by default."""
+    from duplex.streamer.echo import EchoUnavailableError, library_version
+
+    checks = []
+    for backend, hint in (
+        ("speex", "apt-get install libspeexdsp1 (scripts/sysdeps.sh); or --aec-backend webrtc"),
+        ("webrtc", "pip install livekit; only needed for --aec-backend webrtc"),
+    ):
+        name = f"echo canceller ({backend}{', default' if backend == 'speex' else ''})"
+        try:
+            checks.append(Check(name, "ok", library_version(backend)))
+        except EchoUnavailableError as e:
+            level = "warn" if backend == "webrtc" else "error"
+            checks.append(Check(name, level, str(e), hint))
+    return checks
+
+
 def run_checks() -> list[Check]:
     checks = [check_python(), *check_torch_stack(), check_cuda()]
     checks += check_audio()
+    checks += check_echo()
     checks += [check_pulseaudio(), check_encodec_weights(), check_shipped(), check_espeak()]
     return checks
 
@@ -324,7 +343,8 @@ HELP = "check the install: versions, GPU, audio devices, codec weights"
 DESCRIPTION = """Self-check for when something is off.
 
 Reports torch/torchaudio/triton/encodec versions and whether they agree, CUDA and GPUs,
-PortAudio and the audio devices it sees (with the defaults), whether a PulseAudio server runs,
+PortAudio and the audio devices it sees (with the defaults), the echo cancellers' libraries
+(libspeexdsp, the default; livekit's WebRTC AEC3), whether a PulseAudio server runs,
 whether the EnCodec 24 kHz weights are in the torch hub cache (and where they are looked for),
 and the weights shipped inside the package.
 

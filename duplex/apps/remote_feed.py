@@ -20,6 +20,7 @@ import numpy as np
 from duplex.apps.client_audio import AudioEnds
 from duplex.apps.connect_config import ConnectConfig
 from duplex.apps.remote_client import Client
+from duplex.streamer.echo import echo_line
 from duplex.streamer.events import Event, Levels, Notice, Report, Words
 
 
@@ -110,5 +111,5 @@ class RemoteFeed(threading.Thread):
             f"session {session}\nsent {c.sent} recv {c.received}\n"
             f"server frame {s.get('frame', 0)} queue {s.get('queue_depth', 0)}\n"
             f"server drops {s.get('dropped_input_frames', 0)}\n"
-            f"reconnects {c.reconnects}"
+            f"reconnects {c.reconnects}\n{echo_line(getattr(self.client.source, 'audio', None))}"
         )

@@ -23,6 +23,9 @@ Examples:
   duplex talk --state saved.dstate --input in.wav --output out.wav --headless
   duplex talk --device pulse --headless
 
+Echo: with an audio device the speaker's echo is cancelled in the microphone (--no-aec turns it
+off: use that with headphones); the TUI's session panel shows the delay and echo attenuation.
+
 Files: --input accepts any format libsndfile reads (resampled to the codec rate, mixed to mono);
 --output writes 16-bit WAV at the codec rate. With --input and no --output the reply is
 discarded; with neither, the audio device is used (see `duplex doctor`).
@@ -71,10 +74,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-temperature", type=float, default=0.7, help="text temperature")
     p.add_argument("--text-top-k", type=int, default=25, help="text top-k (default 25)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    from duplex.streamer.echo import add_arguments as add_echo_arguments
+
+    add_echo_arguments(p)
 
 
 def make_audio(args: argparse.Namespace, sample_rate: int, frame_size: int):
     from duplex.streamer.audio import DeviceAudio, FileAudio
+    from duplex.streamer.echo import EchoSettings
 
     if args.input or args.output:
         tail = round(args.tail * sample_rate / frame_size)
@@ -90,7 +97,8 @@ def make_audio(args: argparse.Namespace, sample_rate: int, frame_size: int):
             tail_frames=tail,
             silence_frames=silence,
         )
-    return DeviceAudio(sample_rate, frame_size, args.device, args.device)
+    echo = EchoSettings.from_args(args)
+    return DeviceAudio(sample_rate, frame_size, args.device, args.device, echo=echo)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -125,6 +133,11 @@ def run(args: argparse.Namespace) -> int:
             session = open_session(engine, cfg, args.record)
         except (StateFileError, FileExistsError, ValueError) as e:
             return _fail(e, 2)
+        echo = getattr(audio, "echo", None)
+        if echo is not None and session.recorder is not None:
+            # What processed the microphone: the recording's in.wav is its output, mic.wav
+            # its input, so the session can be re-checked with other settings.
+            session.recorder.control(session.frame, "echo", **echo.settings.as_dict())
         if args.text:
             session.type_text(args.text)
         if not args.headless and sys.stdout.isatty():

@@ -29,6 +29,7 @@ from textual.widgets import Footer, Header, Input, Log, Sparkline, Static
 
 from duplex.streamer.audio import AudioBackend, AudioUnavailableError
 from duplex.streamer.conversation import step_frame
+from duplex.streamer.echo import echo_line
 from duplex.streamer.engine import Engine, Session
 from duplex.streamer.events import (
     Command,
@@ -206,6 +207,7 @@ class LocalFeed(threading.Thread):
             f"frames {self.session.frame}\nlog tokens {log_tokens}\n"
             f"state {model.state_bytes() / 1e3:.0f} KB\nlog {model.host_bytes() / 1e3:.0f} KB\n"
             f"drops {snap['dropped_input_frames']} underruns {snap['output_underruns']}"
+            f"\n{echo_line(self.audio)}"
         )
 
 

@@ -21,11 +21,15 @@ import contextlib
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from duplex.codecs.resample import StreamResampler
 from duplex.streamer.fifo import BlockFifo, FrameFifo
+
+if TYPE_CHECKING:
+    from duplex.streamer.echo import EchoCanceller, EchoSettings
 
 
 class AudioUnavailableError(RuntimeError):
@@ -256,6 +260,7 @@ class DeviceAudio(AudioBackend):
         prefill_frames: int = 2,
         latency: str | float = "high",
         max_restarts: int = 20,
+        echo: EchoSettings | None = None,
     ) -> None:
         super().__init__(sample_rate, frame_size)
         self.latency = latency
@@ -275,6 +280,24 @@ class DeviceAudio(AudioBackend):
             self._out_dev_fifo = BlockFifo(1024, max_frames=64)
         else:
             self._up = self._down = None
+        # Echo cancellation runs at the device rate on the reader thread: the callbacks only
+        # tap what was played and queue what was captured, in 10 ms chunks.
+        self.echo: EchoCanceller | None = None
+        self.raw_frame: np.ndarray | None = None
+        if echo is not None and echo.active:
+            from duplex.streamer.echo import EchoCanceller, EchoUnavailableError
+
+            try:
+                self.echo = EchoCanceller(self.device_rate, echo)
+            except EchoUnavailableError as e:
+                raise AudioUnavailableError(str(e)) from None
+            chunks = max_queue_frames * (
+                -(-frame_size * self.device_rate // sample_rate) // self.echo.chunk + 1
+            )
+            self._mic_fifo = FrameFifo(self.echo.chunk, max_frames=chunks)
+            self._mic_dropped = 0
+            self.raw_fifo = FrameFifo(frame_size, max_frames=max_queue_frames)
+            self._up_raw = StreamResampler(self.device_rate, sample_rate) if self._up else None
 
     def _choose_rate(self) -> int:
         try:
@@ -293,6 +316,9 @@ class DeviceAudio(AudioBackend):
         if status.input_overflow:
             self.input_overflows += 1
         x = indata[:, 0].astype(np.float32) / 32768.0
+        if self.echo is not None:
+            self._mic_fifo.push(x)
+            return
         if self._up is not None:
             x = self._up.process(x)
         self.in_fifo.push(x)
@@ -302,6 +328,8 @@ class DeviceAudio(AudioBackend):
             self.output_underflows += 1
         fifo = self.out_fifo if self._down is None else self._out_dev_fifo
         y = fifo.pull(frames)
+        if self.echo is not None:
+            self.echo.play(y)
         outdata[:, 0] = np.clip(np.round(y * 32767.0), -32768, 32767).astype(np.int16)
 
     @property
@@ -330,6 +358,8 @@ class DeviceAudio(AudioBackend):
             )
             self.out_stream.start()
             self.in_stream.start()
+            if self.echo is not None:
+                self.echo.restart(self.latency_s())
         except Exception as e:
             self._close_streams()
             raise AudioUnavailableError(
@@ -345,14 +375,40 @@ class DeviceAudio(AudioBackend):
                 st.close()
         self.in_stream = self.out_stream = None
 
+    def latency_s(self) -> float:
+        """The echo path's delay as PortAudio reports it: output plus input latency (the
+        starting point before the canceller measures it)."""
+        return sum(float(st.latency) for st in self.streams)
+
+    def _pump_echo(self) -> None:
+        """Cancel the echo in every whole 10 ms chunk captured so far, in order."""
+        echo = self.echo
+        lost = self._mic_fifo.dropped_frames - self._mic_dropped
+        if lost:
+            self._mic_dropped += lost
+            echo.skip(lost * echo.chunk)
+        while (chunk := self._mic_fifo.pop()) is not None:
+            clean = echo.process(chunk)
+            if self._up is not None:
+                clean = self._up.process(clean)
+                chunk = self._up_raw.process(chunk)
+            self.in_fifo.push(clean)
+            self.raw_fifo.push(chunk)
+
     def read_frame(self, timeout: float = 2.0) -> np.ndarray | None:
-        """The next microphone frame. A stream that PortAudio gave up on (it does after a long
-        stall, e.g. a starved sound server) is reopened, at most `max_restarts` times."""
+        """The next microphone frame (echo-cancelled when the device has a canceller; the
+        microphone's own frame is then in `raw_frame`). A stream that PortAudio gave up on (it
+        does after a long stall, e.g. a starved sound server) is reopened, at most
+        `max_restarts` times."""
         deadline = time.monotonic() + timeout
         while True:
+            if self.echo is not None:
+                self._pump_echo()
             f = self.in_fifo.pop()
             if f is not None:
                 self.dropped_input_frames = self.in_fifo.dropped_frames
+                if self.echo is not None:
+                    self.raw_frame = self.raw_fifo.pop()
                 return f
             if self.streams and not all(st.active for st in self.streams):
                 self._restart()

@@ -68,6 +68,10 @@ def step_frame(
 ) -> FrameResult:
     """One frame: step the engine on what was heard, play the reply, fold in the device counters
     (and extend the utterance transcript, when one is kept)."""
+    raw = getattr(audio, "raw_frame", None)
+    if raw is not None and session.recorder is not None:
+        # The microphone before echo cancellation, beside what the model heard.
+        session.recorder.mic(raw)
     res = engine.step({session: frame})[session]
     audio.write_frame(res.pcm)
     if transcript is not None:

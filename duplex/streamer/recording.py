@@ -1,7 +1,10 @@
 """Session recordings: a directory that lets a conversation be replayed exactly, frame by frame.
 
     header.json    versions, config, seeds, model and codec fingerprints, audio format
-    in.wav         the audio the model heard (int16 mono at the codec rate)
+    in.wav         the audio the model heard (int16 mono at the codec rate; with an echo
+                   canceller on the device, its output)
+    mic.wav        with an echo canceller, the raw microphone, frame for frame beside in.wav,
+                   so a session can be re-checked with other settings
     out.wav        the audio the model spoke
     events.jsonl   one JSON object per line, keyed by frame index "i": a "frame" event per step
                    (tokens in/out, text, per-stage timings, drops) and "control" events (typed
@@ -155,7 +158,22 @@ class Recorder:
         self._in = _WavWriter(self.dir / "in.wav", sample_rate)
         self._out = _WavWriter(self.dir / "out.wav", sample_rate)
         self._events = open(self.dir / "events.jsonl", "a", encoding="utf-8")
+        self._mic: _WavWriter | None = None
+        self._sample_rate = sample_rate
         self.frames = 0
+
+    def mic(self, pcm: np.ndarray) -> None:
+        """The raw microphone frame of the step about to be recorded (before cancellation)."""
+        if np.asarray(pcm).size != self.frame_size:
+            raise ValueError(f"recorded frames must have {self.frame_size} samples")
+        if self.stopped:
+            return
+        if self.budget is not None and not self.budget(2 * self.frame_size):
+            self._stop("recording quota reached")
+            return
+        if self._mic is None:
+            self._mic = _WavWriter(self.dir / "mic.wav", self._sample_rate)
+        self._mic.append(pcm)
 
     def frame(self, index: int, pcm_in: np.ndarray, pcm_out: np.ndarray, **event: Any) -> None:
         """Record one step: its input and output audio (one frame each) and its event."""
@@ -195,8 +213,9 @@ class Recorder:
         self.close()
 
     def close(self) -> None:
-        for f in (self._in, self._out):
-            f.close()
+        for f in (self._in, self._out, self._mic):
+            if f is not None:
+                f.close()
         self._events.close()
 
     def __enter__(self) -> Recorder:
@@ -218,6 +237,8 @@ class Recording:
     audio_out: np.ndarray
     truncated: bool = False
     notes: list[str] = field(default_factory=list)
+    # The raw microphone beside audio_in (recordings made with an echo canceller), else None.
+    audio_mic: np.ndarray | None = None
 
     @property
     def frame_size(self) -> int:
@@ -276,6 +297,7 @@ class Recording:
             if ev.get("i") != start + k:
                 raise RecordingError(f"{d}: frame event {k} has index {ev.get('i')}")
         controls = [c for c in controls if c["i"] <= start + complete]
+        mic = _read_wav(d / "mic.wav")[: complete * fs] if (d / "mic.wav").exists() else None
         return cls(
             d,
             header,
@@ -285,6 +307,7 @@ class Recording:
             audio[1][: complete * fs],
             truncated,
             notes,
+            mic,
         )
 
 

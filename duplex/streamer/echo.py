@@ -1,0 +1,590 @@
+"""Acoustic echo cancellation on the device path: the model hears the user, not itself.
+
+A full-duplex model listens while it speaks. Through a laptop's speaker and microphone its own
+voice comes back, and without cancellation it transcribes its own words as the user's, answers
+them, or stops as if interrupted. This module removes that echo with a maintained library, never
+a home-made filter, through one of two backends:
+
+- `speex` (the default): libspeexdsp's MDF adaptive filter (Debian's libspeexdsp1, through
+  ctypes) followed by its preprocessor's residual-echo and noise suppression. Its linear filter
+  subtracts the echo and leaves the user's voice as it was, so during double talk the model
+  still hears the user.
+- `webrtc`: WebRTC's AEC3 through the `livekit` package's `AudioProcessingModule`. It removes
+  more echo (40 dB and more) but its suppressor also takes most of the user's voice away while
+  both speak (about a third of the user's energy kept, spectral correlation 0.7 with the clean
+  voice), and `livekit` exposes no setting to change that. Use it when the user waits for the
+  model to finish.
+
+Noise suppression and an 80 Hz high-pass run in the same chain, each switchable.
+
+The echo canceller needs two signals that line up:
+
+- the far end: exactly what was handed to the speaker (`EchoCanceller.play`, called by the
+  device's output callback with the samples it gave PortAudio, silence of an underrun included);
+- the near end: the microphone (`EchoCanceller.process`, 10 ms at a time, on the reader thread).
+
+Both are counted in device samples from the start of the streams. The echo of far sample `i`
+arrives at near sample `i + D`; `D` starts from PortAudio's reported latencies and is then
+measured by cross-correlation (GCC-PHAT) of the played and captured audio, re-measured every
+quarter second, so a changed route (a Bluetooth headset, a stalled sound server) is followed.
+The far end is fed to the canceller `D - margin` samples late, which leaves it a short, positive
+residual to model: a speex filter only spans its tail, and AEC3's own delay search loses an
+800 ms path.
+
+The canceller reports what a user needs to trust it: on or off, the delay in use and where it
+came from, and the echo attenuation it achieves (microphone power over output power while the
+far end plays, smoothed over about a second).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+BACKENDS = ("speex", "webrtc")
+
+
+class EchoUnavailableError(RuntimeError):
+    """The echo-cancellation library cannot be loaded: the message says what to do instead."""
+
+
+@dataclass(frozen=True)
+class EchoSettings:
+    """Which stages of the audio processing module run on the microphone."""
+
+    aec: bool = True
+    noise_suppression: bool = True
+    high_pass: bool = True
+    backend: str = "speex"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"echo backend must be one of {', '.join(BACKENDS)}, not {self.backend!r}"
+            )
+
+    @property
+    def active(self) -> bool:
+        """Whether any stage runs (with none, the microphone goes to the model untouched)."""
+        return self.aec or self.noise_suppression or self.high_pass
+
+    def as_dict(self) -> dict[str, bool | str]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        parts = [
+            f"AEC {'on (' + self.backend + ')' if self.aec else 'off'}",
+            f"noise suppression {'on' if self.noise_suppression else 'off'}",
+            f"high-pass {'on' if self.high_pass else 'off'}",
+        ]
+        return ", ".join(parts)
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> EchoSettings:
+        return cls(
+            aec=not getattr(args, "no_aec", False),
+            noise_suppression=not getattr(args, "no_noise_suppression", False),
+            high_pass=not getattr(args, "no_high_pass", False),
+            backend=getattr(args, "aec_backend", None) or "speex",
+        )
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The microphone-processing flags shared by `duplex talk` and `duplex connect`."""
+    p.add_argument(
+        "--no-aec",
+        action="store_true",
+        help="do not cancel the speaker's echo in the microphone (on by default with an audio "
+        "device; turn it off with headphones, or to hear what the raw microphone gives)",
+    )
+    p.add_argument(
+        "--no-noise-suppression",
+        action="store_true",
+        help="do not suppress steady background noise in the microphone (on by default)",
+    )
+    p.add_argument(
+        "--no-high-pass",
+        action="store_true",
+        help="do not high-pass filter the microphone (removes hum and DC; on by default)",
+    )
+    p.add_argument(
+        "--aec-backend",
+        choices=BACKENDS,
+        default="speex",
+        help="echo canceller: speex (libspeexdsp; keeps your voice while both speak; default) "
+        "or webrtc (WebRTC AEC3 via livekit; removes more echo, but also much of your voice "
+        "while the model speaks)",
+    )
+
+
+def library_version(backend: str = "speex") -> str:
+    """The backend's library and its version, or EchoUnavailableError saying why not."""
+    if backend == "speex":
+        lib = _speex_library()
+        return f"libspeexdsp ({lib._name}: MDF echo canceller, preprocessor)"
+    try:
+        from livekit import rtc
+    except Exception as e:
+        raise EchoUnavailableError(
+            f"the webrtc echo canceller's library cannot be loaded ({type(e).__name__}: {e}); "
+            "install it with `pip install livekit`, or use --aec-backend speex"
+        ) from None
+    return f"livekit {rtc.__version__} (WebRTC AudioProcessingModule: AEC3, noise suppression)"
+
+
+def echo_line(audio: object) -> str:
+    """The microphone processing of an audio backend as the TUI's session panel shows it: AEC
+    on/off, the delay in use and the echo attenuation measured (files have no echo)."""
+    echo = getattr(audio, "echo", None)
+    if echo is not None:
+        return echo.status().line()
+    return "AEC off" if hasattr(audio, "echo") else "AEC n/a (no audio device)"
+
+
+class SampleRing:
+    """The last `capacity` samples of a stream, addressed by absolute sample index.
+
+    One writer and one reader on different threads: the device callback appends, the reader
+    thread copies out ranges. Samples not written yet, or already overwritten, read as zeros."""
+
+    def __init__(self, capacity: int) -> None:
+        self.buf = np.zeros(capacity, dtype=np.float32)
+        self.total = 0
+        self._lock = threading.Lock()
+
+    @property
+    def capacity(self) -> int:
+        return self.buf.size
+
+    def write(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32).reshape(-1)
+        with self._lock:
+            if x.size >= self.capacity:
+                self.total += x.size - self.capacity
+                x = x[-self.capacity :]
+            start = self.total % self.capacity
+            first = min(x.size, self.capacity - start)
+            self.buf[start : start + first] = x[:first]
+            self.buf[: x.size - first] = x[first:]
+            self.total += x.size
+
+    def read(self, start: int, n: int) -> np.ndarray:
+        """Samples [start, start + n); zeros where the ring does not (or no longer) hold them."""
+        out = np.zeros(n, dtype=np.float32)
+        with self._lock:
+            lo = max(start, self.total - self.capacity, 0)
+            hi = min(start + n, self.total)
+            if hi <= lo:
+                return out
+            a = lo % self.capacity
+            m = hi - lo
+            first = min(m, self.capacity - a)
+            out[lo - start : lo - start + first] = self.buf[a : a + first]
+            out[lo - start + first : hi - start] = self.buf[: m - first]
+        return out
+
+
+class DelayEstimator:
+    """The echo path's delay, from the played and captured audio (GCC-PHAT).
+
+    Both streams are box-decimated to about 8 kHz (speech's echo carries its timing there), the
+    last `window_s` of the microphone is cross-correlated with the far end over lags
+    [0, max_delay_s], each bin weighted by its phase only (PHAT: a room's colouring and the
+    voice's spectrum drop out, the direct path's sharp peak stays). A peak counts when it stands
+    `min_prominence` standard deviations above the correlation's spread, and while the far end
+    actually played something.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int,
+        max_delay_s: float = 1.0,
+        window_s: float = 1.0,
+        min_prominence: float = 10.0,
+    ) -> None:
+        self.decim = max(1, round(sample_rate / 8000))
+        self.rate = sample_rate / self.decim
+        self.max_lag = int(max_delay_s * self.rate)
+        self.window = int(window_s * self.rate)
+        self.min_prominence = min_prominence
+        n = self.window + self.max_lag
+        self.nfft = 1 << (2 * n - 1).bit_length()
+        freqs = np.fft.rfftfreq(self.nfft, 1.0 / self.rate)
+        # Speech band only: below 100 Hz rooms boom and above 3.6 kHz the box filter aliases.
+        self.band = (freqs >= 100.0) & (freqs <= 3600.0)
+
+    def _decimate(self, x: np.ndarray) -> np.ndarray:
+        d = self.decim
+        return x[: x.size // d * d].reshape(-1, d).mean(axis=1)
+
+    def estimate(self, far: SampleRing, near: SampleRing, end: int) -> tuple[int, float] | None:
+        """(delay in device samples, prominence) for the near audio ending at sample `end`, or
+        None when the far end was quiet or no peak stands out."""
+        d = self.decim
+        near_d = self._decimate(near.read(end - self.window * d, self.window * d))
+        far_d = self._decimate(
+            far.read(end - (self.window + self.max_lag) * d, (self.window + self.max_lag) * d)
+        )
+        # The far end must have played something (-50 dBFS) and the microphone heard something.
+        if np.sqrt(np.mean(far_d**2)) < 3e-3 or np.sqrt(np.mean(near_d**2)) < 1e-4:
+            return None
+        spec = np.conj(np.fft.rfft(near_d, self.nfft)) * np.fft.rfft(far_d, self.nfft)
+        spec = np.where(self.band, spec / (np.abs(spec) + 1e-12), 0.0)
+        # cc[k] = sum_i near[i] far[i + k]; near[i] echoes far[i + max_lag - lag].
+        cc = np.fft.irfft(spec, self.nfft)[: self.max_lag + 1]
+        k = int(np.argmax(cc))
+        spread = float(np.std(cc)) + 1e-12
+        prominence = float(cc[k] - np.mean(cc)) / spread
+        if prominence < self.min_prominence:
+            return None
+        return (self.max_lag - k) * d, prominence
+
+
+@dataclass
+class EchoStatus:
+    """What the TUI and the stats report about the microphone processing."""
+
+    settings: EchoSettings
+    delay_ms: float | None
+    delay_source: str
+    attenuation_db: float | None
+    delay_changes: int
+    process_ms_p50: float | None
+
+    def line(self) -> str:
+        """One line for the TUI's session panel."""
+        if not self.settings.aec:
+            extra = []
+            if self.settings.noise_suppression:
+                extra.append("NS")
+            if self.settings.high_pass:
+                extra.append("HPF")
+            return "AEC off" + (f" ({'+'.join(extra)} on)" if extra else "")
+        delay = "?" if self.delay_ms is None else f"{self.delay_ms:.0f} ms ({self.delay_source})"
+        att = "–" if self.attenuation_db is None else f"{self.attenuation_db:.0f} dB"
+        return f"AEC on ({self.settings.backend}) · delay {delay} · echo −{att}"
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["settings"] = self.settings.as_dict()
+        return d
+
+
+class _SpeexChain:
+    """libspeexdsp: the MDF echo canceller, then the preprocessor (residual echo and noise)."""
+
+    # speex_echo.h / speex_preprocess.h request codes.
+    ECHO_SET_SAMPLING_RATE = 24
+    PREPROCESS_SET_DENOISE = 0
+    PREPROCESS_SET_NOISE_SUPPRESS = 18
+    PREPROCESS_SET_ECHO_STATE = 24
+
+    def __init__(self, sample_rate: int, chunk: int, settings: EchoSettings, tail_s: float) -> None:
+        lib = _speex_library()
+        self.lib = lib
+        self.echo = None
+        self.pre = None
+        if settings.aec:
+            self.echo = lib.speex_echo_state_init(chunk, round(tail_s * sample_rate))
+            rate = ctypes.c_int(sample_rate)
+            lib.speex_echo_ctl(self.echo, self.ECHO_SET_SAMPLING_RATE, ctypes.byref(rate))
+        if settings.aec or settings.noise_suppression:
+            self.pre = lib.speex_preprocess_state_init(chunk, sample_rate)
+            # The residual-echo suppressor runs inside the denoiser's gain stage, so the
+            # denoiser stays on with the echo canceller; "no noise suppression" sets its
+            # noise attenuation to 0 dB instead.
+            self._ctl(self.PREPROCESS_SET_DENOISE, 1)
+            if not settings.noise_suppression:
+                self._ctl(self.PREPROCESS_SET_NOISE_SUPPRESS, 0)
+            if self.echo is not None:
+                lib.speex_preprocess_ctl(
+                    self.pre, self.PREPROCESS_SET_ECHO_STATE, ctypes.c_void_p(self.echo)
+                )
+        self.out = np.zeros(chunk, dtype=np.int16)
+
+    def reset(self) -> None:
+        """Forget the echo path (its taps belong to the old alignment)."""
+        if self.echo is not None:
+            self.lib.speex_echo_state_reset(self.echo)
+
+    def _ctl(self, request: int, value: int) -> None:
+        v = ctypes.c_int(value)
+        self.lib.speex_preprocess_ctl(self.pre, request, ctypes.byref(v))
+
+    def __call__(self, near: np.ndarray, far: np.ndarray | None) -> np.ndarray:
+        x = np.ascontiguousarray(near)
+        if self.echo is not None:
+            f = np.ascontiguousarray(far)
+            self.lib.speex_echo_cancellation(
+                self.echo, x.ctypes.data, f.ctypes.data, self.out.ctypes.data
+            )
+            x = self.out.copy()
+        if self.pre is not None:
+            self.lib.speex_preprocess_run(self.pre, x.ctypes.data)
+        return x
+
+    def close(self) -> None:
+        if self.pre is not None:
+            self.lib.speex_preprocess_state_destroy(self.pre)
+            self.pre = None
+        if self.echo is not None:
+            self.lib.speex_echo_state_destroy(self.echo)
+            self.echo = None
+
+
+class _WebRTCChain:
+    """livekit's WebRTC AudioProcessingModule: AEC3, noise suppression (no high-pass here:
+    the chain's own high-pass runs first, the same for both backends)."""
+
+    def __init__(self, sample_rate: int, chunk: int, settings: EchoSettings) -> None:
+        from livekit import rtc
+
+        self.rtc = rtc
+        self.rate, self.chunk = sample_rate, chunk
+        self.aec = settings.aec
+        self.apm = rtc.AudioProcessingModule(
+            echo_cancellation=settings.aec, noise_suppression=settings.noise_suppression
+        )
+
+    def __call__(
+        self, near: np.ndarray, far: np.ndarray | None, residual_ms: int = 0
+    ) -> np.ndarray:
+        rtc = self.rtc
+        if self.aec:
+            self.apm.process_reverse_stream(rtc.AudioFrame(far.tobytes(), self.rate, 1, self.chunk))
+            self.apm.set_stream_delay_ms(residual_ms)
+        frame = rtc.AudioFrame(near.tobytes(), self.rate, 1, self.chunk)
+        self.apm.process_stream(frame)
+        return np.frombuffer(frame.data, dtype=np.int16).copy()
+
+    def close(self) -> None:
+        pass
+
+
+class EchoCanceller:
+    """Echo cancellation, noise suppression and a high-pass on a microphone, with the far end
+    aligned by a measured delay.
+
+    `play(far)` may be called from the output device's callback (it only copies into a ring);
+    `process(near)` from one reader thread, with whole 10 ms chunks (`chunk` samples); it
+    returns the processed chunks, same length, with no added delay beyond the chunking. Both
+    run at the device's sample rate.
+    """
+
+    def __init__(
+        self,
+        sample_rate: int,
+        settings: EchoSettings | None = None,
+        initial_delay_s: float = 0.05,
+        margin_s: float = 0.015,
+        max_delay_s: float = 1.0,
+        estimate_every_s: float = 0.25,
+        tail_s: float = 0.08,
+    ) -> None:
+        self.settings = settings or EchoSettings()
+        if not self.settings.active:
+            raise ValueError("EchoCanceller needs at least one stage on (aec, NS or high-pass)")
+        if sample_rate % 100:
+            raise ValueError(f"echo cancellation needs 10 ms frames; {sample_rate} Hz has none")
+        self.library = library_version(self.settings.backend)
+        self.sample_rate = sample_rate
+        self.chunk = sample_rate // 100
+        self.margin = round(margin_s * sample_rate)
+        self.max_delay = round(max_delay_s * sample_rate)
+        self._hpf = _HighPass(sample_rate) if self.settings.high_pass else None
+        self._chain: _SpeexChain | _WebRTCChain | None = None
+        if self.settings.aec or self.settings.noise_suppression:
+            if self.settings.backend == "webrtc":
+                self._chain = _WebRTCChain(sample_rate, self.chunk, self.settings)
+            else:
+                self._chain = _SpeexChain(sample_rate, self.chunk, self.settings, tail_s)
+        self.estimator = DelayEstimator(sample_rate, max_delay_s=max_delay_s)
+        self.far = SampleRing(self.max_delay + 2 * sample_rate + self.chunk)
+        self.near = SampleRing(2 * sample_rate)
+        self.estimate_every = max(1, round(estimate_every_s * 100))
+        self._en = self._eo = 0.0
+        self._proc_ms: list[float] = []
+        self.restart(initial_delay_s)
+
+    def restart(self, initial_delay_s: float) -> None:
+        """New streams: both sample counts start again at 0, the delay from PortAudio's figure.
+        The filter keeps what it learnt (the room did not change)."""
+        self.far = SampleRing(self.far.capacity)
+        self.near = SampleRing(self.near.capacity)
+        self.delay = int(min(max(initial_delay_s, 0.0) * self.sample_rate, self.max_delay))
+        self.delay_source = "portaudio"
+        self._candidate: int | None = None
+        self.delay_changes = 0
+        self.chunks = 0
+
+    @property
+    def delay_ms(self) -> float:
+        return 1000.0 * self.delay / self.sample_rate
+
+    def play(self, far: np.ndarray) -> None:
+        """The samples just handed to the speaker (any length)."""
+        if self.settings.aec:
+            self.far.write(far)
+
+    def skip(self, n: int) -> None:
+        """`n` microphone samples were lost before processing (a full FIFO): keep the near
+        count in step with the device's clock."""
+        self.near.write(np.zeros(n, dtype=np.float32))
+
+    def process(self, near: np.ndarray) -> np.ndarray:
+        """Process whole 10 ms chunks of microphone audio; returns what the model should hear."""
+        x = np.asarray(near, dtype=np.float32).reshape(-1)
+        if x.size % self.chunk:
+            raise ValueError(f"process() takes whole 10 ms chunks of {self.chunk} samples")
+        out = np.empty_like(x)
+        for k in range(0, x.size, self.chunk):
+            out[k : k + self.chunk] = self._one(x[k : k + self.chunk])
+        return out
+
+    def _one(self, near: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        start = self.near.total
+        self.near.write(near)
+        x = near if self._hpf is None else self._hpf(near)
+        far = None
+        lead = 0
+        if self.settings.aec:
+            self.chunks += 1
+            if self.chunks % self.estimate_every == 0:
+                self._update_delay(start + self.chunk)
+            lead = max(self.delay - self.margin, 0)
+            far = self.far.read(start - lead, self.chunk)
+        if self._chain is None:
+            out = x
+        else:
+            far_i = None if far is None else _to_int16(far)
+            if isinstance(self._chain, _WebRTCChain):
+                residual = round(1000.0 * (self.delay - lead) / self.sample_rate)
+                y = self._chain(_to_int16(x), far_i, residual)
+            else:
+                y = self._chain(_to_int16(x), far_i)
+            out = y.astype(np.float32) / 32768.0
+        if far is not None:
+            self._measure(near, out, far)
+        self._proc_ms.append(1000.0 * (time.perf_counter() - t0))
+        if len(self._proc_ms) > 1000:
+            del self._proc_ms[:500]
+        return out
+
+    def _update_delay(self, end: int) -> None:
+        found = self.estimator.estimate(self.far, self.near, end)
+        if found is None:
+            return
+        delay, _ = found
+        tolerance = round(0.002 * self.sample_rate)
+        # Two estimates in a row must agree before the alignment moves: one double-talk burst
+        # or one periodic sound must not throw away a converged filter.
+        agreed = self._candidate is not None and abs(delay - self._candidate) <= tolerance
+        self._candidate = delay
+        if not agreed:
+            return
+        if self.delay_source != "measured" or abs(delay - self.delay) > 2 * tolerance:
+            if self.delay_source == "measured":
+                self.delay_changes += 1
+            self.delay = delay
+            # A speex filter trained on the old alignment has its taps in the wrong place;
+            # from zero it converges faster than from there. AEC3 re-finds the delay itself.
+            if isinstance(self._chain, _SpeexChain):
+                self._chain.reset()
+        self.delay_source = "measured"
+
+    def _measure(self, near: np.ndarray, out: np.ndarray, far: np.ndarray) -> None:
+        # Attenuation is only meaningful while the far end plays (-50 dBFS) and echo arrives.
+        if float(np.mean(far.astype(np.float64) ** 2)) < 1e-5:
+            return
+        # About half a second of far-end activity (100 chunks a second).
+        a = 0.02
+        self._en += a * (float(np.mean(near.astype(np.float64) ** 2)) - self._en)
+        self._eo += a * (float(np.mean(out.astype(np.float64) ** 2)) - self._eo)
+
+    @property
+    def attenuation_db(self) -> float | None:
+        """Echo return loss enhancement as measured (None until the far end has played)."""
+        if self._en < 1e-9:
+            return None
+        return 10.0 * math.log10(self._en / max(self._eo, 1e-12))
+
+    def status(self) -> EchoStatus:
+        p50 = float(np.median(self._proc_ms)) if self._proc_ms else None
+        return EchoStatus(
+            self.settings,
+            self.delay_ms if self.settings.aec else None,
+            self.delay_source,
+            self.attenuation_db if self.settings.aec else None,
+            self.delay_changes,
+            p50,
+        )
+
+    def close(self) -> None:
+        chain = getattr(self, "_chain", None)
+        if chain is not None:
+            chain.close()
+            self._chain = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class _HighPass:
+    """A streaming 2nd-order Butterworth high-pass at 80 Hz (scipy's sosfilt, state carried):
+    removes hum and DC before the canceller, as WebRTC's own high-pass does."""
+
+    def __init__(self, sample_rate: int, cutoff_hz: float = 80.0) -> None:
+        from scipy.signal import butter, sosfilt_zi
+
+        self.sos = butter(2, cutoff_hz, "highpass", fs=sample_rate, output="sos")
+        self.zi = sosfilt_zi(self.sos) * 0.0
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        from scipy.signal import sosfilt
+
+        y, self.zi = sosfilt(self.sos, x.astype(np.float64), zi=self.zi)
+        return y.astype(np.float32)
+
+
+_SPEEX = None
+
+
+def _speex_library() -> ctypes.CDLL:
+    """libspeexdsp, loaded once, with the prototypes this module calls."""
+    global _SPEEX
+    if _SPEEX is not None:
+        return _SPEEX
+    name = ctypes.util.find_library("speexdsp") or "libspeexdsp.so.1"
+    try:
+        lib = ctypes.CDLL(name)
+    except OSError as e:
+        raise EchoUnavailableError(
+            f"libspeexdsp cannot be loaded ({e}): install the system package libspeexdsp1 "
+            "(scripts/sysdeps.sh), or use --aec-backend webrtc, or --no-aec with headphones"
+        ) from None
+    vp, i = ctypes.c_void_p, ctypes.c_int
+    lib.speex_echo_state_init.restype = vp
+    lib.speex_echo_state_init.argtypes = [i, i]
+    lib.speex_echo_state_destroy.argtypes = [vp]
+    lib.speex_echo_state_reset.argtypes = [vp]
+    lib.speex_echo_cancellation.argtypes = [vp, vp, vp, vp]
+    lib.speex_echo_ctl.argtypes = [vp, i, vp]
+    lib.speex_preprocess_state_init.restype = vp
+    lib.speex_preprocess_state_init.argtypes = [i, i]
+    lib.speex_preprocess_state_destroy.argtypes = [vp]
+    lib.speex_preprocess_ctl.argtypes = [vp, i, vp]
+    lib.speex_preprocess_run.argtypes = [vp, vp]
+    _SPEEX = lib
+    return lib
+
+
+def _to_int16(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)

@@ -1,0 +1,175 @@
+"""The echo canceller: offline properties, then measured on the PulseAudio null sink with a room
+(delay + response) between speaker and microphone and the user talking over the model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from duplex.streamer.echo import (
+    DelayEstimator,
+    EchoCanceller,
+    EchoSettings,
+    SampleRing,
+    library_version,
+)
+
+SR = 24000
+
+
+def _speech(texts: list[str], voice: tuple[str, str], rate: int = 165) -> np.ndarray:
+    from duplex.data.speech import Voice, synthesize
+
+    v = Voice(*voice, rate=rate)
+    gap = np.zeros(SR // 5, np.float32)
+    parts = []
+    for t in texts:
+        parts += [synthesize(t, v, SR).audio, gap]
+    return np.concatenate(parts).astype(np.float32)
+
+
+MODEL_TEXTS = [
+    "hello there, how are you doing today my friend",
+    "the weather is lovely and I like to talk about numbers, one two three four",
+    "please tell me what you would like to hear the next time we meet",
+    "seven eight nine ten, and then we all go home for dinner",
+    "I can count to twenty and I can also tell you the time of day",
+    "the capital of italy is rome and the capital of spain is madrid",
+]
+USER_TEXT = ["what is the capital of france, and how many people live there"]
+
+
+@pytest.fixture(scope="module")
+def voices() -> tuple[np.ndarray, np.ndarray]:
+    """The model's voice (a male US voice) and the user's (a British female one), 24 kHz."""
+    far = 0.8 * _speech(MODEL_TEXTS, ("en-us", "m3"))
+    user = 0.4 * _speech(USER_TEXT, ("en-gb", "f2"))
+    return far, user
+
+
+def test_library_loads() -> None:
+    assert "libspeexdsp" in library_version("speex")
+    assert "livekit" in library_version("webrtc")
+
+
+def test_sample_ring_reads_absolute_ranges_and_zeros_outside() -> None:
+    ring = SampleRing(10)
+    ring.write(np.arange(1, 8, dtype=np.float32))
+    assert ring.read(-2, 4).tolist() == [0, 0, 1, 2]
+    assert ring.read(5, 4).tolist() == [6, 7, 0, 0]
+    ring.write(np.arange(8, 16, dtype=np.float32))
+    # 15 written, capacity 10: samples 0..4 are gone.
+    assert ring.read(3, 4).tolist() == [0, 0, 6, 7]
+    assert ring.read(12, 3).tolist() == [13, 14, 15]
+
+
+def test_delay_estimator_finds_a_known_delay_through_a_room(voices) -> None:
+    from duplex.streamer.echo_rig import Room, room_response
+
+    far, _ = voices
+    est = DelayEstimator(SR)
+    for delay in (0.0123, 0.2, 0.6):
+        room = Room(SR, delay, room_response(SR))
+        near = np.concatenate([room(b) for b in np.split(far[: 3 * SR], 150)])
+        fr, nr = SampleRing(4 * SR), SampleRing(4 * SR)
+        fr.write(far[: 3 * SR])
+        nr.write(near)
+        found = est.estimate(fr, nr, 3 * SR)
+        assert found is not None
+        # The strongest arrival of this room sits within its first 3 ms (its direct path, or a
+        # strong early reflection): the estimate lands there, never before the direct path.
+        assert -est.decim <= found[0] - delay * SR <= 0.003 * SR, (found, delay * SR)
+    # Silence on the far end: nothing to measure.
+    quiet = SampleRing(4 * SR)
+    quiet.write(np.zeros(3 * SR, np.float32))
+    assert est.estimate(quiet, nr, 3 * SR) is None
+
+
+@pytest.mark.parametrize("backend", ["speex", "webrtc"])
+def test_streamed_in_any_chunking_equals_one_call_and_is_causal(voices, backend) -> None:
+    far, user = voices
+    n = 2 * SR
+    near = 0.3 * far[:n] + np.pad(user, (SR // 2, 0))[:n]
+    settings = EchoSettings(backend=backend)
+
+    def run(blocks: list[int], near_signal: np.ndarray) -> np.ndarray:
+        ec = EchoCanceller(SR, settings, initial_delay_s=0.04)
+        ec.far.write(far[:n])
+        out, pos = [], 0
+        for b in blocks:
+            out.append(ec.process(near_signal[pos : pos + b]))
+            pos += b
+        return np.concatenate(out)
+
+    chunk = SR // 100
+    whole = run([n], near)
+    rng = np.random.default_rng(0)
+    sizes = []
+    while sum(sizes) < n:
+        sizes.append(min(int(rng.integers(1, 6)) * chunk, n - sum(sizes)))
+    assert np.array_equal(run(sizes, near), whole)
+    # Causality: changing the microphone after 1 s leaves every earlier chunk as it was.
+    changed = near.copy()
+    changed[SR:] = rng.standard_normal(n - SR).astype(np.float32) * 0.1
+    assert np.array_equal(run([n], changed)[:SR], whole[:SR])
+    assert not np.array_equal(run([n], changed)[SR:], whole[SR:])
+
+
+def test_refuses_what_it_cannot_do() -> None:
+    with pytest.raises(ValueError, match="10 ms"):
+        EchoCanceller(22050)
+    with pytest.raises(ValueError, match="at least one stage"):
+        EchoCanceller(SR, EchoSettings(False, False, False))
+    with pytest.raises(ValueError, match="backend"):
+        EchoSettings(backend="magic")
+    with pytest.raises(ValueError, match="whole 10 ms chunks"):
+        EchoCanceller(SR).process(np.zeros(100, np.float32))
+
+
+def test_status_line_says_what_runs() -> None:
+    ec = EchoCanceller(SR, initial_delay_s=0.12)
+    assert ec.status().line().startswith("AEC on (speex) · delay 120 ms (portaudio)")
+    off = EchoCanceller(SR, EchoSettings(aec=False))
+    assert off.status().line() == "AEC off (NS+HPF on)"
+
+
+@pytest.mark.audio
+def test_on_the_null_sink_echo_goes_user_stays_delay_jump_recovers(pulse_sink, voices) -> None:
+    """One 14 s session: the model speaks throughout; the user talks over it at 6 s; the echo
+    path's delay jumps by 50 ms at 10.5 s. Measured against the issue's targets."""
+    from duplex.streamer.echo_rig import (
+        best_correlation,
+        processed_reference,
+        run_scenario,
+    )
+
+    far, user = voices
+    far = far[: 14 * SR]
+    settings = EchoSettings()
+    res = run_scenario(far, user, SR, 480, settings, delay_s=0.1, user_at_s=6.0, jump_at_s=10.5)
+    # Half-second windows: the median resists one scheduling glitch of this shared machine (an
+    # underrun shifts the echo path until the delay is re-measured), the figures show it.
+    windows = [round(w, 1) for w in res.erle_windows_db(2.0, 5.5)]
+    assert np.median(windows) >= 25.0, windows
+    start = res.user_start
+    assert start is not None and 5.5 * SR < start < 7.0 * SR
+    span = slice(start, start + user.size)
+    ref = processed_reference(user, start, res.heard.size, SR, settings)
+    kept = best_correlation(res.heard[span], ref[span])
+    assert kept >= 0.9, f"user's speech kept only at correlation {kept:.3f}"
+    # After the jump: 2 s to re-converge, then the echo is down by 25 dB again.
+    after = [round(w, 1) for w in res.erle_windows_db(12.5, 14.0)]
+    assert np.median(after) >= 25.0, f"ERLE {after} dB 2 s after the delay jump"
+    measured = [s["delay_ms"] for s in res.status if s["delay_source"] == "measured"]
+    assert measured and max(measured) - min(measured) >= 40.0, measured
+
+
+@pytest.mark.audio
+def test_without_aec_the_model_hears_itself(pulse_sink, voices) -> None:
+    """The same path with --no-aec: the echo reaches the model (what the canceller is for)."""
+    from duplex.streamer.echo_rig import run_scenario
+
+    far, _ = voices
+    res = run_scenario(far[: 4 * SR], None, SR, 480, None, delay_s=0.1)
+    echo_db = 10 * np.log10(np.mean(res.heard[2 * SR :] ** 2) / np.mean(far[: 2 * SR] ** 2))
+    assert echo_db > -20.0, f"the echo was only {echo_db:.1f} dB below the model's voice"
