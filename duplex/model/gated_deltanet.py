@@ -160,8 +160,10 @@ class GatedDeltaNet(StreamingModule):
         new_conv = full[:, full.shape[1] - (self.cfg.conv_size - 1) :]
         q, k, v = conv_out.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
         # q, k, v: [B, T, H, D]
-        q = F.normalize(q.reshape(B, T, H, D), p=2, dim=-1, eps=1e-6)
-        k = F.normalize(k.reshape(B, T, H, D), p=2, dim=-1, eps=1e-6)
+        # Under autocast the norm runs in float32 while v stays in the autocast dtype; the kernels
+        # take one dtype, so q and k follow v.
+        q = F.normalize(q.reshape(B, T, H, D), p=2, dim=-1, eps=1e-6).to(v.dtype)
+        k = F.normalize(k.reshape(B, T, H, D), p=2, dim=-1, eps=1e-6).to(v.dtype)
         v = v.reshape(B, T, H, D)
         # g: [B, T, H] (<= 0); beta: [B, T, H] in (0, 1)
         gd = torch.float64 if x.dtype == torch.float64 else torch.float32

@@ -71,7 +71,9 @@ def recall_loss(model: torch.nn.Module, batch: RecallBatch) -> tuple[torch.Tenso
     net = model.module if hasattr(model, "module") else model
     hidden = model(batch.ids, batch.offsets)
     valid = batch.where >= 0
-    b_idx = torch.arange(batch.ids.shape[0])[:, None].expand_as(batch.where)[valid]
+    b_idx = torch.arange(batch.ids.shape[0], device=batch.ids.device)[:, None].expand_as(
+        batch.where
+    )[valid]
     # h: [n_answers, d] the outputs one position before each answer
     h = hidden[b_idx, batch.where[valid] - 1]
     logits = net.logits(h)

@@ -15,6 +15,7 @@ processes equals the single-process gradient of the global batch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -111,6 +112,11 @@ def _to_device(batch: Batch, device: torch.device) -> Batch:
         return {k: _to_device(v, device) for k, v in batch.items()}
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
+    if dataclasses.is_dataclass(batch) and not isinstance(batch, type):
+        moved = {
+            f.name: _to_device(getattr(batch, f.name), device) for f in dataclasses.fields(batch)
+        }
+        return dataclasses.replace(batch, **moved)
     return batch
 
 

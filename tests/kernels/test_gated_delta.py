@@ -180,6 +180,24 @@ def test_bfloat16_inputs(op):
     assert rel_rms(s, s_ref) <= 3e-2
 
 
+@pytest.mark.parametrize("op", list(OPS))
+def test_bfloat16_under_autocast_backward(op):
+    """bf16 training (`--precision bf16`): the op runs inside autocast, forward and backward.
+
+    The PyTorch forms compute in float32; autocast must not turn their products back into
+    bfloat16, which once mixed dtypes inside the chunked backward (a RuntimeError)."""
+    fn = OPS[op]
+    x = make_inputs(1, 80, 2, 32, 32)
+    ref, _ = naive_recurrent_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"])
+    leaves = {n: x[n].to(torch.bfloat16).requires_grad_() for n in ("q", "k", "v", "g", "beta")}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        o, _ = fn(leaves["q"], leaves["k"], leaves["v"], leaves["g"], leaves["beta"])
+    o.float().pow(2).sum().backward()
+    assert rel_rms(o, ref) <= 3e-2
+    for n, t in leaves.items():
+        assert t.grad is not None and torch.isfinite(t.grad).all(), n
+
+
 @pytest.mark.parametrize("op", ["naive", *OPS])
 def test_empty_sequence(op):
     fn = {"naive": naive_recurrent_gated_delta_rule, **OPS}[op]

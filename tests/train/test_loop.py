@@ -176,3 +176,21 @@ def test_on_checkpoint_sees_each_checkpoint_in_eval_mode(tmp_path) -> None:
     train(model, toy.make_batch, toy.loss_fn, _cfg(tmp_path, steps=7, ckpt_every=3), hook)
     assert seen == [(3, False, 3), (6, False, 6), (7, False, 7)]
     assert model.training
+
+
+def test_batches_of_dataclasses_reach_the_device():
+    """A batch held in a dataclass (the recall trainer's) moves field by field, as dicts do."""
+    from dataclasses import dataclass
+
+    from duplex.train.loop import _to_device
+
+    @dataclass
+    class Pair:
+        ids: torch.Tensor
+        extra: dict
+
+    b = Pair(torch.zeros(2, 3, dtype=torch.long), {"mask": torch.ones(2)})
+    moved = _to_device(b, torch.device("meta"))
+    assert isinstance(moved, Pair)
+    assert moved.ids.device.type == "meta" and moved.extra["mask"].device.type == "meta"
+    assert b.ids.device.type == "cpu"

@@ -62,9 +62,12 @@ def chunk_gated_delta_rule(
         return chunk_gated_delta_rule_triton(
             q, k, v, g, beta, scale, initial_state, output_final_state
         )
-    return chunk_gated_delta_rule_torch(
-        q, k, v, g, beta, scale, initial_state, output_final_state, CHUNK_SIZE
-    )
+    # The PyTorch form computes in float32 itself (as the kernels do); autocast would turn its
+    # products back into bfloat16 and mix dtypes inside the backward.
+    with torch.autocast(q.device.type, enabled=False):
+        return chunk_gated_delta_rule_torch(
+            q, k, v, g, beta, scale, initial_state, output_final_state, CHUNK_SIZE
+        )
 
 
 def chunk_gated_delta_rule_torch(

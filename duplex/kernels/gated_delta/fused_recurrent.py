@@ -44,9 +44,12 @@ def fused_recurrent_gated_delta_rule(
         return fused_recurrent_gated_delta_rule_triton(
             q, k, v, g, beta, scale, initial_state, output_final_state
         )
-    return fused_recurrent_gated_delta_rule_torch(
-        q, k, v, g, beta, scale, initial_state, output_final_state
-    )
+    # The PyTorch form computes in float32 itself (as the kernels do); autocast would turn its
+    # products back into bfloat16 and mix dtypes inside the backward.
+    with torch.autocast(q.device.type, enabled=False):
+        return fused_recurrent_gated_delta_rule_torch(
+            q, k, v, g, beta, scale, initial_state, output_final_state
+        )
 
 
 def fused_recurrent_gated_delta_rule_torch(
