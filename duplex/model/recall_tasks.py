@@ -2,7 +2,7 @@
 
 Everything is generated here from a seed, at any context length, with one vocabulary of 8192 ids:
 
-    0-15     control: PAD BOS SEP QUERY PASSKEY COPY POS
+    0-15     control: PAD BOS SEP QUERY PASSKEY COPY POS HOP2 HOP3 ALIAS
     16-31    digits 0..15
     32-47    digit-place markers P0..P15 (which digit of a position is asked)
     64-4159  key ids (4096)     4160-6207  value ids (2048)     6208-8191  filler ids (1984)
@@ -16,6 +16,13 @@ Tasks (each returns the ids and which of them are answers, grouped into items sc
   least 100K (N/2 when shorter) ids back -> the rest of the span, fed back one id at a time.
 - position: 4-id items in filler; "P_j key" -> hex digit j of the absolute index of the item's last
   id, for j = 0..5 (an item is right when all 6 digits are).
+- hop2 / hop3: chains of 1-id facts "a b", "b c" (, "c d") stored at independent random places
+  (any order); "HOP2 a" -> c ("HOP3 a" -> d). The id after a is b, so the answer is never what
+  follows the cue's last occurrence: it needs a second (third) read keyed by what the first found.
+- alias: facts "a v" and declarations "ALIAS x a" (x another name of a), any order; "QUERY x"
+  -> v. What follows x is a, not the value.
+- update: facts "k v" where a key is assigned 2-3 times with different values; queries "k v"
+  -> the newest value (the first assignment is a wrong, plausible answer).
 
 The models live in `recall_models`, their training in `recall_train`, the evaluation and
 `duplex eval recall` in `recall`.
@@ -30,6 +37,7 @@ import numpy as np
 
 VOCAB = 8192
 PAD, BOS, SEP, QUERY, PASSKEY, COPY, POS = 0, 1, 2, 3, 4, 5, 6
+HOP2, HOP3, ALIAS = 7, 8, 9
 DIGIT0 = 16
 PLACE0 = 32
 KEY0, N_KEY = 64, 4096
@@ -38,7 +46,8 @@ FILL0 = VAL0 + N_VAL
 N_FILL = VOCAB - FILL0
 CONTENT0 = KEY0
 POS_DIGITS, POS_BASE = 6, 16
-TASKS = ("mqar", "passkey", "niah", "copy", "position")
+# New tasks go at the end: an evaluation's generator seed includes the task's index here.
+TASKS = ("mqar", "passkey", "niah", "copy", "position", "hop2", "hop3", "alias", "update")
 
 
 @dataclass
@@ -208,6 +217,130 @@ def position(
     return Sample(np.concatenate(parts), out, C, offset)
 
 
+def _query_order(rng: np.random.Generator, P: int, Q: int) -> np.ndarray:
+    """Q distinct item indices of P: half uniform, half at power-law rank from the last index
+    (a distance from the newest item where items are placed in index order, as in `update`)."""
+    rank = np.floor(np.exp(rng.uniform(0, math.log(max(P, 2)), size=Q // 2))).astype(np.int64)
+    chosen = np.unique(np.concatenate([P - np.clip(rank, 1, P), rng.integers(0, P, size=Q)]))
+    chosen = rng.permutation(chosen)[:Q]
+    if chosen.size < Q:
+        rest = np.setdiff1d(np.arange(P), chosen)
+        chosen = np.concatenate([chosen, rng.permutation(rest)[: Q - chosen.size]])
+    return rng.permutation(chosen)
+
+
+def _scatter(rng: np.random.Generator, C: int, facts: list[np.ndarray]) -> np.ndarray:
+    """Filler of length C with the facts (1-D id arrays) written at random places, in a random
+    order (so a chain's later link can come first). Each fact is followed by a filler id, so two
+    facts never touch: "a b" next to "d e" would read as a third fact "b d"."""
+    ctx = _filler(rng, C)
+    order = rng.permutation(len(facts))
+    ends = _filler(rng, len(facts))
+    _place_any(rng, ctx, [np.append(facts[i], ends[j]) for j, i in enumerate(order)])
+    return ctx
+
+
+def _place_any(rng: np.random.Generator, ctx: np.ndarray, blocks: list[np.ndarray]) -> None:
+    """`_place_fast` for blocks of mixed lengths (grouped by length would bias their order)."""
+    lens = np.array([b.size for b in blocks], dtype=np.int64)
+    free = ctx.size - int(lens.sum())
+    if free < 0:
+        raise ValueError(f"{lens.sum()} ids of items do not fit in a context of {ctx.size}")
+    cuts = np.sort(rng.integers(0, free + 1, size=len(blocks)))
+    starts = cuts + np.concatenate([[0], np.cumsum(lens)[:-1]])
+    flat = np.concatenate(blocks)
+    ctx[np.repeat(starts, lens) + _ramp(lens)] = flat
+
+
+def _ramp(lens: np.ndarray) -> np.ndarray:
+    """0..len-1 for each length, concatenated."""
+    ends = np.cumsum(lens)
+    return np.arange(int(ends[-1])) - np.repeat(ends - lens, lens)
+
+
+def hops(
+    N: int,
+    rng: np.random.Generator,
+    n_hops: int = 2,
+    chains: int | None = None,
+    queries: int | None = None,
+) -> Sample:
+    """Multi-hop recall: chains x_0 -> x_1 -> ... -> x_n stored as facts "x_i x_{i+1}".
+
+    x_0 .. x_{n-1} are distinct 1-id keys, x_n a value. Each fact sits at its own random place
+    (the links of one chain in any order); a query "HOP<n> x_0 x_n" asks for the chain's end.
+    """
+    marker = {2: HOP2, 3: HOP3}[n_hops]
+    P = chains if chains is not None else max(4, min(N // 64, N_KEY // n_hops))
+    Q = min(P, queries if queries is not None else 256)
+    C = N - 3 * Q
+    # keys: [P, n_hops] distinct across all chains; ends: [P] values
+    keys = KEY0 + _distinct(rng, P * n_hops, N_KEY).reshape(P, n_hops)
+    ends = VAL0 + rng.integers(0, N_VAL, size=P)
+    chain = np.concatenate([keys, ends[:, None]], axis=1)
+    facts = [chain[p, i : i + 2] for p in range(P) for i in range(n_hops)]
+    ctx = _scatter(rng, C, facts)
+    chosen = _query_order(rng, P, Q)
+    qs = np.stack([np.full(Q, marker), keys[chosen, 0], ends[chosen]], axis=1).reshape(-1)
+    ids = np.concatenate([ctx, qs])
+    return Sample(ids, [np.array([C + 3 * i + 2]) for i in range(Q)], C)
+
+
+def alias(
+    N: int, rng: np.random.Generator, pairs: int | None = None, queries: int | None = None
+) -> Sample:
+    """Facts "a v" and declarations "ALIAS x a"; queries "QUERY x v" ask by the second name."""
+    P = pairs if pairs is not None else max(4, min(N // 64, N_KEY // 2))
+    Q = min(P, queries if queries is not None else 256)
+    C = N - 3 * Q
+    names = KEY0 + _distinct(rng, 2 * P, N_KEY).reshape(P, 2)
+    vals = VAL0 + rng.integers(0, N_VAL, size=P)
+    facts = [np.array([names[p, 0], vals[p]]) for p in range(P)]
+    facts += [np.array([ALIAS, names[p, 1], names[p, 0]]) for p in range(P)]
+    ctx = _scatter(rng, C, facts)
+    chosen = _query_order(rng, P, Q)
+    qs = np.stack([np.full(Q, QUERY), names[chosen, 1], vals[chosen]], axis=1).reshape(-1)
+    ids = np.concatenate([ctx, qs])
+    return Sample(ids, [np.array([C + 3 * i + 2]) for i in range(Q)], C)
+
+
+def update(
+    N: int, rng: np.random.Generator, pairs: int | None = None, queries: int | None = None
+) -> Sample:
+    """Keys assigned 2 or 3 times ("k v" facts, distinct values, in order of assignment);
+    queries "k v" ask for the newest value."""
+    P = pairs if pairs is not None else max(4, min(N // 48, N_KEY))
+    Q = min(P, queries if queries is not None else 1024)
+    C = N - 2 * Q
+    keys = KEY0 + _distinct(rng, P, N_KEY)
+    times = rng.integers(2, 4, size=P)
+    # vals: [P, 3] distinct per key (a re-assignment always changes the value): steps of
+    # 1 .. N_VAL/3 - 1 from a random base never wrap onto an earlier value.
+    steps = rng.integers(1, N_VAL // 3, size=(P, 2))
+    vals = (
+        VAL0
+        + (
+            rng.integers(0, N_VAL, size=(P, 1))
+            + np.cumsum(np.concatenate([np.zeros((P, 1), np.int64), steps], axis=1), axis=1)
+        )
+        % N_VAL
+    )
+    # Assignments go into the context in a random interleaving that keeps each key's order:
+    # nth[i] is how many earlier entries of the interleaving belong to the same key.
+    owner = rng.permutation(np.repeat(np.arange(P), times))
+    by_key = np.argsort(owner, kind="stable")
+    nth = np.empty(owner.size, dtype=np.int64)
+    nth[by_key] = _ramp(np.bincount(owner, minlength=P))
+    items = np.stack([keys[owner], vals[owner, nth]], axis=1)
+    ctx = _filler(rng, C)
+    _place_fast(rng, ctx, items)
+    chosen = _query_order(rng, P, Q)
+    newest = vals[chosen, times[chosen] - 1]
+    qs = np.stack([keys[chosen], newest], axis=1).reshape(-1)
+    ids = np.concatenate([ctx, qs])
+    return Sample(ids, [np.array([C + 2 * i + 1]) for i in range(Q)], C)
+
+
 def make_task(
     task: str, N: int, rng: np.random.Generator, offset: int = 0, asked: int = 1
 ) -> Sample:
@@ -222,6 +355,12 @@ def make_task(
         return copy_task(N, rng)
     if task == "position":
         return position(N, rng, asked=asked, offset=offset)
+    if task in ("hop2", "hop3"):
+        return hops(N, rng, n_hops=int(task[-1]))
+    if task == "alias":
+        return alias(N, rng)
+    if task == "update":
+        return update(N, rng)
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
 

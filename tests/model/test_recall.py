@@ -153,3 +153,75 @@ def test_shipped_gwa_model_recalls(task, context, threshold):
     rep = R.evaluate("recall-gwa", task, context, trials=2, seed=11, asked=4)
     assert rep.items >= 8
     assert rep.accuracy >= threshold, rep
+
+
+def successors(ids: np.ndarray, x: int) -> list[int]:
+    """Ids that follow each occurrence of id x (brute force)."""
+    return [int(ids[p + 1]) for p in np.nonzero(ids[:-1] == x)[0]]
+
+
+def fact_after(ctx: np.ndarray, x: int) -> int:
+    """The second id of the one fact "x y" in ctx (facts end where filler begins)."""
+    ys = [y for y in successors(ctx, x) if y < T.FILL0]
+    assert len(ys) == 1, (x, ys)
+    return ys[0]
+
+
+@pytest.mark.parametrize("n_hops", [2, 3])
+@pytest.mark.parametrize("N", [256, 8192])
+def test_hop_answers_follow_the_chain_not_the_last_occurrence(n_hops, N):
+    s = T.hops(N, np.random.default_rng(n_hops), n_hops=n_hops)
+    ctx = s.ids[: s.start]
+    assert s.ids.size == N and len(s.items) >= 4
+    facts_first = 0
+    for item in s.items:
+        a = int(item[0])
+        assert s.ids[a - 2] == (T.HOP2 if n_hops == 2 else T.HOP3)
+        x = int(s.ids[a - 1])
+        first = fact_after(ctx, x)
+        for _ in range(n_hops):
+            x = fact_after(ctx, x)
+        # the answer is the chain's end, a value; what follows the cue is a key, never it
+        assert x == int(s.ids[a]) and T.VAL0 <= x < T.FILL0
+        assert first != x and T.KEY0 <= first < T.VAL0
+        # the later link sometimes comes first in the sequence (facts are shuffled)
+        b = int(s.ids[a - 1])
+        pos_ab = int(np.nonzero(ctx == b)[0][0])
+        pos_b = np.nonzero(ctx == first)[0]
+        facts_first += int(pos_b.min() < pos_ab)
+    assert 0 < facts_first < len(s.items) or N == 256
+
+
+def test_alias_answer_is_reached_through_the_declared_name():
+    s = T.alias(4096, np.random.default_rng(3))
+    ctx = s.ids[: s.start]
+    for item in s.items:
+        a = int(item[0])
+        assert s.ids[a - 2] == T.QUERY
+        x = int(s.ids[a - 1])
+        # x occurs once, in "ALIAS x name"; what follows it is the name, not the answer
+        (p,) = np.nonzero(ctx == x)[0]
+        assert ctx[p - 1] == T.ALIAS
+        name = int(ctx[p + 1])
+        assert T.KEY0 <= name < T.VAL0
+        assert fact_after(ctx, name) == int(s.ids[a])
+
+
+def test_update_answer_is_the_newest_assignment():
+    s = T.update(4096, np.random.default_rng(4))
+    ctx = s.ids[: s.start]
+    for item in s.items:
+        a = int(item[0])
+        key = s.ids[a - 1 : a]
+        vals = value_after(s.ids, key, s.start)
+        assert 2 <= len(vals) <= 3 and len(set(vals)) == len(vals)
+        assert vals[-1] == int(s.ids[a]) and vals[0] != int(s.ids[a])
+    assert ctx.size == s.start
+
+
+@pytest.mark.parametrize("task", ["hop2", "hop3", "alias", "update"])
+def test_new_tasks_run_at_eval_lengths(task):
+    for N in (1024, 65536):
+        s = T.make_task(task, N, np.random.default_rng(5))
+        assert s.ids.size == N and s.ids.min() >= 0 and s.ids.max() < T.VOCAB
+        assert all(int(i[0]) > s.start for i in s.items)
