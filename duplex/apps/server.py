@@ -19,6 +19,7 @@ threat model is docs/security.md.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import secrets
@@ -32,6 +33,7 @@ from urllib.parse import parse_qs, urlsplit
 from duplex.apps import protocol as P
 from duplex.apps.server_conn import Conn, LimitError, close_reason
 from duplex.apps.server_guard import WS_LOG, Gate, TokenBucket, peer_of
+from duplex.apps.server_wire import OrderedWork
 from duplex.apps.wire_opus import OpusDecoder, OpusEncoder, OpusError
 from duplex.streamer.engine import SamplingConfig
 from duplex.streamer.recording import RecordQuota
@@ -39,6 +41,7 @@ from duplex.streamer.scheduler import FrameIn, Lane, Scheduler
 from duplex.streamer.statefile import StateFileError, StateKeys
 
 if TYPE_CHECKING:
+    import numpy as np
     from websockets.asyncio.server import Server, ServerConnection
 
     from duplex.streamer.engine import CheckedState, Engine, FrameResult, Session
@@ -114,6 +117,12 @@ class DuplexServer:
         engine.max_typed_bytes = cfg.max_typed_bytes
         self.gate = Gate(cfg)
         self.scheduler = Scheduler(engine, after_tick=self._after_tick)
+        # Per-session wire-codec work (Opus) runs here, never on the event loop that runs the
+        # scheduler nor on the engine thread. Two threads a session (in and out) at most, so a
+        # session whose codec is stuck holds up only its own audio.
+        self.wire_pool = concurrent.futures.ThreadPoolExecutor(
+            2 * cfg.max_sessions, thread_name_prefix="wire"
+        )
         self.refused_full = 0
         self.refused_saves = 0
         self._background: set[asyncio.Task] = set()
@@ -175,7 +184,9 @@ class DuplexServer:
             await self._server.wait_closed()
         await self.scheduler.stop()
         for conn in list(self.conns):
+            self._stop_wire(conn)
             self._leave(conn)
+        self.wire_pool.shutdown(wait=False, cancel_futures=True)
 
     def _sampling_for(self, ws: ServerConnection) -> SamplingConfig:
         query = parse_qs(urlsplit(ws.request.path).query)
@@ -185,21 +196,65 @@ class DuplexServer:
         return sampling
 
     def _deliver(self, conn: Conn, f: FrameIn, res: FrameResult) -> None:
-        """One stepped frame's messages: its TOKENS and TEXT first; its AUDIO ends it."""
+        """The scheduler's callback for a stepped frame: PCM goes out at once; an Opus
+        session's frame is encoded by its own worker and sent, in order, when ready."""
+        if conn.wire_out is None:
+            self._send_frame(conn, f, res, None)
+            return
+        encoder = conn.opus_out
+        conn.wire_out.put(
+            lambda: encoder.encode(P.pcm_to_int16(res.pcm)),
+            lambda packet: self._send_frame(conn, f, res, packet),
+        )
+
+    def _send_frame(self, conn: Conn, f: FrameIn, res: FrameResult, packet: bytes | None) -> None:
+        """One stepped frame's messages: its TOKENS and TEXT first; its AUDIO (PCM, or the
+        Opus `packet`) ends it. An Opus frame whose encoding was skipped (the session's worker
+        was behind) keeps its TOKENS and TEXT and loses its audio (counted)."""
         seq = f.seq
         if conn.tokens:
-            conn.send(P.encode(P.Tokens(seq, res.tokens_in, res.tokens_out)))
+            conn.queue(P.encode(P.Tokens(seq, res.tokens_in, res.tokens_out)))
         if res.text:
-            conn.send(P.encode(P.Text(res.text, seq, P.Stream.MODEL)))
+            conn.queue(P.encode(P.Text(res.text, seq, P.Stream.MODEL)))
         if res.user_text:
-            conn.send(P.encode(P.Text(res.user_text, seq, P.Stream.USER)))
-        pcm = P.pcm_to_int16(res.pcm)
-        if conn.opus_out is not None:
-            conn.send(P.encode(P.Opus(seq, conn.opus_out.encode(pcm))))
+            conn.queue(P.encode(P.Text(res.user_text, seq, P.Stream.USER)))
+        if conn.wire_out is None:
+            conn.queue(P.encode(P.Audio(seq, P.pcm_to_int16(res.pcm))))
+        elif packet is None:
+            conn.dropped_output_messages += 1
+            return
         else:
-            conn.send(P.encode(P.Audio(seq, pcm)))
+            conn.queue(P.encode(P.Opus(seq, packet)))
         conn.frames_out += 1
         conn.latency_ms.append(1000.0 * (time.monotonic() - f.t))
+
+    def _wire(self, conn: Conn) -> OrderedWork:
+        """A worker for one direction of `conn`'s wire codec; a failure closes `conn` alone."""
+
+        def failed(e: Exception) -> None:
+            if isinstance(e, LimitError):
+                self._close_soon(conn, e.code, str(e))
+            else:
+                log.error("session %s: wire codec failed: %r", conn.sid, e)
+                self._close_soon(conn, P.ErrorCode.INTERNAL, "internal server error")
+
+        return OrderedWork(self.wire_pool, failed, limit=self.cfg.queue_frames)
+
+    def _stop_wire(self, conn: Conn) -> None:
+        for work in (conn.wire_in, conn.wire_out):
+            if work is not None:
+                work.close()
+
+    def _arrive(self, conn: Conn, frame: FrameIn) -> None:
+        """An input frame for the scheduler, behind any OPUS frames still being decoded."""
+        if conn.wire_in is not None and conn.wire_in.busy:
+            conn.wire_in.put(None, lambda _: self._push(conn, frame))
+        else:
+            self._push(conn, frame)
+
+    def _push(self, conn: Conn, frame: FrameIn) -> None:
+        conn.lane.push(frame)
+        self.scheduler.wake()
 
     def _close_soon(self, conn: Conn, code: P.ErrorCode, message: str) -> None:
         """Close a session without waiting for it: the ERROR and the close are sent by a task
@@ -369,6 +424,7 @@ class DuplexServer:
             except OpusError as e:
                 await self._fatal(conn, P.ErrorCode.UNSUPPORTED, f"no Opus here: {e}")
                 return
+            conn.wire_out = self._wire(conn)
         conn.lane = Lane(
             on_frame=lambda f, res: self._deliver(conn, f, res),
             on_failure=lambda why: self._close_soon(conn, P.ErrorCode.INTERNAL, why),
@@ -402,6 +458,7 @@ class DuplexServer:
                 await self._fatal(conn, P.ErrorCode.INTERNAL, "internal server error")
         finally:
             conn.closed = conn.lane.closed = True
+            self._stop_wire(conn)
             self.conns.discard(conn)
             self.scheduler.discard(conn.lane)
             self.active -= 1
@@ -467,26 +524,25 @@ class DuplexServer:
         op = self.scheduler.op
         if isinstance(msg, P.Audio):
             conn.last_audio = now
-            conn.lane.push(FrameIn(msg.frame, pcm=P.int16_to_pcm(msg.pcm), t=now))
-            self.scheduler.wake()
+            self._arrive(conn, FrameIn(msg.frame, pcm=P.int16_to_pcm(msg.pcm), t=now))
         elif isinstance(msg, P.Opus):
-            # Decoded here, in order, by this session's own decoder: a packet libopus refuses
-            # closes this session alone (ERROR 1, close 1008).
+            # Decoded in order by this session's own decoder, on its own worker (not on this
+            # loop, which runs the scheduler): a packet libopus refuses closes this session
+            # alone (ERROR 1, close 1008).
             if conn.opus_in is None:
                 conn.opus_in = OpusDecoder(
                     int(self.engine.sample_rate), int(self.engine.frame_size)
                 )
-            try:
-                pcm = conn.opus_in.decode(msg.packet)
-            except OpusError as e:
-                raise LimitError(f"OPUS frame {msg.frame}: {e}", P.ErrorCode.BAD_MESSAGE) from None
+                conn.wire_in = self._wire(conn)
             conn.last_audio = now
-            conn.lane.push(FrameIn(msg.frame, pcm=P.int16_to_pcm(pcm), t=now))
-            self.scheduler.wake()
+            decoder, seq, packet = conn.opus_in, msg.frame, msg.packet
+            conn.wire_in.put(
+                lambda: _decode(decoder, seq, packet),
+                lambda pcm: self._decoded(conn, seq, pcm, now),
+            )
         elif isinstance(msg, P.Codes):
             conn.last_audio = now
-            conn.lane.push(FrameIn(msg.frame, codes=list(msg.codes), t=now))
-            self.scheduler.wake()
+            self._arrive(conn, FrameIn(msg.frame, codes=list(msg.codes), t=now))
         elif isinstance(msg, P.Ping):
             conn.send(P.encode(P.Ping(msg.nonce)))
         elif isinstance(msg, P.Text):
@@ -521,3 +577,20 @@ class DuplexServer:
                 # The detail (a path on this server) stays in the server's log.
                 log.error("session %s: %s: %s", conn.sid, what, e)
                 conn.send(P.encode(P.Error(int(P.ErrorCode.STATE), f"{what}: server error")))
+
+    def _decoded(self, conn: Conn, seq: int, pcm: np.ndarray | None, t: float) -> None:
+        """An OPUS frame's PCM, back on the loop in order; None: skipped (its worker was
+        behind), counted as a dropped input frame."""
+        if pcm is None:
+            conn.lane.dropped += 1
+            return
+        self._push(conn, FrameIn(seq, pcm=pcm, t=t))
+
+
+def _decode(decoder: OpusDecoder, seq: int, packet: bytes) -> np.ndarray:
+    """Wire worker: one OPUS packet -> one float32 frame; a refused packet is the sender's
+    fault (`LimitError` with BAD_MESSAGE closes that session alone)."""
+    try:
+        return P.int16_to_pcm(decoder.decode(packet))
+    except OpusError as e:
+        raise LimitError(f"OPUS frame {seq}: {e}", P.ErrorCode.BAD_MESSAGE) from None

@@ -22,6 +22,7 @@ from duplex.streamer.scheduler import Lane
 if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection
 
+    from duplex.apps.server_wire import OrderedWork
     from duplex.apps.wire_opus import OpusDecoder, OpusEncoder
     from duplex.streamer.engine import SamplingConfig, Session
 
@@ -69,6 +70,10 @@ class Conn:
     # at its first OPUS frame) and encoder of its answers (with ?audio=opus).
     opus_in: OpusDecoder | None = None
     opus_out: OpusEncoder | None = None
+    # Where that codec work runs, in order, off the event loop and the engine thread
+    # (`duplex.apps.server_wire`): decoding what arrives, encoding what leaves.
+    wire_in: OrderedWork | None = None
+    wire_out: OrderedWork | None = None
 
     @property
     def session(self) -> Session | None:
@@ -79,7 +84,15 @@ class Conn:
         self.lane.session = value
 
     def send(self, data: bytes) -> None:
-        """Queue one outgoing message for the writer task. The queue is bounded in messages
+        """Queue one outgoing message, after the frames still being encoded for this session:
+        a reply never overtakes the audio of the frames stepped before it."""
+        if self.wire_out is not None and self.wire_out.busy:
+            self.wire_out.put(None, lambda _: self.queue(data))
+        else:
+            self.queue(data)
+
+    def queue(self, data: bytes) -> None:
+        """Queue one outgoing message for the writer task now. The queue is bounded in messages
         and in bytes: when either is full, its oldest messages are dropped (counted)."""
         if self.closed:
             return
