@@ -25,14 +25,15 @@ import logging
 import secrets
 import ssl
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 from duplex.apps import protocol as P
+from duplex.apps.server_config import ServeConfig
 from duplex.apps.server_conn import Conn, LimitError, close_reason
 from duplex.apps.server_guard import WS_LOG, Gate, TokenBucket, peer_of
+from duplex.apps.server_session import SessionOps
 from duplex.apps.server_wire import OrderedWork
 from duplex.apps.wire_opus import OpusDecoder, OpusEncoder, OpusError
 from duplex.streamer.engine import SamplingConfig
@@ -44,53 +45,9 @@ if TYPE_CHECKING:
     import numpy as np
     from websockets.asyncio.server import Server, ServerConnection
 
-    from duplex.streamer.engine import CheckedState, Engine, FrameResult, Session
+    from duplex.streamer.engine import Engine, FrameResult
 
 log = logging.getLogger("duplex.serve")
-
-
-@dataclass
-class ServeConfig:
-    """Server settings; every limit is explicit so nothing buffers without bound."""
-
-    host: str = "127.0.0.1"
-    port: int = 8998
-    token: str | None = None
-    max_sessions: int = 16
-    max_message_bytes: int = 4 << 20
-    input_queue_messages: int = 4
-    idle_timeout: float = 60.0
-    queue_frames: int = 10
-    out_queue_messages: int = 512
-    out_queue_bytes: int = 4 << 20
-    max_typed_bytes: int = 4096
-    max_state_tokens: int = 100_000
-    max_per_peer: int = 4
-    connect_rate: float = 2.0
-    connect_burst: float = 8.0
-    max_handshakes: int = 64
-    open_timeout: float = 5.0
-    state_secrets: list[bytes] | None = None
-    allow_unsigned_states: bool = False
-    flood_rate: float = 150.0
-    flood_burst: float = 250.0
-    control_rate: float = 2.0
-    control_burst: float = 5.0
-    stats_interval: float = 1.0
-    record: str | None = None
-    # Disk budget of --record: all recordings under the directory, and one session's segments.
-    record_max_mb: float = 2048.0
-    record_session_mb: float = 256.0
-    certfile: str | None = None
-    keyfile: str | None = None
-    model_name: str = "default"
-    codec_name: str = "default"
-    sampling: dict[str, Any] = field(default_factory=dict)
-    ping_interval: float | None = 20.0
-    ping_timeout: float | None = 20.0
-    # What an Opus session's answers are encoded at (?audio=opus); 24 kbps keeps 16 kHz speech
-    # intelligible to the model's ear and to people.
-    opus_bitrate: int = 24_000
 
 
 class DuplexServer:
@@ -116,6 +73,7 @@ class DuplexServer:
         engine.max_state_tokens = cfg.max_state_tokens
         engine.max_typed_bytes = cfg.max_typed_bytes
         self.gate = Gate(cfg)
+        self.ops = SessionOps(engine, cfg, self.record_quota)
         self.scheduler = Scheduler(engine, after_tick=self._after_tick)
         # Per-session wire-codec work (Opus) runs here, never on the event loop that runs the
         # scheduler nor on the engine thread. Two threads a session (in and out) at most, so a
@@ -185,7 +143,7 @@ class DuplexServer:
         await self.scheduler.stop()
         for conn in list(self.conns):
             self._stop_wire(conn)
-            self._leave(conn)
+            self.ops.leave(conn)
         self.wire_pool.shutdown(wait=False, cancel_futures=True)
 
     def _sampling_for(self, ws: ServerConnection) -> SamplingConfig:
@@ -282,97 +240,6 @@ class DuplexServer:
             if c.lane in live:
                 c.send(P.encode(c.stats(len(self.conns), engine)))
 
-    def _record(self, conn: Conn, session: Session) -> None:
-        """Engine thread: the next recording segment of `conn` (with --record)."""
-        if not self.cfg.record:
-            return
-        name = conn.sid if conn.segment == 0 else f"{conn.sid}-{conn.segment}"
-        quota = self.record_quota
-        self.engine.record(
-            session,
-            Path(self.cfg.record) / name,
-            model=self.cfg.model_name,
-            codec=self.cfg.codec_name,
-            budget=lambda n, key=conn.sid: quota.charge(key, n),
-            server_session=conn.sid,
-            segment=conn.segment,
-        )
-
-    def _join(self, conn: Conn) -> Session:
-        """Engine thread: a new engine session for `conn`, recorded if --record is on."""
-        session = self.engine.join(conn.sampling)
-        try:
-            self._record(conn, session)
-        except BaseException:
-            self.engine.leave(session)
-            raise
-        conn.segment += 1
-        return session
-
-    def _save(self, conn: Conn) -> bytes:
-        return self.engine.state_bytes(conn.session)
-
-    def _load(self, conn: Conn, checked: CheckedState) -> int:
-        """Engine thread: continue from a checked state (a refused one changes nothing)."""
-        self.engine.restore(conn.session, checked)
-        self._record(conn, conn.session)
-        conn.segment += 1
-        return int(conn.session.frame)
-
-    def _reset(self, conn: Conn) -> int:
-        self.engine.reset(conn.session)
-        self._record(conn, conn.session)
-        conn.segment += 1
-        return int(conn.session.frame)
-
-    def _type(self, conn: Conn, text: str) -> int:
-        """Engine thread: queue typed text; returns the frame it starts entering at."""
-        waiting = len(conn.session.typed) + len(text.encode("utf-8"))
-        if waiting > self.cfg.max_typed_bytes:
-            raise LimitError(
-                f"typed text waiting to enter the model would be {waiting} bytes; at most "
-                f"{self.cfg.max_typed_bytes} (it enters one byte per audio frame)"
-            )
-        conn.session.type_text(text)
-        return int(conn.session.frame)
-
-    def _leave(self, conn: Conn) -> None:
-        if conn.session is not None:
-            self.engine.leave(conn.session)
-            conn.session = None
-
-    def _hello(self, conn: Conn) -> P.Hello:
-        e = self.engine
-        return P.Hello(
-            version=P.VERSION,
-            model=self.cfg.model_name,
-            codec=self.cfg.codec_name,
-            model_fingerprint=e.model_fingerprint,
-            codec_fingerprint=e.codec_fingerprint,
-            sample_rate=int(e.sample_rate),
-            frame_size=int(e.frame_size),
-            frame_rate=float(e.frame_rate),
-            num_codebooks=int(e.K),
-            cardinality=self.fmt.cardinality,
-            accepts=["PCM", "CODES", "TYPE", "CONTROL", "PING", "OPUS"],
-            session=conn.sid,
-            max_message_bytes=self.cfg.max_message_bytes,
-            max_text_bytes=self.fmt.max_text_bytes,
-            extra={
-                "controls": [op.name for op in P.Op],
-                "queue_frames": self.cfg.queue_frames,
-                "idle_timeout": self.cfg.idle_timeout,
-                "signed_states": not self.cfg.allow_unsigned_states,
-                "max_typed_bytes": self.cfg.max_typed_bytes,
-                "max_state_tokens": self.cfg.max_state_tokens,
-                "out_queue_bytes": self.cfg.out_queue_bytes,
-                "seed": conn.sampling.seed,
-                "sampling": asdict(conn.sampling),
-                "audio": "opus" if conn.opus_out is not None else "pcm",
-                "opus": {"bitrate": self.cfg.opus_bitrate, "packet_ms": 20},
-            },
-        )
-
     async def _fatal(self, conn: Conn, code: P.ErrorCode, message: str) -> None:
         """Tell the client what went wrong, then close with the code the protocol assigns."""
         from websockets.exceptions import ConnectionClosed
@@ -443,13 +310,13 @@ class DuplexServer:
         writer = None
         try:
             try:
-                conn.session = await self.scheduler.op(lambda: self._join(conn))
+                conn.session = await self.scheduler.op(lambda: self.ops.join(conn))
             except Exception as e:
                 await self._fatal(conn, P.ErrorCode.INTERNAL, f"cannot start a session: {e}")
                 return
             self.conns.add(conn)
             self.scheduler.add(conn.lane)
-            await ws.send(P.encode(self._hello(conn)))
+            await ws.send(P.encode(self.ops.hello(conn, self.fmt)))
             writer = asyncio.create_task(self._writer(conn))
             await self._read(conn)
         except Exception as e:
@@ -463,7 +330,7 @@ class DuplexServer:
             self.scheduler.discard(conn.lane)
             self.active -= 1
             # Queued now, runs before any later join: the slot is free for the next client.
-            self.scheduler.op_nowait(lambda: self._leave(conn))
+            self.scheduler.op_nowait(lambda: self.ops.leave(conn))
             if writer is not None:
                 conn.wake.set()
                 writer.cancel()
@@ -547,7 +414,7 @@ class DuplexServer:
             conn.send(P.encode(P.Ping(msg.nonce)))
         elif isinstance(msg, P.Text):
             text = msg.text
-            frame = await op(lambda: self._type(conn, text))
+            frame = await op(lambda: self.ops.type_text(conn, text))
             conn.send(P.encode(P.Event({"event": "typed", "frame": frame, "text": text})))
         elif isinstance(msg, P.Control):
             what = f"{msg.op.name} failed"
@@ -558,7 +425,7 @@ class DuplexServer:
                         raise StateFileError(
                             "the previous STATE has not been read yet; read it first"
                         )
-                    blob = await op(lambda: self._save(conn))
+                    blob = await op(lambda: self.ops.save(conn))
                     conn.send(P.encode(P.State(blob)))
                 elif msg.op == P.Op.LOAD_STATE:
                     # Read and checked off the engine thread: no session waits for it.
@@ -566,10 +433,10 @@ class DuplexServer:
                         self.engine.check_state, msg.blob, label="the LOAD_STATE payload"
                     )
                     msg = None  # the blob is no longer needed; do not hold it while loading
-                    frame = await op(lambda: self._load(conn, checked))
+                    frame = await op(lambda: self.ops.load(conn, checked))
                     conn.send(P.encode(P.Event({"event": "state_loaded", "frame": frame})))
                 else:
-                    frame = await op(lambda: self._reset(conn))
+                    frame = await op(lambda: self.ops.reset(conn))
                     conn.send(P.encode(P.Event({"event": "reset", "frame": frame})))
             except (StateFileError, ValueError) as e:
                 conn.send(P.encode(P.Error(int(P.ErrorCode.STATE), f"{what}: {e}")))

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from websockets.asyncio.server import ServerConnection
     from websockets.http11 import Request, Response
 
-    from duplex.apps.server import ServeConfig
+    from duplex.apps.server_config import ServeConfig
 
 
 # What the server sends the model's audio as (?audio=...): int16 PCM or Opus packets.
