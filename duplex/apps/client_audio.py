@@ -42,15 +42,24 @@ class FileSource:
 
 
 class DeviceSource:
-    """Microphone frames (the device paces the sender)."""
+    """Microphone frames (the device paces the sender). With an echo canceller the frame is the
+    cancelled microphone; the raw one goes to the client's recording (`--record`: mic.wav), which
+    only ever sees what crosses the wire."""
 
     paced_by_device = True
 
-    def __init__(self, audio: Any) -> None:
+    def __init__(self, audio: Any, client: Client | None = None) -> None:
         self.audio = audio
+        self.client = client
 
     async def read(self, loop: asyncio.AbstractEventLoop) -> np.ndarray | None:
-        return await loop.run_in_executor(None, self.audio.read_frame)
+        frame = await loop.run_in_executor(None, self.audio.read_frame)
+        echo = getattr(self.audio, "echo", None)
+        recorder = getattr(self.client, "recorder", None)
+        raw = getattr(self.audio, "raw_frame", None)
+        if frame is not None and echo is not None and recorder is not None and raw is not None:
+            recorder.raw_mic(raw, echo.settings.as_dict())
+        return frame
 
 
 class Sink:
@@ -103,7 +112,7 @@ class AudioEnds:
             device = DeviceAudio(sr, fs, args.device, args.device, echo=echo)
             device.start()
             self.opened.append(device)
-            client.source, client.sink = DeviceSource(device), Sink(device, speaker=True)
+            client.source, client.sink = DeviceSource(device, client), Sink(device, speaker=True)
 
     def close(self) -> None:
         for audio in self.opened:

@@ -12,6 +12,12 @@ One recording holds one timeline of one server session. A new timeline (a reconn
 new server session; a reset; a state loaded mid-conversation) starts the next segment in a
 sibling directory: DIR, DIR-1, DIR-2, ... A state loaded before the first frame is written into
 the segment as `initial.dstate`, as `duplex talk --state` does.
+
+With an echo canceller on the microphone, what was sent is the cancelled audio; the raw
+microphone never crosses the wire, so the audio source hands it over (`raw_mic`) just before the
+frame is sent, and it goes to `mic.wav`, frame for frame beside `in.wav`, with an `echo` control
+event giving the settings, as in a `duplex talk` recording: a session can then be re-checked
+with other canceller settings.
 """
 
 from __future__ import annotations
@@ -42,6 +48,9 @@ class RemoteRecorder:
         self.sent: dict[int, np.ndarray] = {}
         self.tokens: dict[int, tuple[list[int], list[int]]] = {}
         self.texts: dict[int, dict[str, str]] = {}
+        self.raw: dict[int, np.ndarray] = {}
+        self._raw_next: np.ndarray | None = None
+        self.echo_settings: dict[str, Any] | None = None
         self.missing_tokens = 0
 
     def begin(self, hello: P.Hello, state: bytes | None = None, frame: int = 0) -> Path:
@@ -81,11 +90,22 @@ class RemoteRecorder:
             tmp.write_bytes(self.state)
             os.replace(tmp, directory / "initial.dstate")
         self.segments.append(directory)
+        if self.echo_settings is not None:
+            self.recorder.control(self.frame, "echo", **self.echo_settings)
         return self.recorder
+
+    def raw_mic(self, pcm: np.ndarray, settings: dict[str, Any]) -> None:
+        """The raw microphone frame (float) behind the next frame sent, and the echo
+        canceller's settings: the source calls this right before the client sends the frame."""
+        self._raw_next = P.pcm_to_int16(pcm)
+        self.echo_settings = settings
 
     def sent_frame(self, seq: int, pcm: np.ndarray) -> None:
         """The int16 frame `seq` as sent (what the model hears if the server steps it)."""
         self.sent[seq] = pcm
+        if self._raw_next is not None:
+            self.raw[seq] = self._raw_next
+            self._raw_next = None
 
     def received(self, msg: Any) -> None:
         """Fold in one server message."""
@@ -108,7 +128,9 @@ class RemoteRecorder:
             del self.sent[k]
             self.tokens.pop(k, None)
             self.texts.pop(k, None)
+            self.raw.pop(k, None)
         pcm_in = self.sent.pop(seq, None)
+        raw = self.raw.pop(seq, None)
         tokens = self.tokens.pop(seq, None)
         texts = self.texts.pop(seq, {})
         if pcm_in is None:
@@ -117,7 +139,10 @@ class RemoteRecorder:
             # Without the server's tokens the frame cannot be checked; keep the audio anyway.
             self.missing_tokens += 1
             tokens = ([], [])
-        self._open().frame(
+        recorder = self._open()
+        if raw is not None:
+            recorder.mic(P.int16_to_pcm(raw))
+        recorder.frame(
             self.frame,
             P.int16_to_pcm(pcm_in),
             P.int16_to_pcm(out),

@@ -211,12 +211,214 @@ def processed_reference(
 
 def best_correlation(a: np.ndarray, b: np.ndarray, max_lag: int = 200) -> float:
     """The largest normalised correlation of `a` with `b` shifted by at most `max_lag`."""
+    return best_alignment(a, b, max_lag)[0]
+
+
+def best_alignment(a: np.ndarray, b: np.ndarray, max_lag: int = 200) -> tuple[float, int]:
+    """(largest normalised correlation, its lag) of `a` against `b` shifted by -max_lag..max_lag
+    samples; a positive lag means `a` comes later than `b`."""
     a = a.astype(np.float64)
     b = b.astype(np.float64)
-    best = -1.0
+    best, best_lag = -1.0, 0
     for lag in range(-max_lag, max_lag + 1):
         x = a[max(0, lag) : a.size + min(0, lag)]
         y = b[max(0, -lag) : b.size + min(0, -lag)]
         c = float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y) + 1e-12))
-        best = max(best, c)
-    return best
+        if c > best:
+            best, best_lag = c, lag
+    return best, best_lag
+
+
+def chain_delay(sample_rate: int, settings: EchoSettings, seconds: float = 1.0) -> int:
+    """How many samples the microphone processing delays what it passes on, measured with a
+    noise probe and a silent far end. Not zero: speex's preprocessor analyses overlapping
+    windows and returns the previous 10 ms chunk, and WebRTC's module resamples to its own band
+    rate. A comparison with the raw microphone must look that far (an 8 ms search missed
+    speex's 10 ms and read 0.14 where the user was kept at 0.92)."""
+    rng = np.random.default_rng(0)
+    ec = EchoCanceller(sample_rate, settings)
+    x = (0.05 * rng.standard_normal(round(seconds * sample_rate) // ec.chunk * ec.chunk)).astype(
+        np.float32
+    )
+    y = ec.process(x)
+    ec.close()
+    return best_alignment(y, x, sample_rate // 20)[1]
+
+
+def run_offline(
+    far: np.ndarray,
+    user: np.ndarray | None,
+    sample_rate: int,
+    frame_size: int,
+    settings: EchoSettings,
+    delay_s: float = 0.1,
+    user_at_s: float = 6.0,
+    jump_at_s: float | None = None,
+    jump_s: float = 0.05,
+    response: np.ndarray | None = None,
+    initial_delay_s: float = 0.05,
+) -> ScenarioResult:
+    """`run_scenario`'s session without a sound server: the same room, delay jump and user,
+    mixed here frame by frame, the canceller fed exactly as the device feeds it (`play` with the
+    frame handed to the speaker, `process` with the microphone). Deterministic, and independent
+    of the machine's load: what the canceller's logic does, apart from real-time scheduling."""
+    room = Room(sample_rate, delay_s, room_response(sample_rate) if response is None else response)
+    ec = EchoCanceller(sample_rate, settings, initial_delay_s=initial_delay_s)
+    frames = far.size // frame_size
+    voice = np.zeros(frames * frame_size, np.float32)
+    user_start = None
+    if user is not None:
+        user_start = round(user_at_s * sample_rate)
+        part = user[: max(0, voice.size - user_start)]
+        voice[user_start : user_start + part.size] = part
+    played = far[: frames * frame_size].astype(np.float32)
+    mic = np.zeros_like(played)
+    heard = np.zeros_like(played)
+    status = []
+    for j in range(frames):
+        t = j * frame_size / sample_rate
+        if jump_at_s is not None and t >= jump_at_s:
+            room.delay_s = delay_s + jump_s
+        span = slice(j * frame_size, (j + 1) * frame_size)
+        ec.play(played[span])
+        mic[span] = room(played[span]) + voice[span]
+        heard[span] = ec.process(mic[span])
+        if j % 25 == 0:
+            status.append({"t": t, **ec.status().as_dict()})
+    proc = list(ec._proc_ms)
+    ec.close()
+    return ScenarioResult(sample_rate, frame_size, played, mic, heard, user_start, status, proc)
+
+
+@dataclass
+class EchoCondition:
+    """One session of `talk_over_echo`: whether its speaker echoes into its microphone, and
+    which microphone processing runs (None: the microphone goes to the model as it is)."""
+
+    name: str
+    echo: bool
+    settings: EchoSettings | None
+    seed: int = 0
+
+
+@dataclass
+class LoopRun:
+    """What one session of `talk_over_echo` gave, at the codec rate, frame by frame."""
+
+    name: str
+    mic: np.ndarray
+    heard: np.ndarray
+    out: np.ndarray
+    user_ids: list[int]
+    status: dict | None = None
+
+
+def talk_over_echo(
+    engine,
+    user: np.ndarray,
+    conditions: list[EchoCondition],
+    delay_s: float = 0.1,
+    response: np.ndarray | None = None,
+    speaker_gain: float = 1.0,
+    initial_delay_s: float = 0.05,
+) -> dict[str, LoopRun]:
+    """The model talking to a user through a speaker and a microphone, closed loop, one engine
+    session per condition (batched, each with its own sampler, room and canceller).
+
+    Each frame the session's microphone hears the user's voice plus, when the condition has
+    echo, everything the model played so far through `delay_s` + `response` (the rig's room);
+    the canceller's far end is exactly what the model played, its initial delay the PortAudio
+    guess `initial_delay_s`, so it must measure the true path itself. The model then hears the
+    processed microphone and answers, and its answer is the next echo: the model hears its own
+    current reply, not a recording. This runs offline (no sound server): the null sink's monitor
+    hears the speaker exactly, so the acoustics are the same, but the model need not keep up
+    with real time on a loaded machine.
+    """
+    from duplex.streamer.engine import SamplingConfig
+
+    rate, fs = engine.sample_rate, engine.frame_size
+    h = room_response(rate) if response is None else response
+    n = -(-user.size // fs)
+    signal = np.zeros(n * fs, np.float32)
+    signal[: user.size] = user
+    loops = []
+    for c in conditions:
+        canceller = None
+        if c.settings is not None:
+            canceller = EchoCanceller(rate, c.settings, initial_delay_s=initial_delay_s)
+        zeros = [np.zeros(n * fs, np.float32) for _ in range(3)]
+        loops.append(
+            _Loop(
+                engine.join(SamplingConfig(seed=c.seed)),
+                Room(rate, delay_s, h) if c.echo else None,
+                canceller,
+                np.zeros(fs, np.float32),
+                LoopRun(c.name, *zeros, []),
+            )
+        )
+    try:
+        for i in range(n):
+            span = slice(i * fs, (i + 1) * fs)
+            for lp in loops:
+                lp.run.mic[span] = signal[span] + lp.echo
+                mic = lp.run.mic[span]
+                lp.run.heard[span] = mic if lp.canceller is None else lp.canceller.process(mic)
+            results = engine.step({lp.session: lp.run.heard[span] for lp in loops})
+            for lp in loops:
+                res = results[lp.session]
+                out = np.asarray(res.pcm, np.float32).reshape(-1)
+                lp.run.out[span] = out
+                lp.run.user_ids.append(int(res.tokens_out[-1]))
+                if lp.canceller is not None:
+                    lp.canceller.play(out)
+                if lp.room is not None:
+                    # What the speaker plays now reaches the microphone from the next frame on.
+                    lp.echo = lp.room(speaker_gain * out).astype(np.float32)
+    finally:
+        for lp in loops:
+            engine.leave(lp.session)
+            if lp.canceller is not None:
+                lp.run.status = lp.canceller.status().as_dict()
+                lp.canceller.close()
+    return {lp.run.name: lp.run for lp in loops}
+
+
+@dataclass
+class _Loop:
+    """One session's speaker-to-microphone loop in `talk_over_echo`."""
+
+    session: object
+    room: Room | None
+    canceller: EchoCanceller | None
+    echo: np.ndarray
+    run: LoopRun
+
+
+def held_out_user(requests: int, seed: int, sample_rate: int) -> tuple[np.ndarray, list[str], str]:
+    """A held-out user's spoken requests, as `duplex eval talk` speaks them: an eval-split voice
+    (accent and variant training never used), eval-split requests, a clean microphone at the
+    generator's default level, the model's turns left silent for the model to fill.
+    -> (audio, the words said, the voice)."""
+    from duplex.data import dialogue as G
+    from duplex.data import domain as D
+
+    rng = np.random.default_rng(seed)
+    bank = G.WordBank(sample_rate)
+    voice = G.user_voice(rng, "eval")
+    tl = G.Timeline(bank, rng, voice, "eval", "conversations", G.Augment())
+    for _ in range(requests):
+        tl.request(tl._intent())
+    d = tl.render()
+    words = [D.normalize(w.text) for w in d.words if w.speaker == "user"]
+    return d.user.astype(np.float32), words, f"{voice.accent}+{voice.variant}"
+
+
+def transcript_wer(user_ids: list[int], reference: list[str]) -> tuple[float, str]:
+    """Word error rate of the model's transcript of the user (its user-text tokens) against
+    `reference` words -> (WER, the transcript as normalised words)."""
+    from duplex.apps.eval_talk import decode_ids
+    from duplex.data import domain as D
+    from duplex.data.asr import word_errors
+
+    hyp = D.normalize(decode_ids(user_ids))
+    return word_errors(reference, hyp.split()) / max(1, len(reference)), hyp
