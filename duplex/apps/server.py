@@ -403,6 +403,8 @@ class DuplexServer:
                 conn.wire_in = self._wire(conn)
             conn.last_audio = now
             decoder, seq, packet = conn.opus_in, msg.frame, msg.packet
+            # Decoding behind: stop reading (the socket pushes back) rather than skip packets.
+            await conn.wire_in.room()
             conn.wire_in.put(
                 lambda: _decode(decoder, seq, packet),
                 lambda pcm: self._decoded(conn, seq, pcm, now),

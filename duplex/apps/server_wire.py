@@ -8,7 +8,10 @@ order they were queued, on a thread pool shared by the server, and each result i
 the event loop in that same order. A session whose codec is slow, or stuck, only falls behind on
 its own audio; the step, and every other session's frames, go on.
 
-The backlog is bounded like every other queue of the server: past `limit` jobs waiting, the oldest
+The backlog is bounded like every other queue of the server. A producer that can wait (the reader
+of a connection, decoding what arrives) awaits `room()` first: it stops reading, as it did when
+decoding ran inline, and the socket pushes back on the client. One that must not wait (the
+scheduler's callback, encoding what leaves) never does: past `limit` jobs waiting, the oldest
 loses its work (its result is None, which the caller turns into a dropped frame), and past
 `4 * limit` items the oldest goes altogether. Both are counted.
 """
@@ -55,17 +58,27 @@ class OrderedWork:
         self.closed = False
         self._jobs: collections.deque[_Job] = collections.deque()
         self._running = False
+        self._moved = asyncio.Event()
 
     @property
     def busy(self) -> bool:
         """A job is running or waiting: whatever is queued now comes after it."""
         return self._running or bool(self._jobs)
 
+    def _waiting(self) -> list[_Job]:
+        return [j for j in self._jobs if j.work is not None]
+
+    async def room(self) -> None:
+        """Wait until fewer than `limit` jobs wait, so the next `put` skips nothing."""
+        while not self.closed and len(self._waiting()) >= self.limit:
+            self._moved.clear()
+            await self._moved.wait()
+
     def put(self, work: Callable[[], Any] | None, then: Callable[[Any], None]) -> None:
         if self.closed:
             return
         self._jobs.append(_Job(work, then))
-        waiting = [j for j in self._jobs if j.work is not None]
+        waiting = self._waiting()
         if len(waiting) > self.limit:
             # Behind: the oldest waiting job is not worth doing any more (stale audio).
             waiting[0].work = None
@@ -79,6 +92,7 @@ class OrderedWork:
         """Run nothing more (a job already on a pool thread finishes there, unheard)."""
         self.closed = True
         self._jobs.clear()
+        self._moved.set()
 
     def _pump(self) -> None:
         while self._jobs and not self._running and not self.closed:
@@ -92,12 +106,12 @@ class OrderedWork:
 
     def _done(self, job: _Job, fut: asyncio.Future) -> None:
         self._running = False
+        self._moved.set()
         if self.closed or fut.cancelled():
             return
         e = fut.exception()
         if e is not None:
-            self.closed = True
-            self._jobs.clear()
+            self.close()
             self.on_error(e)
             return
         self._then(job, fut.result())
@@ -109,6 +123,5 @@ class OrderedWork:
         except Exception as e:
             # The caller's own delivery failed: this session stops, the loop goes on.
             log.error("wire delivery failed: %r", e)
-            self.closed = True
-            self._jobs.clear()
+            self.close()
             self.on_error(e)

@@ -65,6 +65,28 @@ async def test_a_worker_behind_skips_its_oldest_jobs(pool) -> None:
     assert got == ["first", None, None, None, 3, 4, 5] and work.skipped == 3
 
 
+async def test_a_producer_that_waits_for_room_loses_nothing(pool) -> None:
+    """The reader of a connection awaits `room()` before queueing a decode: a slow decoder
+    holds the reader back (the socket pushes back on the client) instead of skipping input."""
+    gate = threading.Event()
+    work = OrderedWork(pool, on_error=pytest.fail, limit=3)
+    got: list[object] = []
+
+    async def produce() -> None:
+        for i in range(10):
+            await work.room()
+            work.put(lambda i=i: (gate.wait(10), i)[1], got.append)
+
+    task = asyncio.create_task(produce())
+    await asyncio.sleep(0.2)
+    # One job on a thread, three waiting: the producer is held at the fifth.
+    assert not task.done() and len(work._waiting()) == 3
+    gate.set()
+    await asyncio.wait_for(task, 10)
+    await _drain(work)
+    assert got == list(range(10)) and work.skipped == 0
+
+
 async def test_a_failing_job_stops_the_worker_and_says_why(pool) -> None:
     errors: list[Exception] = []
     work = OrderedWork(pool, on_error=errors.append)
