@@ -59,6 +59,7 @@ def window_attend_factored(
     mask: torch.Tensor,
     null_k: torch.Tensor,
     null_v: torch.Tensor,
+    bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`window_attend` with keys and values given as sums tok + rel(offset) + meta(candidate).
 
@@ -66,6 +67,9 @@ def window_attend_factored(
     meta_k, meta_v: [B, T, k, H, D]; mask: [B, T, k, W]; null_k, null_v: [H, D] -> [B, T, H, D].
     Never materialises the summed keys: the offset and candidate terms enter the logits and the
     output through their own small products (3x less memory traffic than summing first).
+    bias: [B, T, k] added to every logit of a candidate's window, all heads (a predicted
+    lookup's key log-probability: the softmax then weighs a window by p(key) · exp(score), so
+    the loss that trains the choice of window trains the choice of key too).
     """
     B, T, k, W, H, D = tok_k.shape
     scale = D**-0.5
@@ -73,7 +77,10 @@ def window_attend_factored(
     logits = torch.einsum("bthd,btkwhd->bthkw", q, tok_k)
     logits = logits + torch.einsum("bthd,whd->bthw", q, rel_k)[:, :, :, None, :]
     logits = logits + torch.einsum("bthd,btkhd->bthk", q, meta_k)[..., None]
-    logits = (logits * scale).masked_fill(~mask[:, :, None], float("-inf"))
+    logits = logits * scale
+    if bias is not None:
+        logits = logits + bias[:, :, None, :, None]
+    logits = logits.masked_fill(~mask[:, :, None], float("-inf"))
     null = torch.einsum("bthd,hd->bth", q, null_k)[..., None] * scale
     p = torch.softmax(torch.cat([null, logits.reshape(B, T, H, k * W)], dim=-1), dim=-1)
     pw = p[..., 1:].reshape(B, T, H, k, W)

@@ -58,6 +58,15 @@ class GuidedWindowAttention(nn.Module):
 
     Stateless: everything it needs across steps is in the reader's history, so its streaming form
     is its parallel form applied to the new positions' windows.
+
+    With `read.lookup_keys` = K > 0 the layer also has a lookup head: a distribution over the
+    vocabulary from the hidden state, `log p(x | h) = log_softmax((h W_l) E^T)` through the tied
+    token table E (W_l starts as the identity: "the ids my state looks like", which after a
+    first read includes the id that read found). Its K most likely ids are looked up in the
+    history (the R newest earlier occurrences of each) and their windows join the candidates,
+    each window's logits raised by its key's log-probability. The keys are a latent choice
+    marginalised over the top K inside the one softmax, so the loss reaches the head through
+    log p: no label says which key was right.
     """
 
     def __init__(self, cfg: GWAConfig, read: GWAReadConfig) -> None:
@@ -77,17 +86,62 @@ class GuidedWindowAttention(nn.Module):
         self.digits = nn.Parameter(torch.randn(read.pos_digits, read.pos_base, d) * 0.02)
         self.null_k = nn.Parameter(torch.zeros(H, D))
         self.null_v = nn.Parameter(torch.zeros(H, D))
+        # Created only with predicted lookups, so configs without them keep their parameters,
+        # their weight files and their random initialisation.
+        self.lookup: nn.Linear | None = None
+        if read.lookup_keys:
+            self.lookup = nn.Linear(d, d, bias=False)
+            nn.init.eye_(self.lookup.weight)
+            self.lookup_slot = nn.Parameter(torch.randn(read.n_lookups, d) * 0.02)
+
+    def propose(self, x: torch.Tensor, embedding: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The lookup head: x [B, T, d] -> (ids [B, T, K], their log-probabilities [B, T, K]).
+
+        Costs d² + d·V multiply-adds and a top-K over V per position (V = 8192, d = 64: 0.5M,
+        the size of an output softmax), whatever the history length.
+        """
+        # logp: [B, T, V]
+        z = self.lookup(x) @ embedding.T
+        # half-precision logits over V lose the ranking of close keys: softmax in float32 then
+        logp = torch.log_softmax(z.float() if z.element_size() < 4 else z, dim=-1)
+        lp, ids = logp.topk(self.read_cfg.lookup_keys, dim=-1)
+        return ids, lp.to(x.dtype)
+
+    def _with_lookups(
+        self, x: torch.Tensor, read: WindowRead, embedding: torch.Tensor
+    ) -> tuple[WindowRead, torch.Tensor, torch.Tensor]:
+        """The read plus the windows of this layer's predicted keys; their per-candidate logit
+        bias [B, T, k'] (0 for suffix candidates, log p(key) for looked-up ones) and slots."""
+        ids, lp = self.propose(x, embedding)
+        found = read.finder.find(ids.detach().cpu().numpy())
+        extra = {name: torch.from_numpy(v).to(x.device) for name, v in found.items()}
+        R = self.read_cfg.lookup_per_key
+        # bias: [B, T, k + K·R]; each key's R occurrences share its log-probability
+        bias = torch.cat(
+            [torch.zeros_like(read.match, dtype=x.dtype), lp.repeat_interleave(R, -1)], -1
+        )
+        merged = WindowRead(
+            **{
+                name: torch.cat([getattr(read, name), extra[name]], dim=2)
+                for name in ("ids", "mask", "match", "digits", "valid")
+            }
+        )
+        return merged, bias, torch.cat([self.slot, self.lookup_slot], dim=0)
 
     def forward(self, x: torch.Tensor, read: WindowRead, embedding: torch.Tensor) -> torch.Tensor:
         """x [B, T, d]; read from the WindowReader; embedding [V, d] the model's token table."""
+        bias, slot = None, self.slot
+        if self.lookup is not None:
+            if read.finder is None:
+                raise ValueError("a GWA layer with a lookup head needs a read with a key finder")
+            read, bias, slot = self._with_lookups(x, read, embedding)
         B, T, _ = x.shape
         H, D = self.cfg.n_heads, self.cfg.head_dim
         k_n, W = read.ids.shape[2], read.ids.shape[3]
         P = self.read_cfg.pos_digits
-        # meta: [B, T, k, d] per-candidate features
         place = torch.arange(P, device=x.device)
         # meta: [B, T, k, d] per-candidate features (slot, matched length)
-        meta = self.slot[None, None] + self.match[read.match]
+        meta = slot[None, None] + self.match[read.match]
         # The anchor's position digits are extra slots of its window ("where I looked" as
         # readable items): dig: [B, T, k, P, d], one embedding per (place, digit value).
         dig = self.digits[place, read.digits]
@@ -106,7 +160,7 @@ class GuidedWindowAttention(nn.Module):
         mask = mask & read.valid[..., None]
         q = self.q_proj(x).reshape(B, T, H, D)
         o = window_attend_factored(
-            q, tok_k, tok_v, rel_k, rel_v, meta_k, meta_v, mask, self.null_k, self.null_v
+            q, tok_k, tok_v, rel_k, rel_v, meta_k, meta_v, mask, self.null_k, self.null_v, bias
         )
         o = o.reshape(B, T, H * D) * torch.sigmoid(self.gate_proj(x))
         return self.o_proj(o)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from duplex.model.ngram_index import NgramIndex, NgramIndexConfig, match_keys
+from duplex.model.ngram_index import IdChain, NgramIndex, NgramIndexConfig, match_keys
 from duplex.model.token_log import TokenLog, id_dtype
 
 
@@ -47,11 +47,26 @@ class GWAReadConfig:
     # > 0: n-grams match by id % key_modulo (an id's high part is a side feature, e.g. who
     # said a byte: matched as the same byte, embedded in the window as who said it).
     key_modulo: int = 0
+    # Predicted lookups: each GWA layer's lookup head proposes this many ids (the top of its
+    # distribution over the vocabulary); the reader returns the `lookup_per_key` newest earlier
+    # occurrences of each as extra candidates. 0: suffix candidates only (no id chain is kept).
+    lookup_keys: int = 0
+    lookup_per_key: int = 2
 
     def __post_init__(self) -> None:
         self.orders = tuple(sorted((int(m) for m in self.orders), reverse=True))
         if self.win_before < 1 or self.win_after < 0:
             raise ValueError("need win_before >= 1 and win_after >= 0")
+        if self.lookup_keys < 0 or self.lookup_per_key < 1:
+            raise ValueError("need lookup_keys >= 0 and lookup_per_key >= 1")
+        if self.lookup_keys and (self.skip_id >= 0 or self.key_modulo > 0):
+            # Both change which log position a step reads; predicted lookups do not model it.
+            raise ValueError("predicted lookups need skip_id = -1 and key_modulo = 0")
+
+    @property
+    def n_lookups(self) -> int:
+        """Extra candidates a layer with a lookup head reads: keys x occurrences per key."""
+        return self.lookup_keys * self.lookup_per_key
 
     @property
     def window(self) -> int:
@@ -100,6 +115,8 @@ class WindowRead:
     match: torch.Tensor
     digits: torch.Tensor
     valid: torch.Tensor
+    # Answers the predicted keys of layers with a lookup head (None: the config has none).
+    finder: KeyFinder | None = None
 
 
 class History:
@@ -109,6 +126,11 @@ class History:
         self.cfg = cfg
         self.log = TokenLog(id_dtype(cfg.vocab_size), cfg.ram_tokens, spill_dir, "ids.bin")
         self.index = NgramIndex(self.log, cfg.index_config(), spill_dir)
+        self.occurrences = (
+            IdChain(self.log, cfg.vocab_size, cfg.ram_tokens, spill_dir)
+            if cfg.lookup_keys
+            else None
+        )
         self.offset = 0
         # Constants of every read, built once (a streaming step reads one position per stream).
         k = cfg.n_candidates
@@ -124,16 +146,21 @@ class History:
         return len(self.log)
 
     def nbytes(self) -> int:
-        """Host bytes held for this stream (log + index)."""
-        return self.log.nbytes() + self.index.nbytes()
+        """Host bytes held for this stream (log + index + id chain)."""
+        chain = self.occurrences.nbytes() if self.occurrences is not None else 0
+        return self.log.nbytes() + self.index.nbytes() + chain
 
     def append(self, ids: np.ndarray) -> None:
         self.log.append(ids)
         self.index.update()
+        if self.occurrences is not None:
+            self.occurrences.update()
 
     def truncate(self, n: int) -> None:
         self.log.truncate(n)
         self.index.truncate(n)
+        if self.occurrences is not None:
+            self.occurrences.truncate(n)
 
     def read(self, ts: np.ndarray) -> dict[str, np.ndarray]:
         """Candidates and windows for positions `ts` [N] (already appended): numpy arrays."""
@@ -143,6 +170,8 @@ class History:
     def close(self) -> None:
         self.log.close()
         self.index.close()
+        if self.occurrences is not None:
+            self.occurrences.close()
 
 
 def read_histories(histories: list[History], ts: np.ndarray) -> dict[str, np.ndarray]:
@@ -164,6 +193,21 @@ def read_histories(histories: list[History], ts: np.ndarray) -> dict[str, np.nda
     # A candidate (slot >= 2) whose anchor an earlier candidate slot already holds is dropped.
     repeats = (anchors[..., :, None] == anchors[..., None, :]) & first._earlier
     anchors[repeats.any(axis=-1)] = -1
+    out = read_windows(histories, ts, anchors)
+    # the local slot (0) is the current suffix itself: no match length
+    out["match"][:, :, 0] = 0
+    return out
+
+
+def read_windows(histories: list[History], ts: np.ndarray, anchors: np.ndarray) -> dict:
+    """Windows and features of candidates `anchors` [R, N, k] (-1: none) read at ts [R, N].
+
+    The one place a window is cut from the log (suffix candidates and predicted lookups share
+    it): ids at anchor + offset, readable only inside [0, t]; the matched suffix length; the
+    digits of the anchor's absolute position.
+    """
+    first = histories[0]
+    cfg = first.cfg
     valid = anchors >= 0
     # apos: [R, N, k, max_match] and tpos: [R, N, max_match]: positions i back from anchor and t.
     apos = anchors[..., None] - first._back
@@ -175,7 +219,6 @@ def read_histories(histories: list[History], ts: np.ndarray) -> dict[str, np.nda
     # match: how many ids ending at the anchor equal those ending at t (capped at max_match):
     # the number of leading i (ids i back from both ends) where both exist and are equal.
     same = valid[..., None] & (apos >= 0) & (tpos[..., None, :] >= 0)
-    same[:, :, 0] = False
     mod = cfg.key_modulo
     same &= match_keys(at_anchor, mod) == match_keys(at_t, mod)[..., None, :]
     match = np.logical_and.accumulate(same, axis=-1).sum(axis=-1, dtype=np.int64)
@@ -189,6 +232,50 @@ def read_histories(histories: list[History], ts: np.ndarray) -> dict[str, np.nda
         "digits": digits,
         "valid": valid,
         "anchors": anchors,
+    }
+
+
+class KeyFinder:
+    """Answers predicted keys: the windows at the newest occurrences of ids a layer proposes.
+
+    Holds the histories a read was made from (row b: `histories[b]`, None for a row that read
+    nothing) and, per row, the log position each step read (`ts` [B, T], -1: none). Every
+    occurrence returned is before that position, so a lookup never sees the future.
+    """
+
+    def __init__(self, cfg: GWAReadConfig, histories: list[History | None], ts: np.ndarray):
+        self.cfg = cfg
+        self.histories = histories
+        self.ts = np.asarray(ts, dtype=np.int64)
+
+    def find(self, keys: np.ndarray) -> dict[str, np.ndarray]:
+        """keys [B, T, K] ids -> windows of their occurrences, arrays [B, T, K·R, ...] in the
+        layout of `read_histories` (key-major: key i's occurrences newest first)."""
+        B, T, K = keys.shape
+        R = self.cfg.lookup_per_key
+        out = _empty_arrays(self.cfg, B, T, K * R)
+        for b, h in enumerate(self.histories):
+            have = self.ts[b] >= 0
+            if h is None or not have.any():
+                continue
+            ts = self.ts[b][have]
+            anchors = h.occurrences.lookup(keys[b][have], ts, R).reshape(1, -1, K * R)
+            got = read_windows([h], ts[None], anchors)
+            for name, v in out.items():
+                v[b, have] = got[name][0]
+        return out
+
+
+def _empty_arrays(cfg: GWAReadConfig, B: int, T: int, k: int) -> dict[str, np.ndarray]:
+    """What reads of nothing hold (zeros, all invalid), [B, T, k, ...]."""
+    W, P = cfg.window, cfg.pos_digits
+    return {
+        "ids": np.zeros((B, T, k, W), dtype=np.int64),
+        "mask": np.zeros((B, T, k, W), dtype=bool),
+        "match": np.zeros((B, T, k), dtype=np.int64),
+        "digits": np.zeros((B, T, k, P), dtype=np.int64),
+        "valid": np.zeros((B, T, k), dtype=bool),
+        "anchors": np.full((B, T, k), -1, dtype=np.int64),
     }
 
 

@@ -16,7 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from duplex.model.gwa_history import GWAReadConfig, History, WindowRead, read_histories
+from duplex.model.gwa_history import (
+    GWAReadConfig,
+    History,
+    KeyFinder,
+    WindowRead,
+    read_histories,
+)
 from duplex.streaming import StreamingModule, StreamState
 
 
@@ -127,7 +133,9 @@ class WindowReaderState(StreamState):
         return WindowReaderState(batch_size=n, exec_mask=torch.ones(n, dtype=torch.bool), rows=rows)
 
 
-def _to_read(arrays: dict[str, np.ndarray], device: torch.device) -> WindowRead:
+def _to_read(
+    arrays: dict[str, np.ndarray], device: torch.device, finder: KeyFinder | None = None
+) -> WindowRead:
     """Batch-first numpy reads [B, T, ...] as a WindowRead on `device`."""
 
     def tensor(name: str) -> torch.Tensor:
@@ -139,6 +147,7 @@ def _to_read(arrays: dict[str, np.ndarray], device: torch.device) -> WindowRead:
         match=tensor("match"),
         digits=tensor("digits"),
         valid=tensor("valid"),
+        finder=finder,
     )
 
 
@@ -170,6 +179,9 @@ class WindowReader(StreamingModule):
         B, T = ids.shape
         arr = ids.detach().cpu().numpy()
         out = self._empty_read(B, T)
+        # With predicted lookups the layers query the histories after this read, so they stay
+        # open (in RAM: sized to the sequence, they never spill) as long as the read is used.
+        kept_open: list[History | None] = [None] * B
         for b in range(B):
             kept = arr[b][arr[b] != self.cfg.skip_id]
             if kept.size == 0:
@@ -178,9 +190,16 @@ class WindowReader(StreamingModule):
             h.offset = 0 if offsets is None else int(offsets[b])
             h.append(kept)
             got = read_histories([h], np.arange(kept.size)[None])
-            h.close()
+            if self.cfg.lookup_keys:
+                kept_open[b] = h
+            else:
+                h.close()
             self._spread(out, b, got, self._last_kept(arr[b], 0))
-        return _to_read(out, ids.device)
+        finder = None
+        if self.cfg.lookup_keys:
+            # skip_id is -1 here (the config refuses lookups otherwise): step t reads position t
+            finder = KeyFinder(self.cfg, kept_open, np.tile(np.arange(T), (B, 1)))
+        return _to_read(out, ids.device, finder)
 
     def _last_kept(self, ids: np.ndarray, before: int) -> np.ndarray:
         """For each of ids [T] (appended to a log of `before` stored ids): the log position of
@@ -211,13 +230,28 @@ class WindowReader(StreamingModule):
         arr = ids.detach().cpu().numpy()
         rows = np.flatnonzero(st.exec_mask.cpu().numpy())
         if rows.size == B:
-            return _to_read(self._append_and_read(rows, arr), ids.device)
+            return _to_read(self._append_and_read(rows, arr), ids.device, self._finder(rows, T))
         out = self._empty_read(B, T)
         if rows.size:
             got = self._append_and_read(rows, arr)
             for name, v in out.items():
                 v[rows] = got[name]
-        return _to_read(out, ids.device)
+        return _to_read(out, ids.device, self._finder(rows, T))
+
+    def _finder(self, rows: np.ndarray, T: int) -> KeyFinder | None:
+        """After a step: the key finder over the histories of the rows that stepped (the T new
+        positions of each are the last T of its log; other rows find nothing)."""
+        if not self.cfg.lookup_keys:
+            return None
+        st = self._require_streaming()
+        B = st.batch_size
+        histories: list[History | None] = [None] * B
+        ts = np.full((B, T), -1, dtype=np.int64)
+        for b in rows:
+            h = st.rows[b].history
+            histories[b] = h
+            ts[b] = len(h) - T + np.arange(T)
+        return KeyFinder(self.cfg, histories, ts)
 
     def _append_and_read(self, rows: np.ndarray, arr: np.ndarray) -> dict[str, np.ndarray]:
         """Append arr[b] [T] to the history of each row b in `rows`, then read all of them."""

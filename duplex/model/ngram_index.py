@@ -306,3 +306,113 @@ class NgramIndex:
         for p in self.prev:
             if p is not None:
                 p.close()
+
+
+class IdChain:
+    """Every occurrence of every id, newest first: "where did id x occur before t?".
+
+    What a predicted lookup asks (a key the model proposes, not the current suffix). Layout: a
+    table `head[vocab]` (the newest position of each id) and a chain `prev[t]` (the previous
+    position of the id at t), an append-only int32 array that spills with the log: 4 bytes per
+    token plus 8 bytes per vocabulary entry. Exact (indexed by id, no hashing), so a walk of R
+    links returns the R newest occurrences; lookups cost O(R + log L) for a chunk of L ids.
+
+    Lookups are of positions appended by the last `update()` (a training sequence, a prefill
+    chunk, a decode step): positions in it are found by a sorted copy of that chunk, earlier
+    ones through the chain.
+    """
+
+    def __init__(
+        self,
+        log: TokenLog,
+        vocab: int,
+        ram_tokens: int = 1 << 22,
+        spill_dir: str | os.PathLike | None = None,
+    ) -> None:
+        self.log = log
+        self.head = np.full(vocab, -1, dtype=np.int64)
+        self.prev = TokenLog(np.int32, ram_tokens, spill_dir, name="occ.bin")
+        self.n = 0
+        # The last update: its first position and its (id, position) pairs sorted, as one key
+        # id * (L + 1) + (position - since) per entry.
+        self.since = 0
+        self._sorted = np.zeros(0, dtype=np.int64)
+
+    def nbytes(self) -> int:
+        """Host bytes: the chain (4 per token) and the head table."""
+        return self.prev.nbytes() + self.head.nbytes
+
+    def update(self) -> None:
+        """Chain every log entry appended since the last call."""
+        start, stop = self.n, len(self.log)
+        ids = self.log.read(start, stop).astype(np.int64)
+        L = ids.shape[0]
+        order = np.argsort(ids, kind="stable")
+        sid, spos = ids[order], start + order
+        # first: the first in-chunk occurrence of each id links to the head before the chunk
+        first = np.ones(L, dtype=bool)
+        first[1:] = sid[1:] != sid[:-1]
+        links = np.empty(L, dtype=np.int64)
+        links[first] = self.head[sid[first]]
+        links[~first] = spos[:-1][~first[1:]]
+        last = np.ones(L, dtype=bool)
+        last[:-1] = first[1:]
+        self.head[sid[last]] = spos[last]
+        prev = np.empty(L, dtype=np.int64)
+        prev[order] = links
+        self.prev.append(prev)
+        self.since, self.n = start, stop
+        self._sorted = sid * (L + 1) + (spos - start)
+
+    def truncate(self, n: int) -> None:
+        """Forget positions >= n (after `log.truncate(n)`): heads walk back down the chain."""
+        stale = np.nonzero(self.head >= n)[0]
+        while stale.size:
+            self.head[stale] = self.prev.gather(self.head[stale], fill=-1).astype(np.int64)
+            stale = stale[self.head[stale] >= n]
+        self.prev.truncate(n)
+        self.n = self.since = n
+        self._sorted = np.zeros(0, dtype=np.int64)
+
+    def lookup(self, keys: np.ndarray, ts: np.ndarray, per_key: int) -> np.ndarray:
+        """The `per_key` newest positions p < t with ids[p] == key, newest first (-1: fewer).
+
+        keys: [N, K] ids; ts: [N] positions of the last update -> [N, K, per_key] int64.
+        """
+        keys = np.asarray(keys, dtype=np.int64)
+        ts = np.asarray(ts, dtype=np.int64)
+        N, K = keys.shape
+        if ts.size and (ts.min() < self.since or ts.max() >= self.n):
+            raise IndexError("id lookups must be of the last update's positions")
+        L = self.n - self.since
+        sorted_ = self._sorted
+        # newest in-chunk occurrence before t: the entry just below (key, t - since)
+        want = keys * (L + 1) + (ts[:, None] - self.since)
+        i = np.searchsorted(sorted_, want, side="left") - 1
+        got = np.where(i >= 0, sorted_[np.maximum(i, 0)], -1)
+        inside = (i >= 0) & (got // (L + 1) == keys)
+        cur = np.where(inside, self.since + got % (L + 1), -1)
+        # otherwise: the newest occurrence before the chunk, the chain link of the id's first
+        # in-chunk occurrence, or the head when the id is not in the chunk at all
+        j = np.searchsorted(sorted_, keys * (L + 1), side="left")
+        gj = np.where(j < sorted_.size, sorted_[np.minimum(j, max(sorted_.size - 1, 0))], -1)
+        in_chunk = (j < sorted_.size) & (gj // (L + 1) == keys) if sorted_.size else j < 0
+        first = self.since + np.where(in_chunk, gj % (L + 1), 0)
+        before = np.where(
+            in_chunk,
+            self.prev.gather(first, fill=-1).astype(np.int64),
+            self.head[np.clip(keys, 0, self.head.size - 1)],
+        )
+        valid_key = (keys >= 0) & (keys < self.head.size)
+        cur = np.where(inside, cur, before)
+        cur = np.where(valid_key, cur, -1)
+        out = np.full((N, K, per_key), -1, dtype=np.int64)
+        for r in range(per_key):
+            out[..., r] = cur
+            live = cur >= 0
+            cur = np.where(live, self.prev.gather(np.where(live, cur, 0), fill=-1), -1)
+            cur = cur.astype(np.int64)
+        return out
+
+    def close(self) -> None:
+        self.prev.close()

@@ -3,6 +3,7 @@ sliding-window attention, full attention), and their shipped weights."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict
 from pathlib import Path
@@ -22,9 +23,14 @@ def model_config(name: str) -> BackboneConfig:
         "recall-gdr": ("gdn", "mlp", "gdn", "mlp"),
         "recall-swa": ("swa", "mlp", "swa", "mlp"),
         "recall-attn": ("attn", "mlp", "attn", "mlp"),
+        # Three reads with lookup heads: a chain of n facts needs n reads, each keyed by what
+        # the one before found (hop3 = the suffix read, then two predicted lookups).
+        "recall-gwa-lookup": ("gdn", "mlp", "gwa", "mlp", "gwa", "mlp", "gwa", "mlp"),
     }
     if name not in layers:
         raise ValueError(f"unknown recall model {name!r}; choose from {sorted(layers)}")
+    if name == "recall-gwa-lookup":
+        read = dataclasses.replace(read, lookup_keys=2, lookup_per_key=2)
     return BackboneConfig(
         vocab_size=VOCAB,
         d_model=64,
@@ -40,7 +46,7 @@ def model_config(name: str) -> BackboneConfig:
     )
 
 
-MODELS = ("recall-gwa", "recall-gdr", "recall-swa", "recall-attn")
+MODELS = ("recall-gwa", "recall-gdr", "recall-swa", "recall-attn", "recall-gwa-lookup")
 
 
 def _config_to_json(cfg: BackboneConfig) -> str:
