@@ -162,10 +162,13 @@ token (id log + n-gram index, GWA only), prefill ids/s, decode ms per id, peak R
 
 Tasks: mqar (pairs = min(65536, N/16), keys of 2 ids past 4096 pairs, 1024 queries), passkey,
 niah (4-id keys, 8-id values; --asked needles per trial), copy (1000 ids from >= 100K back, N/8
-and N/2 when N is short), position (hex digits of an item's absolute index; --asked per trial).
+and N/2 when N is short), position (hex digits of an item's absolute index; --asked per trial),
+hop2 and hop3 (chains of 1-id facts stored apart: "HOP2 a" -> the value two facts on), alias
+("QUERY x" where x was declared another name of a key), update (keys assigned 2-3 times: the
+newest value wins).
 
-Models: the shipped ones in duplex/model/weights (recall-gwa, recall-gdr, ...) by name, or a
-.safetensors path (`duplex train recall` writes one).
+Models: the shipped ones in duplex/model/weights (recall-gwa, recall-gdr, recall-gwa-lookup, ...)
+by name, or a .safetensors path (`duplex train recall` writes one).
 
 Example: duplex eval recall --model recall-gwa --task mqar --context 1048576 --trials 1 --json"""
 

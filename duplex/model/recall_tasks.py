@@ -112,22 +112,28 @@ def mqar(
     queries: int | None = None,
     key_len: int | None = None,
     key_pool: int | None = None,
+    vocab: int | None = None,
 ) -> Sample:
     """Multi-query associative recall (see module docstring). `key_pool` (training only) draws
-    each id of a 2-id key from a small pool so that keys share ids and only the pair identifies."""
+    each id of a 2-id key from a small pool so that keys share ids and only the pair identifies.
+    `vocab` (training only, 1-id keys) draws keys from the first `vocab` key ids and values from
+    the first `vocab` value ids: the small-vocabulary start of a curriculum (Zoology's MQAR
+    trains at small vocabularies), where every id is seen often enough for a fixed-state model
+    to find the retrieval before it must learn 2048 value embeddings."""
     P = pairs if pairs is not None else max(4, min(65536, N // 16))
     kl = key_len if key_len is not None else (1 if P <= N_KEY else 2)
     Q = min(P, queries if queries is not None else 1024)
     C = N - Q * (kl + 1)
+    n_val = min(N_VAL, vocab) if vocab else N_VAL
     if kl == 1:
-        keys = KEY0 + _distinct(rng, P, N_KEY)[:, None]
+        keys = KEY0 + _distinct(rng, P, min(N_KEY, vocab) if vocab else N_KEY)[:, None]
     else:
         pool = key_pool or N_KEY
         a = rng.choice(N_KEY, size=pool, replace=False) if pool < N_KEY else np.arange(N_KEY)
         b = rng.choice(N_KEY, size=pool, replace=False) if pool < N_KEY else np.arange(N_KEY)
         flat = _distinct(rng, P, pool * pool)
         keys = KEY0 + np.stack([a[flat // pool], b[flat % pool]], axis=1)
-    vals = VAL0 + rng.integers(0, N_VAL, size=(P, 1))
+    vals = VAL0 + rng.integers(0, n_val, size=(P, 1))
     ctx = _filler(rng, C)
     _place_fast(rng, ctx, np.concatenate([keys, vals], axis=1))
     # Queries: half uniform over pairs, half at power-law distance (rank from the newest pair).
@@ -364,13 +370,43 @@ def make_task(
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
 
-def training_sample(T: int, rng: np.random.Generator) -> Sample:
-    """One short training sequence: a task drawn from a fixed mixture, sizes drawn at random.
+MIXES = ("v1", "suite", "mqar-curriculum", "mqar-small")
 
-    Keys sharing ids (mqar `key_pool`) teach the read to trust the longest match, and random
-    absolute offsets teach every digit of the position features, so 1M-token positions are not
-    new to the model.
+
+def training_sample(
+    T: int, rng: np.random.Generator, mix: str = "v1", progress: float = 0.0
+) -> Sample:
+    """One short training sequence from the mixture `mix`; `progress` in [0, 1] is how far
+    training is (only the curriculum uses it).
+
+    - v1: mqar, passkey, niah, copy, position (what the shipped recall-gwa was trained on).
+    - suite: every task, with misleading short matches (niah values from a 12-id pool, copy over
+      a 48-id alphabet: what fixed niah and copy at length in the fine-tune experiment), plus
+      hop2, hop3, alias and update at small sizes.
+    - mqar-curriculum: mqar only, 1-id keys, the vocabulary of keys and values growing from 16
+      to the full 2048 and the pairs from 4 to 32 over the first 60% of training, then half the
+      sequences with 2-id keys. For the fixed-state baselines, which never leave the loss of
+      the unconditional answer distribution (7.09) on v1 in 2000 steps.
+    - mqar-small: the curriculum's first stage held fixed (4 pairs, keys and values from 16
+      ids each; T/8 pairs at most): a sanity check that a fixed-state model learns recall at
+      all, in minutes on a CPU.
     """
+    if mix == "v1":
+        return _sample_v1(T, rng)
+    if mix == "suite":
+        return _sample_suite(T, rng)
+    if mix == "mqar-curriculum":
+        return _sample_curriculum(T, rng, progress)
+    if mix == "mqar-small":
+        P = max(1, min(4, T // 8))
+        return mqar(T, rng, pairs=P, queries=P, key_len=1, vocab=16)
+    raise ValueError(f"unknown mixture {mix!r}; choose from {MIXES}")
+
+
+def _sample_v1(T: int, rng: np.random.Generator) -> Sample:
+    """Keys sharing ids (mqar `key_pool`) teach the read to trust the longest match, and random
+    absolute offsets teach every digit of the position features, so 1M-token positions are not
+    new to the model."""
     offset = int(rng.integers(0, POS_BASE**POS_DIGITS - T))
     u = rng.random()
     if u < 0.3:
@@ -388,3 +424,42 @@ def training_sample(T: int, rng: np.random.Generator) -> Sample:
         s = position(T, rng, asked=2, offset=offset, items=int(rng.integers(4, 24)))
     s.offset = offset
     return s
+
+
+def _sample_suite(T: int, rng: np.random.Generator) -> Sample:
+    u = rng.random()
+    if u < 0.4:
+        return _sample_v1(T, rng)
+    if u < 0.47:
+        return _pooled(niah(T, rng, asked=2), VAL0, FILL0, 12, rng)
+    if u < 0.55:
+        return _pooled(copy_task(T, rng, span=48, min_back=T // 4), CONTENT0, VOCAB, 48, rng)
+    if u < 0.67:
+        return update(T, rng, pairs=int(rng.integers(4, 25)), queries=16)
+    if u < 0.79:
+        return hops(T, rng, n_hops=2, chains=int(rng.integers(4, 17)), queries=12)
+    if u < 0.9:
+        return hops(T, rng, n_hops=3, chains=int(rng.integers(4, 13)), queries=10)
+    return alias(T, rng, pairs=int(rng.integers(4, 17)), queries=12)
+
+
+def _pooled(s: Sample, lo: int, hi: int, n: int, rng: np.random.Generator) -> Sample:
+    """Map the ids in [lo, hi) of a sample onto a random n-id pool (equal ids stay equal), so
+    short matches of them occur all over the sequence and mislead."""
+    pool = lo + rng.choice(hi - lo, size=n, replace=False)
+    ids = s.ids.copy()
+    inside = (ids >= lo) & (ids < hi)
+    ids[inside] = pool[(ids[inside] - lo) % n]
+    s.ids = ids
+    return s
+
+
+def _sample_curriculum(T: int, rng: np.random.Generator, progress: float) -> Sample:
+    grow = min(1.0, progress / 0.6)
+    vocab = round(16 * (N_VAL / 16) ** grow)
+    top = min(T // 8, 4 + round(28 * grow))
+    P = int(rng.integers(4, max(top, 4) + 1))
+    if progress > 0.6 and rng.random() < 0.5:
+        pool = int(rng.integers(math.isqrt(P) + 2, 16))
+        return mqar(T, rng, pairs=P, queries=P, key_len=2, key_pool=pool)
+    return mqar(T, rng, pairs=P, queries=P, key_len=1, vocab=vocab)

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from duplex.model.backbone import Backbone
-from duplex.model.recall_models import MODELS, WEIGHTS_DIR, model_config, save_model
-from duplex.model.recall_tasks import Sample, training_sample
+from duplex.model.recall_models import MODELS, WEIGHTS_DIR, load_recall, model_config, save_model
+from duplex.model.recall_tasks import MIXES, Sample, training_sample
 
 
 @dataclass
@@ -36,14 +36,15 @@ class RecallBatch:
         )
 
 
-def make_batch_fn(T: int, global_batch: int, seed: int):
-    """make_batch(step, rows) for the shared loop: row r of step s is a pure function of (s, r)."""
+def make_batch_fn(T: int, global_batch: int, seed: int, mix: str = "v1", steps: int = 1):
+    """make_batch(step, rows) for the shared loop: row r of step s is a pure function of (s, r)
+    (and of `steps`, which sets how far a curriculum has come at step s)."""
 
     def make_batch(step: int, rows: slice) -> RecallBatch:
         samples = []
         for r in range(*rows.indices(global_batch)):
             rng = np.random.default_rng([seed, step, r])
-            samples.append(training_sample(T, rng))
+            samples.append(training_sample(T, rng, mix, progress=step / max(1, steps)))
         return collate(samples)
 
     return make_batch
@@ -88,6 +89,11 @@ DESCRIPTION = """Train a recall model on generated short sequences (mqar, passke
 position mixed), loss on the answer ids only, with the shared training loop (AdamW, warm-up +
 cosine, clipping, checkpoints in --out, resumable, loss curves JSON + PNG, torchrun-ready).
 
+Mixtures (--mix): v1 (mqar, passkey, niah, copy, position), suite (every task, hop2, hop3, alias
+and update included, with misleading short matches), mqar-curriculum (mqar alone, vocabulary and
+pairs growing: how the fixed-state baselines get off the 7.09 plateau; continue on suite with
+--init).
+
 Example (what the shipped recall-gwa came from):
   duplex train recall --model recall-gwa --steps 2000 --seq-len 256 --batch-size 16 \\
       --max-minutes 25 --out runs/recall-gwa --ship"""
@@ -101,6 +107,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mix", default="v1", choices=MIXES, help="training task mixture")
+    p.add_argument("--init", default=None, help="start from these weights (name or path)")
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu or cuda")
@@ -114,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
-    model = Backbone(model_config(args.model))
+    model = load_recall(args.init).train() if args.init else Backbone(model_config(args.model))
     out = Path(args.out or f"runs/{args.model}")
     cfg = TrainConfig(
         out_dir=str(out),
@@ -132,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         device=args.device,
     )
-    res = train(model, make_batch_fn(args.seq_len, args.batch_size, args.seed), recall_loss, cfg)
+    batches = make_batch_fn(args.seq_len, args.batch_size, args.seed, args.mix, args.steps)
+    res = train(model, batches, recall_loss, cfg)
     model.cpu().eval()
     save_model(model, out / f"{args.model}.safetensors", args.model)
     if args.ship:
