@@ -1,14 +1,17 @@
 """`duplex connect`: the command line of the client of `duplex serve`, TUI or headless.
 
-The jobs live beside it: the conversation and its retries in `duplex.apps.remote_client`, the
-jitter buffer in `duplex.apps.jitter`, the audio ends in `duplex.apps.client_audio`, and the
-TUI's feed in `duplex.apps.remote_feed`.
+The jobs live beside it: the conversation and its retries in `duplex.apps.remote_client`, its
+settings and counters in `duplex.apps.connect_config`, the jitter buffer in `duplex.apps.jitter`,
+the audio ends in `duplex.apps.client_audio`, and the TUI's feed and commands in
+`duplex.apps.remote_feed` and `duplex.apps.remote_steer`. Headless, its warnings (and with -v
+what it does) go through the `duplex.connect` logger to stderr, as `duplex serve` logs.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from pathlib import Path
@@ -106,6 +109,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "utterances end after 1 s without text",
     )
     p.add_argument("--json", action="store_true", help="JSON lines instead of text (headless)")
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="headless: also log what the client does on stderr (connections, session settings)",
+    )
     p.add_argument("--headless", action="store_true", help="print instead of showing the TUI")
     p.add_argument(
         "--exit-at-end", action="store_true", help="TUI: quit when the input file has been sent"
@@ -174,7 +184,35 @@ def run_tui(cfg: ConnectConfig, args: argparse.Namespace) -> int:
     return feed.exit_code if feed.exit_code is not None else 0
 
 
+class _Stderr(logging.StreamHandler):
+    """A handler that writes to whatever `sys.stderr` is when a line is logged, so a test's (or
+    anyone's) replacement of stderr gets the lines, as `print(..., file=sys.stderr)` did."""
+
+    @property
+    def stream(self) -> object:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: object) -> None:
+        pass
+
+
+_HANDLER = _Stderr()
+_HANDLER.setFormatter(logging.Formatter("duplex connect: %(message)s"))
+
+
+def log_to_stderr(verbose: int = 0) -> None:
+    """The client's log lines on stderr, prefixed like its other messages: warnings (refusals,
+    lost connections, retries) always; with -v what it does too."""
+    logger = logging.getLogger("duplex.connect")
+    logger.setLevel(logging.DEBUG if verbose > 0 else logging.WARNING)
+    if _HANDLER not in logger.handlers:
+        logger.addHandler(_HANDLER)
+    logger.propagate = False
+
+
 async def _main(cfg: ConnectConfig, args: argparse.Namespace) -> int:
+    log_to_stderr(getattr(args, "verbose", 0))
     ends = AudioEnds(args)
     client = Client(cfg, ends.prepare)
     try:

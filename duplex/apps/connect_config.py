@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import numpy as np
+
+from duplex.streamer.events import Report
+
+if TYPE_CHECKING:
+    from duplex.apps.jitter import JitterBuffer
 
 
 @dataclass
@@ -61,6 +68,42 @@ class Counters:
     # Audio bytes on the wire (PCM or Opus payloads), for the bitrate a session costs.
     audio_bytes_sent: int = 0
     audio_bytes_received: int = 0
+
+    def stats(self, jitter: JitterBuffer) -> Report:
+        """The once-a-second stats event: what was sent and received, round trip, latency,
+        the jitter buffer (`jitter`) and what the server last said about this session."""
+        lat = np.fromiter(self.latency_ms, dtype=np.float64)
+        p50, p99 = np.percentile(lat, [50, 99]).tolist() if lat.size else (0.0, 0.0)
+        s = self.server
+        obj = {
+            "sent": self.sent,
+            "received": self.received,
+            "rtt_ms": self.rtt_ms,
+            "latency_ms": {"p50": p50, "p99": p99},
+            "jitter_depth": jitter.depth,
+            "jitter_dropped": jitter.dropped,
+            "underruns": jitter.underruns,
+            "reconnects": self.reconnects,
+            "server_dropped_input": s.get("dropped_input_frames", 0),
+            "server_queue": s.get("queue_depth", 0),
+        }
+        rtt = f"{self.rtt_ms:.1f} ms" if self.rtt_ms is not None else "-"
+        line = (
+            f"[stats] sent {obj['sent']} recv {obj['received']} | rtt {rtt} | latency p50 "
+            f"{p50:.0f} ms p99 {p99:.0f} ms | jitter {obj['jitter_depth']} frames, dropped "
+            f"{obj['jitter_dropped']}, underruns {obj['underruns']} | server drops "
+            f"{obj['server_dropped_input']} queue {obj['server_queue']}"
+        )
+        return Report("stats", obj, line)
+
+    def summary(self) -> Report:
+        """The closing event: frames each way and everything the model said."""
+        return Report(
+            "done",
+            {"sent": self.sent, "received": self.received},
+            f"[done] sent {self.sent} frames, received {self.received}; "
+            f"model said: {''.join(self.transcript)!r}",
+        )
 
 
 def with_query(url: str, **params: Any) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
+import logging
 import queue
 import ssl
 import sys
@@ -34,26 +34,29 @@ from duplex.apps.connect_config import (
 )
 from duplex.apps.jitter import JitterBuffer
 from duplex.apps.remote_recording import RemoteRecorder
+from duplex.apps.remote_steer import steer
 from duplex.apps.wire_opus import OpusDecoder, OpusEncoder, OpusError
 from duplex.streamer.events import (
-    Command,
     Event,
     Levels,
     Printer,
     Report,
-    Request,
     Words,
     level_db,
     printable,
 )
+from duplex.streamer.statefile import write_atomic
 from duplex.streamer.transcript import Transcript
+
+log = logging.getLogger("duplex.connect")
 
 
 class Client:
     """One conversation with the server, surviving reconnects.
 
     What it sees goes to `report(event)` as typed events (default: `Printer`, lines or --json)
-    and `warn(line)` (default: stderr); the TUI's feed replaces both. With `commands`
+    and its warnings to the `duplex.connect` logger (`connect.log_to_stderr` prints them);
+    the TUI's feed replaces both, with `warn(line)`. With `commands`
     (a thread-safe queue of the TUI's command tuples) the conversation can be steered while it
     runs: typing, mute, pause, save/load state, reset, stop.
     """
@@ -72,7 +75,7 @@ class Client:
         # Levels cost a little per frame: only a TUI shows them.
         self.wants_levels = report is not None
         self.report = report or Printer(cfg.json_lines, out)
-        self.warn = warn or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.warn = warn
         self.commands = commands
         self.muted = False
         self.paused = False
@@ -102,6 +105,21 @@ class Client:
         self._sent_pcm: dict[int, np.ndarray] = {}
         self._pieces = {"model": "", "user": ""}
 
+    def _problem(self, message: str) -> None:
+        """Something the user must know (a refusal, a lost connection): the TUI's line, or a
+        warning in the log (on stderr, headless)."""
+        if self.warn is not None:
+            self.warn(f"duplex connect: {message}")
+        else:
+            log.warning(message)
+
+    def notice(self, message: str) -> None:
+        """The answer to a TUI command (mute, pause, a state file it could not read)."""
+        if self.warn is not None:
+            self.warn(message)
+        else:
+            log.info(message)
+
     async def run(self) -> int:
         """Connect (and reconnect) until the input is done; returns the exit status."""
         try:
@@ -125,21 +143,21 @@ class Client:
                 await self._session()
                 return 0
             except ServerRefused as e:
-                self.warn(f"duplex connect: {e}")
+                self._problem(str(e))
                 return e.exit_code
             except AudioUnavailableError as e:
-                self.warn(f"duplex connect: {e}")
+                self._problem(str(e))
                 return 3
             except P.ProtocolError as e:
-                self.warn(f"duplex connect: bad message from the server: {e}")
+                self._problem(f"bad message from the server: {e}")
                 return 6
             except (ValueError, FileNotFoundError, FileExistsError) as e:
-                self.warn(f"duplex connect: {e}")
+                self._problem(str(e))
                 return 2
             except InvalidStatus as e:
                 status = e.response.status_code
                 if status == 401:
-                    self.warn("duplex connect: the server refused the token (401)")
+                    self._problem("the server refused the token (401)")
                     return 4
                 reason = f"HTTP {status}"
             except (OSError, ConnectionClosed, TimeoutError, Retry) as e:
@@ -151,9 +169,9 @@ class Client:
                 failures, delay = 0, self.cfg.backoff
             failures += 1
             if failures > self.cfg.retries:
-                self.warn(f"duplex connect: giving up after {failures} tries: {reason}")
+                self._problem(f"giving up after {failures} tries: {reason}")
                 return 5
-            self.warn(f"duplex connect: connection lost ({reason}); retrying in {delay:.1f} s")
+            self._problem(f"connection lost ({reason}); retrying in {delay:.1f} s")
             await asyncio.sleep(delay)
             delay = min(delay * 2, self.cfg.backoff_max)
             self.c.reconnects += 1
@@ -173,6 +191,7 @@ class Client:
             tokens=1 if self.cfg.record else None,
             audio="opus" if opus else None,
         )
+        log.debug("connecting to %s (wire %s)", redact_url(url), self.cfg.wire)
         async with connect(
             url,
             additional_headers=headers,
@@ -212,6 +231,14 @@ class Client:
                 raise ServerRefused("after reconnecting, the server has another audio format", 6)
             self.hello = hello
             self.c.sessions += 1
+            log.debug(
+                "session %s: queue %s frames, idle timeout %s s, audio %s, seed %s",
+                hello.session,
+                hello.extra.get("queue_frames"),
+                hello.extra.get("idle_timeout"),
+                hello.extra.get("audio", "pcm"),
+                hello.extra.get("seed"),
+            )
             self.sent_at.clear()
             if self.cfg.record:
                 if self.recorder is None:
@@ -227,7 +254,7 @@ class Client:
                 )
             )
             if self.cfg.load_state and self.c.reconnects == 0:
-                await self._load_state(ws, self.cfg.load_state)
+                await self.load_state(ws, self.cfg.load_state)
             if self.cfg.text and self.c.reconnects == 0:
                 await ws.send(P.encode(P.Text(self.cfg.text), "client"))
             tasks = [
@@ -237,7 +264,7 @@ class Client:
                 asyncio.create_task(self._report()),
             ]
             if self.commands is not None:
-                tasks.append(asyncio.create_task(self._steer(ws)))
+                tasks.append(asyncio.create_task(steer(self, ws)))
             try:
                 await self._receive(ws)
             finally:
@@ -260,39 +287,10 @@ class Client:
             self.error = e
             await ws.close(1000, "client failed")
 
-    async def _load_state(self, ws: Any, path: str) -> None:
+    async def load_state(self, ws: Any, path: str) -> None:
+        """Send the state file at `path` (--load-state, or F6 in the TUI)."""
         self.pending_state = Path(path).read_bytes()
         await ws.send(P.encode(P.Control(P.Op.LOAD_STATE, self.pending_state), "client"))
-
-    async def _steer(self, ws: Any) -> None:
-        """Apply the TUI's commands (polled: the queue is filled from another thread)."""
-        while True:
-            while not self.commands.empty():
-                req: Request = self.commands.get_nowait()
-                kind = req.command
-                if kind == Command.STOP:
-                    self.quitting = self.input_done = True
-                    await ws.close(1000, "client quit")
-                    return
-                if kind == Command.TYPE:
-                    await ws.send(P.encode(P.Text(req.arg), "client"))
-                elif kind == Command.MUTE:
-                    self.muted = not self.muted
-                    self.warn("microphone muted" if self.muted else "microphone on")
-                elif kind == Command.PAUSE:
-                    self.paused = not self.paused
-                    self.warn("paused (nothing is sent)" if self.paused else "resumed")
-                elif kind == Command.SAVE:
-                    self.save_path = req.arg
-                    await ws.send(P.encode(P.Control(P.Op.SAVE_STATE), "client"))
-                elif kind == Command.LOAD:
-                    try:
-                        await self._load_state(ws, req.arg)
-                    except OSError as e:
-                        self.warn(f"could not read {req.arg}: {e}")
-                elif kind == Command.RESET:
-                    await ws.send(P.encode(P.Control(P.Op.RESET), "client"))
-            await asyncio.sleep(0.02)
 
     async def _send_frames(self, ws: Any) -> None:
         loop = asyncio.get_running_loop()
@@ -383,14 +381,7 @@ class Client:
     def finish(self) -> None:
         """The last stats line and the summary of the whole conversation."""
         self.stats_line()
-        self.report(
-            Report(
-                "done",
-                {"sent": self.c.sent, "received": self.c.received},
-                f"[done] sent {self.c.sent} frames, received {self.c.received}; "
-                f"model said: {''.join(self.c.transcript)!r}",
-            )
-        )
+        self.report(self.c.summary())
 
     def _levels(self, out: np.ndarray) -> None:
         """Levels of the last frame sent and the frame just received (for the TUI's meters)."""
@@ -410,29 +401,7 @@ class Client:
             self.stats_line()
 
     def stats_line(self) -> None:
-        lat = np.fromiter(self.c.latency_ms, dtype=np.float64)
-        p50, p99 = np.percentile(lat, [50, 99]).tolist() if lat.size else (0.0, 0.0)
-        s = self.c.server
-        obj = {
-            "sent": self.c.sent,
-            "received": self.c.received,
-            "rtt_ms": self.c.rtt_ms,
-            "latency_ms": {"p50": p50, "p99": p99},
-            "jitter_depth": self.jitter.depth,
-            "jitter_dropped": self.jitter.dropped,
-            "underruns": self.jitter.underruns,
-            "reconnects": self.c.reconnects,
-            "server_dropped_input": s.get("dropped_input_frames", 0),
-            "server_queue": s.get("queue_depth", 0),
-        }
-        rtt = f"{self.c.rtt_ms:.1f} ms" if self.c.rtt_ms is not None else "-"
-        line = (
-            f"[stats] sent {obj['sent']} recv {obj['received']} | rtt {rtt} | latency p50 "
-            f"{p50:.0f} ms p99 {p99:.0f} ms | jitter {obj['jitter_depth']} frames, dropped "
-            f"{obj['jitter_dropped']}, underruns {obj['underruns']} | server drops "
-            f"{obj['server_dropped_input']} queue {obj['server_queue']}"
-        )
-        self.report(Report("stats", obj, line))
+        self.report(self.c.stats(self.jitter))
 
     async def _receive(self, ws: Any) -> None:
         from websockets.exceptions import ConnectionClosed
@@ -520,9 +489,6 @@ class Client:
                     self.recorder.timeline_changed(int(msg.data.get("frame", 0)), state)
         elif isinstance(msg, P.State):
             if self.save_path:
-                path = Path(self.save_path)
-                tmp = path.with_name(path.name + ".tmp")
-                tmp.write_bytes(msg.blob)
-                os.replace(tmp, path)
+                path = write_atomic(self.save_path, msg.blob)
                 self.report(Report("state", str(path), f"[state] saved to {path}"))
             self.state_saved.set()
