@@ -98,8 +98,16 @@ class GuidedWindowAttention(nn.Module):
         """The lookup head: x [B, T, d] -> (ids [B, T, K], their log-probabilities [B, T, K]).
 
         Costs d² + d·V multiply-adds and a top-K over V per position (V = 8192, d = 64: 0.5M,
-        the size of an output softmax), whatever the history length.
+        the size of an output softmax), whatever the history length. Without gradients (a
+        prefill chunk of 8192 ids) it runs 1024 positions at a time, so the [T, V] logits never
+        exist at once (256 MB per layer at T = V = 8192).
         """
+        if torch.is_grad_enabled() or x.shape[1] <= 1024:
+            return self._propose(x, embedding)
+        parts = [self._propose(c, embedding) for c in x.split(1024, dim=1)]
+        return tuple(torch.cat(p, dim=1) for p in zip(*parts, strict=True))
+
+    def _propose(self, x: torch.Tensor, embedding: torch.Tensor) -> tuple[torch.Tensor, ...]:
         # logp: [B, T, V]
         z = self.lookup(x) @ embedding.T
         # half-precision logits over V lose the ranking of close keys: softmax in float32 then

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from duplex.model.backbone import Backbone, BackboneConfig
-from duplex.model.gwa import GuidedWindowAttention, GWAReadConfig, History
+from duplex.model.gwa import GuidedWindowAttention, GWAConfig, GWAReadConfig, History
 from duplex.model.gwa_history import KeyFinder
 from duplex.model.ngram_index import IdChain
 from duplex.model.token_log import TokenLog
@@ -210,3 +210,18 @@ def test_configs_without_lookups_are_unchanged():
     assert not any("lookup" in n for n in names)
     with pytest.raises(ValueError):
         GWAReadConfig(lookup_keys=2, skip_id=0)
+
+
+def test_lookup_proposals_in_chunks_equal_one_pass():
+    """Inference proposes 1024 positions at a time; the keys and log-probabilities are those of
+    one pass over all positions."""
+    torch.manual_seed(6)
+    cfg = lookup_cfg()
+    layer = GuidedWindowAttention(GWAConfig(32, 2, 16), cfg.read).double()
+    x = torch.randn(1, 2500, 32, dtype=torch.float64)
+    emb = torch.randn(VOCAB, 32, dtype=torch.float64)
+    whole = layer._propose(x, emb)
+    with torch.no_grad():
+        parts = layer.propose(x, emb)
+    assert torch.equal(parts[0], whole[0])
+    torch.testing.assert_close(parts[1], whole[1].detach(), rtol=0, atol=0)

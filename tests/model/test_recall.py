@@ -263,3 +263,36 @@ def test_lookup_model_trains_a_step():
     assert torch.isfinite(loss) and 0 <= info["acc"] <= 1
     heads = [b.lookup for b in model.blocks if getattr(b, "lookup", None) is not None]
     assert len(heads) == 3 and all(h.weight.grad.abs().sum() > 0 for h in heads)
+
+
+@pytest.mark.parametrize("task", ["hop2", "hop3", "alias"])
+def test_lookup_read_reaches_every_chained_answer_when_asked_the_right_key(task):
+    """The upper bound recall-gwa-lookup trains under: at 64K ids, the suffix read of the cue
+    offers the first link, and a lookup of each next link's id offers a window whose id after
+    the anchor is the next link (the last one: the answer). Keys found by brute force here; the
+    model must learn to propose them."""
+    from duplex.model.gwa_history import KeyFinder
+
+    N = 1 << 16
+    s = T.make_task(task, N, np.random.default_rng(7))
+    cfg = M.model_config("recall-gwa-lookup").read
+    h = History(cfg)
+    h.append(s.ids)
+    ctx = s.ids[: s.start]
+    after = int(np.nonzero(cfg.offsets() == 1)[0][0])
+    ans = np.array([int(i[0]) for i in s.items])
+    # first hop: the suffix read at the cue (the id before the answer)
+    r = h.read(ans - 1)
+    first = np.array([fact_after(ctx, int(x)) for x in s.ids[ans - 1]])
+    offered = (r["ids"][:, 1:, after] == first[:, None]) & r["valid"][:, 1:]
+    assert offered.any(axis=1).all()
+    # later hops: a lookup of the id the previous hop found
+    link = first
+    for _ in range(int(task[-1]) - 1 if task.startswith("hop") else 1):
+        nxt = np.array([fact_after(ctx, int(x)) for x in link])
+        keys = np.stack([link, np.zeros_like(link)], axis=1)[None]
+        got = KeyFinder(cfg, [h], (ans - 1)[None]).find(keys)
+        hit = (got["ids"][0, :, :, after] == nxt[:, None]) & got["valid"][0]
+        assert hit.any(axis=1).all()
+        link = nxt
+    np.testing.assert_array_equal(link, s.ids[ans])
