@@ -65,7 +65,7 @@ def start_pulse() -> tuple[subprocess.Popen, Path]:
     return proc, runtime
 
 
-def transcript_check(requests: int = 4, seed: int = 1015) -> dict:
+def transcript_check(requests: int = 4, seed: int = 1015, save: str | None = None) -> dict:
     """The shipped model's transcript of a held-out user: clean microphone, its own replies
     echoing back with and without cancellation (duplex.streamer.echo_rig.talk_over_echo, closed
     loop, batched in one engine). A second clean session with another sampling seed shows how
@@ -96,6 +96,12 @@ def transcript_check(requests: int = 4, seed: int = 1015) -> dict:
     with Engine(duplex_lm.load("default"), codec, slots=len(conditions)) as engine:
         runs = talk_over_echo(engine, user, conditions, delay_s=0.1)
     wall = time.perf_counter() - t0
+    if save is not None:
+        np.savez_compressed(
+            save,
+            user=user,
+            **{f"{k}/{a}": getattr(r, a) for k, r in runs.items() for a in ("mic", "heard", "out")},
+        )
     fs = codec.frame_size
     frames = lambda x: x[: x.size // fs * fs].reshape(-1, fs)  # noqa: E731
     user_f = frames(np.pad(user, (0, runs["clean"].mic.size - user.size)))
@@ -119,7 +125,9 @@ def transcript_check(requests: int = 4, seed: int = 1015) -> dict:
             echo_rms = np.sqrt(np.mean(echo_f**2, axis=1))
             row["echo_over_user_db"] = round(
                 10
-                * np.log10(np.mean(echo_f[echo_rms > 1e-3] ** 2) / np.mean(user_f[user_on] ** 2)),
+                * float(
+                    np.log10(np.mean(echo_f[echo_rms > 1e-3] ** 2) / np.mean(user_f[user_on] ** 2))
+                ),
                 1,
             )
             # Echo alone (the user silent, the model's voice coming back), after 2 s.
@@ -127,11 +135,15 @@ def transcript_check(requests: int = 4, seed: int = 1015) -> dict:
             alone[: round(2 * codec.frame_rate)] = False
             heard_f = frames(run.heard)
             row["erle_echo_alone_db"] = round(
-                10 * np.log10(np.sum(frames(run.mic)[alone] ** 2) / np.sum(heard_f[alone] ** 2)),
+                10
+                * float(
+                    np.log10(np.sum(frames(run.mic)[alone] ** 2) / np.sum(heard_f[alone] ** 2))
+                ),
                 1,
             )
         if run.status is not None:
-            row["delay_ms"] = run.status["delay_ms"]
+            row["delay_ms"] = round(float(run.status["delay_ms"]), 1)
+            row["attenuation_db_status"] = round(float(run.status["attenuation_db"] or 0.0), 1)
             row["delay_source"] = run.status["delay_source"]
         rows.append(row)
     return {
@@ -170,10 +182,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--part", choices=["all", "null-sink", "offline", "transcript"], default="all")
     p.add_argument("--requests", type=int, default=4, help="held-out requests (transcript)")
+    p.add_argument("--save", help="transcript: write each session's audio here (.npz)")
     args = p.parse_args()
     results = Path(__file__).parent / "results"
     if args.part in ("all", "transcript"):
-        result = transcript_check(args.requests)
+        result = transcript_check(args.requests, save=args.save)
         print_transcript(result)
         (results / "aec_transcript.json").write_text(json.dumps(result, indent=1))
         print(f"wrote {results / 'aec_transcript.json'}")

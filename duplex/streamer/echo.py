@@ -309,11 +309,6 @@ class _SpeexChain:
                 )
         self.out = np.zeros(chunk, dtype=np.int16)
 
-    def reset(self) -> None:
-        """Forget the echo path (its taps belong to the old alignment)."""
-        if self.echo is not None:
-            self.lib.speex_echo_state_reset(self.echo)
-
     def _ctl(self, request: int, value: int) -> None:
         v = ctypes.c_int(value)
         self.lib.speex_preprocess_ctl(self.pre, request, ctypes.byref(v))
@@ -374,8 +369,10 @@ class EchoCanceller:
 
     `play(far)` may be called from the output device's callback (it only copies into a ring);
     `process(near)` from one reader thread, with whole 10 ms chunks (`chunk` samples); it
-    returns the processed chunks, same length, with no added delay beyond the chunking. Both
-    run at the device's sample rate.
+    returns the processed chunks, same length. Both run at the device's sample rate. The
+    output lags the input by the chain's own latency (echo_rig.chain_delay): speex's
+    preprocessor returns the previous 10 ms chunk (10 ms), WebRTC's module about 15 ms with
+    AEC and noise suppression; the high-pass alone adds none.
     """
 
     def __init__(
@@ -493,11 +490,11 @@ class EchoCanceller:
         if self.delay_source != "measured" or abs(delay - self.delay) > 2 * tolerance:
             if self.delay_source == "measured":
                 self.delay_changes += 1
+            # The filter is kept: realignment restores the residual path it learnt (the margin
+            # plus the room). Measured offline (notes/issue15.md, follow-up), restarting speex's
+            # filter on each move cost about a second of re-convergence after a 50 ms jump and
+            # 15-20 dB of final attenuation, and on the first measurement it gained nothing.
             self.delay = delay
-            # A speex filter trained on the old alignment has its taps in the wrong place;
-            # from zero it converges faster than from there. AEC3 re-finds the delay itself.
-            if isinstance(self._chain, _SpeexChain):
-                self._chain.reset()
         self.delay_source = "measured"
 
     def _measure(self, near: np.ndarray, out: np.ndarray, far: np.ndarray) -> None:
