@@ -1,5 +1,6 @@
-"""The small recall models: one width and depth, four mixers (GWA, the gated delta rule alone,
-sliding-window attention, full attention), and their shipped weights."""
+"""The small recall models: one width, four mixers (GWA, the gated delta rule alone,
+sliding-window attention, full attention) at the same depth, GWA with predicted lookups at three
+reads (recall-gwa-lookup), and their shipped weights."""
 
 from __future__ import annotations
 
