@@ -68,7 +68,9 @@ RECIPES = {
         "--mix suite --steps 4000 --lr 1e-3 --init {prev}",
     ],
     "recall-gwa": ["--mix suite --steps 6000 --lr 3e-3"],
-    "recall-gwa-lookup": ["--mix suite --steps 8000 --lr 3e-3"],
+    # Warm-started from recall-gwa (its four blocks are this model's first four): the second
+    # read's lookup head then proposes the first link from step 0 (the cold start).
+    "recall-gwa-lookup": ["--mix suite --steps 8000 --lr 1e-3 --warm recall-gwa"],
 }
 ASKED = {1 * K: 1, 16 * K: 8, 128 * K: 16, 1024 * K: 32}
 

@@ -84,6 +84,23 @@ def recall_loss(model: torch.nn.Module, batch: RecallBatch) -> tuple[torch.Tenso
     return loss, {"acc": float(acc), "tokens": float(batch.ids.numel())}
 
 
+def warm_start(model: Backbone, source: Backbone) -> list[str]:
+    """Copy into `model` every tensor of `source` with the same name and shape; returns them.
+
+    recall-gwa's blocks are the first four of recall-gwa-lookup's, so the deeper model starts
+    with a working 1-hop read, and its next layer's lookup head (W_l = I: "the ids my state
+    looks like") starts by proposing what that read found: the cold start of predicted lookups.
+    """
+    own = model.state_dict()
+    copied = [
+        name
+        for name, t in source.state_dict().items()
+        if name in own and own[name].shape == t.shape
+    ]
+    model.load_state_dict({**own, **{n: source.state_dict()[n] for n in copied}})
+    return copied
+
+
 HELP = "train a recall model (recall-gwa, recall-gdr, recall-swa, recall-attn)"
 DESCRIPTION = """Train a recall model on generated short sequences (mqar, passkey, niah, copy,
 position mixed), loss on the answer ids only, with the shared training loop (AdamW, warm-up +
@@ -109,6 +126,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mix", default="v1", choices=MIXES, help="training task mixture")
     p.add_argument("--init", default=None, help="start from these weights (name or path)")
+    p.add_argument(
+        "--warm",
+        default=None,
+        help="copy the tensors of this model (name or path) whose names and shapes match",
+    )
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu or cuda")
@@ -123,6 +145,9 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     seed_everything(args.seed)
     model = load_recall(args.init).train() if args.init else Backbone(model_config(args.model))
+    if args.warm:
+        copied = warm_start(model, load_recall(args.warm))
+        print(f"warm start from {args.warm}: {len(copied)} tensors copied")
     out = Path(args.out or f"runs/{args.model}")
     cfg = TrainConfig(
         out_dir=str(out),

@@ -296,3 +296,37 @@ def test_lookup_read_reaches_every_chained_answer_when_asked_the_right_key(task)
         assert hit.any(axis=1).all()
         link = nxt
     np.testing.assert_array_equal(link, s.ids[ans])
+
+
+def test_warm_started_lookup_head_proposes_the_first_link():
+    """The cold start of predicted lookups: recall-gwa-lookup warm-started from the shipped
+    recall-gwa (its first four blocks) proposes, with its second read's identity-initialised
+    lookup head and no training, the first link b of a hop2 chain among its top 2 keys at the
+    cue, so the lookup of b (whose window holds the answer) is offered from the first step.
+    The first read's head, before any read, does not."""
+    torch.manual_seed(0)
+    model = Backbone(M.model_config("recall-gwa-lookup")).eval()
+    assert len(RT.warm_start(model, M.load_recall("recall-gwa"))) > 30
+    proposed: dict[int, torch.Tensor] = {}
+    for i, block in enumerate(model.blocks):
+        if getattr(block, "lookup", None) is not None:
+            orig = block.propose
+
+            def spy(x, emb, i=i, orig=orig):
+                out = orig(x, emb)
+                proposed[i] = out[0][0]
+                return out
+
+            block.propose = spy
+    s = T.make_task("hop2", 1024, np.random.default_rng([9, 0]))
+    ctx = s.ids[: s.start]
+    with torch.no_grad():
+        model(torch.from_numpy(s.ids[None]))
+    hits = {i: 0 for i in proposed}
+    for item in s.items:
+        a = int(item[0])
+        b = fact_after(ctx, int(s.ids[a - 1]))
+        for i, ids in proposed.items():
+            hits[i] += int(b in ids[a - 1].tolist())
+    first, second = sorted(hits)[:2]
+    assert hits[second] >= 0.9 * len(s.items) and hits[first] <= 0.1 * len(s.items)
