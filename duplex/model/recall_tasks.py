@@ -370,7 +370,7 @@ def make_task(
     raise ValueError(f"unknown task {task!r}; choose from {TASKS}")
 
 
-MIXES = ("v1", "suite", "mqar-curriculum", "mqar-small")
+MIXES = ("v1", "suite", "mqar-curriculum", "mqar-small", "chains")
 
 
 def training_sample(
@@ -390,6 +390,8 @@ def training_sample(
     - mqar-small: the curriculum's first stage held fixed (4 pairs, keys and values from 16
       ids each; T/8 pairs at most): a sanity check that a fixed-state model learns recall at
       all, in minutes on a CPU.
+    - chains: hop2, hop3 and alias only, sized to T (from 64 ids): a short fine-tune of the
+      lookup reads after a warm start.
     """
     if mix == "v1":
         return _sample_v1(T, rng)
@@ -397,6 +399,8 @@ def training_sample(
         return _sample_suite(T, rng)
     if mix == "mqar-curriculum":
         return _sample_curriculum(T, rng, progress)
+    if mix == "chains":
+        return _sample_chains(T, rng)
     if mix == "mqar-small":
         P = max(1, min(4, T // 8))
         return mqar(T, rng, pairs=P, queries=P, key_len=1, vocab=16)
@@ -441,6 +445,16 @@ def _sample_suite(T: int, rng: np.random.Generator) -> Sample:
     if u < 0.9:
         return hops(T, rng, n_hops=3, chains=int(rng.integers(4, 13)), queries=10)
     return alias(T, rng, pairs=int(rng.integers(4, 17)), queries=12)
+
+
+def _sample_chains(T: int, rng: np.random.Generator) -> Sample:
+    u = rng.random()
+    n = max(2, T // 32)
+    if u < 0.4:
+        return hops(T, rng, n_hops=2, chains=int(rng.integers(2, n + 1)), queries=n)
+    if u < 0.7:
+        return hops(T, rng, n_hops=3, chains=int(rng.integers(2, n + 1)), queries=n)
+    return alias(T, rng, pairs=int(rng.integers(2, n + 1)), queries=n)
 
 
 def _pooled(s: Sample, lo: int, hi: int, n: int, rng: np.random.Generator) -> Sample:

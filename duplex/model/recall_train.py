@@ -85,20 +85,32 @@ def recall_loss(model: torch.nn.Module, batch: RecallBatch) -> tuple[torch.Tenso
 
 
 def warm_start(model: Backbone, source: Backbone) -> list[str]:
-    """Copy into `model` every tensor of `source` with the same name and shape; returns them.
+    """Copy into `model` every tensor of `source` with the same name and shape, then give every
+    GWA block that got nothing a copy of `source`'s first GWA block; returns the names set.
 
     recall-gwa's blocks are the first four of recall-gwa-lookup's, so the deeper model starts
     with a working 1-hop read, and its next layer's lookup head (W_l = I: "the ids my state
     looks like") starts by proposing what that read found: the cold start of predicted lookups.
+    The later reads start as copies of the trained one, so they already know how to copy the id
+    after an anchor into the output; what they must learn is to trust the looked-up windows.
     """
     own = model.state_dict()
-    copied = [
-        name
-        for name, t in source.state_dict().items()
-        if name in own and own[name].shape == t.shape
-    ]
-    model.load_state_dict({**own, **{n: source.state_dict()[n] for n in copied}})
-    return copied
+    theirs = source.state_dict()
+    new = {n: t for n, t in theirs.items() if n in own and own[n].shape == t.shape}
+    kinds = source.cfg.layers
+    if "gwa" in kinds:
+        first = f"blocks.{kinds.index('gwa')}."
+        donor = {n[len(first) :]: t for n, t in theirs.items() if n.startswith(first)}
+        for i, kind in enumerate(model.cfg.layers):
+            prefix = f"blocks.{i}."
+            if kind != "gwa" or any(n.startswith(prefix) for n in new):
+                continue
+            for local, t in donor.items():
+                name = prefix + local
+                if name in own and own[name].shape == t.shape:
+                    new[name] = t
+    model.load_state_dict({**own, **new})
+    return sorted(new)
 
 
 HELP = "train a recall model (recall-gwa, recall-gdr, recall-swa, recall-attn)"
