@@ -70,7 +70,9 @@ RECIPES = {
     "recall-gwa": ["--mix suite --steps 6000 --lr 3e-3"],
     # Warm-started from recall-gwa (its four blocks are this model's first four): the second
     # read's lookup head then proposes the first link from step 0 (the cold start).
-    "recall-gwa-lookup": ["--mix suite --steps 8000 --lr 1e-3 --warm recall-gwa"],
+    # --freeze-warm: the copied blocks stay fixed, or the output loss removes the first link
+    # from the residual the lookup heads read (measured: proposals 47/48 -> 0/48 in 200 steps).
+    "recall-gwa-lookup": ["--mix suite --steps 8000 --lr 1e-3 --warm recall-gwa --freeze-warm"],
 }
 ASKED = {1 * K: 1, 16 * K: 8, 128 * K: 16, 1024 * K: 32}
 

@@ -143,6 +143,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="copy the tensors of this model (name or path) whose names and shapes match",
     )
+    p.add_argument(
+        "--freeze-warm",
+        action="store_true",
+        help="with --warm: keep the tensors copied under their own names fixed (the blocks the "
+        "source shares and the embedding), so the state the lookup heads read stays as trained",
+    )
     p.add_argument("--max-minutes", type=float, default=None)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cpu or cuda")
@@ -158,8 +164,14 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     model = load_recall(args.init).train() if args.init else Backbone(model_config(args.model))
     if args.warm:
-        copied = warm_start(model, load_recall(args.warm))
+        source = load_recall(args.warm)
+        copied = warm_start(model, source)
         print(f"warm start from {args.warm}: {len(copied)} tensors copied")
+        if args.freeze_warm:
+            same = set(source.state_dict())
+            for name, p in model.named_parameters():
+                if name in same:
+                    p.requires_grad_(False)
     out = Path(args.out or f"runs/{args.model}")
     cfg = TrainConfig(
         out_dir=str(out),
