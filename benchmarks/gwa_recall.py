@@ -98,6 +98,51 @@ def train_all(
             subprocess.run(cmd, check=True, cwd=ROOT)
 
 
+def proposals(path: str, task: str = "hop2", trials: int = 3) -> str:
+    """How often each lookup head proposes a chain's first link at the cue (the key whose
+    windows hold the next link), and its mean log-probability when it does: the cold start and
+    whether training keeps or loses the right key. 16 cues per 1K-id trial."""
+    import numpy as np
+    import torch
+
+    from duplex.model import recall_tasks as RT
+    from duplex.model.recall_models import load_recall
+
+    model = load_recall(path)
+    seen: dict[int, tuple] = {}
+    for i, block in enumerate(model.blocks):
+        if getattr(block, "lookup", None) is not None:
+
+            def spy(x, emb, i=i, orig=block.propose):
+                out = orig(x, emb)
+                seen[i] = out
+                return out
+
+            block.propose = spy
+    heads = [i for i, b in enumerate(model.blocks) if getattr(b, "lookup", None) is not None]
+    hits: dict[int, list[float]] = {i: [] for i in heads}
+    n = 0
+    for k in range(trials):
+        s = RT.make_task(task, 1024, np.random.default_rng([9, k]))
+        ctx = s.ids[: s.start]
+        with torch.no_grad():
+            model(torch.from_numpy(s.ids[None]))
+        for item in s.items:
+            a = int(item[0])
+            after = [int(ctx[p + 1]) for p in np.nonzero(ctx[:-1] == s.ids[a - 1])[0]]
+            b = next(x for x in after if x < RT.FILL0)
+            for i, (ids, lp) in seen.items():
+                row = ids[0, a - 1].tolist()
+                if b in row:
+                    hits[i].append(float(lp[0, a - 1, row.index(b)]))
+            n += 1
+    parts = [
+        f"block {i}: {len(v)}/{n}" + (f" (mean log p {np.mean(v):.2f})" if v else "")
+        for i, v in sorted(hits.items())
+    ]
+    return f"{path} {task}: first link proposed at " + ", ".join(parts)
+
+
 def cell(model: str, task: str, n: int, timeout: float) -> dict:
     cmd = [
         sys.executable,
@@ -250,7 +295,12 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=64, help="for --train")
     ap.add_argument("--no-ship", action="store_true", help="--train without --ship")
     ap.add_argument("--stage-minutes", type=float, default=None, help="--train: cap per stage")
+    ap.add_argument("--proposals", nargs="*", default=None, help="lookup-head check of models")
     args = ap.parse_args()
+    if args.proposals:
+        for path in args.proposals:
+            print(proposals(path), flush=True)
+        return 0
     if args.train:
         train_all(args.models, args.device, args.batch_size, not args.no_ship, args.stage_minutes)
     if args.issue_trials:
