@@ -39,8 +39,6 @@ far end plays, smoothed over about a second).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import math
 import threading
 import time
@@ -48,11 +46,16 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from duplex.streamer.echo_chain import (
+    EchoUnavailableError,
+    HighPass,
+    SpeexChain,
+    WebRTCChain,
+    speex_library,
+    to_int16,
+)
+
 BACKENDS = ("speex", "webrtc")
-
-
-class EchoUnavailableError(RuntimeError):
-    """The echo-cancellation library cannot be loaded: the message says what to do instead."""
 
 
 @dataclass(frozen=True)
@@ -127,7 +130,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def library_version(backend: str = "speex") -> str:
     """The backend's library and its version, or EchoUnavailableError saying why not."""
     if backend == "speex":
-        lib = _speex_library()
+        lib = speex_library()
         return f"libspeexdsp ({lib._name}: MDF echo canceller, preprocessor)"
     try:
         from livekit import rtc
@@ -277,92 +280,6 @@ class EchoStatus:
         return d
 
 
-class _SpeexChain:
-    """libspeexdsp: the MDF echo canceller, then the preprocessor (residual echo and noise)."""
-
-    # speex_echo.h / speex_preprocess.h request codes.
-    ECHO_SET_SAMPLING_RATE = 24
-    PREPROCESS_SET_DENOISE = 0
-    PREPROCESS_SET_NOISE_SUPPRESS = 18
-    PREPROCESS_SET_ECHO_STATE = 24
-
-    def __init__(self, sample_rate: int, chunk: int, settings: EchoSettings, tail_s: float) -> None:
-        lib = _speex_library()
-        self.lib = lib
-        self.echo = None
-        self.pre = None
-        if settings.aec:
-            self.echo = lib.speex_echo_state_init(chunk, round(tail_s * sample_rate))
-            rate = ctypes.c_int(sample_rate)
-            lib.speex_echo_ctl(self.echo, self.ECHO_SET_SAMPLING_RATE, ctypes.byref(rate))
-        if settings.aec or settings.noise_suppression:
-            self.pre = lib.speex_preprocess_state_init(chunk, sample_rate)
-            # The residual-echo suppressor runs inside the denoiser's gain stage, so the
-            # denoiser stays on with the echo canceller; "no noise suppression" sets its
-            # noise attenuation to 0 dB instead.
-            self._ctl(self.PREPROCESS_SET_DENOISE, 1)
-            if not settings.noise_suppression:
-                self._ctl(self.PREPROCESS_SET_NOISE_SUPPRESS, 0)
-            if self.echo is not None:
-                lib.speex_preprocess_ctl(
-                    self.pre, self.PREPROCESS_SET_ECHO_STATE, ctypes.c_void_p(self.echo)
-                )
-        self.out = np.zeros(chunk, dtype=np.int16)
-
-    def _ctl(self, request: int, value: int) -> None:
-        v = ctypes.c_int(value)
-        self.lib.speex_preprocess_ctl(self.pre, request, ctypes.byref(v))
-
-    def __call__(self, near: np.ndarray, far: np.ndarray | None) -> np.ndarray:
-        x = np.ascontiguousarray(near)
-        if self.echo is not None:
-            f = np.ascontiguousarray(far)
-            self.lib.speex_echo_cancellation(
-                self.echo, x.ctypes.data, f.ctypes.data, self.out.ctypes.data
-            )
-            x = self.out.copy()
-        if self.pre is not None:
-            self.lib.speex_preprocess_run(self.pre, x.ctypes.data)
-        return x
-
-    def close(self) -> None:
-        if self.pre is not None:
-            self.lib.speex_preprocess_state_destroy(self.pre)
-            self.pre = None
-        if self.echo is not None:
-            self.lib.speex_echo_state_destroy(self.echo)
-            self.echo = None
-
-
-class _WebRTCChain:
-    """livekit's WebRTC AudioProcessingModule: AEC3, noise suppression (no high-pass here:
-    the chain's own high-pass runs first, the same for both backends)."""
-
-    def __init__(self, sample_rate: int, chunk: int, settings: EchoSettings) -> None:
-        from livekit import rtc
-
-        self.rtc = rtc
-        self.rate, self.chunk = sample_rate, chunk
-        self.aec = settings.aec
-        self.apm = rtc.AudioProcessingModule(
-            echo_cancellation=settings.aec, noise_suppression=settings.noise_suppression
-        )
-
-    def __call__(
-        self, near: np.ndarray, far: np.ndarray | None, residual_ms: int = 0
-    ) -> np.ndarray:
-        rtc = self.rtc
-        if self.aec:
-            self.apm.process_reverse_stream(rtc.AudioFrame(far.tobytes(), self.rate, 1, self.chunk))
-            self.apm.set_stream_delay_ms(residual_ms)
-        frame = rtc.AudioFrame(near.tobytes(), self.rate, 1, self.chunk)
-        self.apm.process_stream(frame)
-        return np.frombuffer(frame.data, dtype=np.int16).copy()
-
-    def close(self) -> None:
-        pass
-
-
 class EchoCanceller:
     """Echo cancellation, noise suppression and a high-pass on a microphone, with the far end
     aligned by a measured delay.
@@ -395,13 +312,13 @@ class EchoCanceller:
         self.chunk = sample_rate // 100
         self.margin = round(margin_s * sample_rate)
         self.max_delay = round(max_delay_s * sample_rate)
-        self._hpf = _HighPass(sample_rate) if self.settings.high_pass else None
-        self._chain: _SpeexChain | _WebRTCChain | None = None
+        self._hpf = HighPass(sample_rate) if self.settings.high_pass else None
+        self._chain: SpeexChain | WebRTCChain | None = None
         if self.settings.aec or self.settings.noise_suppression:
             if self.settings.backend == "webrtc":
-                self._chain = _WebRTCChain(sample_rate, self.chunk, self.settings)
+                self._chain = WebRTCChain(sample_rate, self.chunk, self.settings)
             else:
-                self._chain = _SpeexChain(sample_rate, self.chunk, self.settings, tail_s)
+                self._chain = SpeexChain(sample_rate, self.chunk, self.settings, tail_s)
         self.estimator = DelayEstimator(sample_rate, max_delay_s=max_delay_s)
         self.far = SampleRing(self.max_delay + 2 * sample_rate + self.chunk)
         self.near = SampleRing(2 * sample_rate)
@@ -461,12 +378,12 @@ class EchoCanceller:
         if self._chain is None:
             out = x
         else:
-            far_i = None if far is None else _to_int16(far)
-            if isinstance(self._chain, _WebRTCChain):
+            far_i = None if far is None else to_int16(far)
+            if isinstance(self._chain, WebRTCChain):
                 residual = round(1000.0 * (self.delay - lead) / self.sample_rate)
-                y = self._chain(_to_int16(x), far_i, residual)
+                y = self._chain(to_int16(x), far_i, residual)
             else:
-                y = self._chain(_to_int16(x), far_i)
+                y = self._chain(to_int16(x), far_i)
             out = y.astype(np.float32) / 32768.0
         if far is not None:
             self._measure(near, out, far)
@@ -532,56 +449,3 @@ class EchoCanceller:
 
     def __del__(self) -> None:
         self.close()
-
-
-class _HighPass:
-    """A streaming 2nd-order Butterworth high-pass at 80 Hz (scipy's sosfilt, state carried):
-    removes hum and DC before the canceller, as WebRTC's own high-pass does."""
-
-    def __init__(self, sample_rate: int, cutoff_hz: float = 80.0) -> None:
-        from scipy.signal import butter, sosfilt_zi
-
-        self.sos = butter(2, cutoff_hz, "highpass", fs=sample_rate, output="sos")
-        self.zi = sosfilt_zi(self.sos) * 0.0
-
-    def __call__(self, x: np.ndarray) -> np.ndarray:
-        from scipy.signal import sosfilt
-
-        y, self.zi = sosfilt(self.sos, x.astype(np.float64), zi=self.zi)
-        return y.astype(np.float32)
-
-
-_SPEEX = None
-
-
-def _speex_library() -> ctypes.CDLL:
-    """libspeexdsp, loaded once, with the prototypes this module calls."""
-    global _SPEEX
-    if _SPEEX is not None:
-        return _SPEEX
-    name = ctypes.util.find_library("speexdsp") or "libspeexdsp.so.1"
-    try:
-        lib = ctypes.CDLL(name)
-    except OSError as e:
-        raise EchoUnavailableError(
-            f"libspeexdsp cannot be loaded ({e}): install the system package libspeexdsp1 "
-            "(scripts/sysdeps.sh), or use --aec-backend webrtc, or --no-aec with headphones"
-        ) from None
-    vp, i = ctypes.c_void_p, ctypes.c_int
-    lib.speex_echo_state_init.restype = vp
-    lib.speex_echo_state_init.argtypes = [i, i]
-    lib.speex_echo_state_destroy.argtypes = [vp]
-    lib.speex_echo_state_reset.argtypes = [vp]
-    lib.speex_echo_cancellation.argtypes = [vp, vp, vp, vp]
-    lib.speex_echo_ctl.argtypes = [vp, i, vp]
-    lib.speex_preprocess_state_init.restype = vp
-    lib.speex_preprocess_state_init.argtypes = [i, i]
-    lib.speex_preprocess_state_destroy.argtypes = [vp]
-    lib.speex_preprocess_ctl.argtypes = [vp, i, vp]
-    lib.speex_preprocess_run.argtypes = [vp, vp]
-    _SPEEX = lib
-    return lib
-
-
-def _to_int16(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.round(x * 32768.0), -32768, 32767).astype(np.int16)
