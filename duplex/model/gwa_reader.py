@@ -21,6 +21,7 @@ from duplex.model.gwa_history import (
     History,
     KeyFinder,
     WindowRead,
+    _empty_arrays,
     read_histories,
 )
 from duplex.streaming import StreamingModule, StreamState
@@ -304,14 +305,8 @@ class WindowReader(StreamingModule):
 
     def _empty_read(self, B: int, T: int) -> dict[str, np.ndarray]:
         """What rows that read nothing get (zeros), [B, T, ...]."""
-        k, W, P = self.cfg.n_candidates, self.cfg.window, self.cfg.pos_digits
-        return {
-            "ids": np.zeros((B, T, k, W), dtype=np.int64),
-            "mask": np.zeros((B, T, k, W), dtype=bool),
-            "match": np.zeros((B, T, k), dtype=np.int64),
-            "digits": np.zeros((B, T, k, P), dtype=np.int64),
-            "valid": np.zeros((B, T, k), dtype=bool),
-        }
+        empty = _empty_arrays(self.cfg, B, T, self.cfg.n_candidates)
+        return {name: v for name, v in empty.items() if name != "anchors"}
 
     def set_offsets(self, offsets: list[int]) -> None:
         """Absolute position of each stream's first id (what `position` features report)."""

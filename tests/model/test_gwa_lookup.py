@@ -4,6 +4,8 @@ from disk, survives snapshots, and its lookup head is trained by the loss (throu
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -13,31 +15,14 @@ from duplex.model.gwa import GuidedWindowAttention, GWAConfig, GWAReadConfig, Hi
 from duplex.model.gwa_history import KeyFinder
 from duplex.model.ngram_index import IdChain
 from duplex.model.token_log import TokenLog
+from tests.model.test_gwa import small_cfg
 
 VOCAB = 40
 
 
 def lookup_cfg(layers: tuple[str, ...] = ("gdn", "gwa", "mlp", "gwa", "mlp")) -> BackboneConfig:
-    read = GWAReadConfig(
-        orders=(3, 2, 1),
-        per_order=2,
-        max_walk=64,
-        win_before=3,
-        win_after=3,
-        lookup_keys=3,
-        lookup_per_key=2,
-    )
-    return BackboneConfig(
-        vocab_size=VOCAB,
-        d_model=32,
-        layers=layers,
-        gdn_heads=2,
-        gdn_head_dim=16,
-        gwa_heads=2,
-        gwa_head_dim=16,
-        swa_window=8,
-        read=read,
-    )
+    cfg = small_cfg(layers)
+    return replace(cfg, read=replace(cfg.read, lookup_keys=3, lookup_per_key=2))
 
 
 def newest_before(ids: np.ndarray, key: int, t: int, R: int) -> list[int]:
