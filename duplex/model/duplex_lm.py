@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,10 @@ class DuplexConfig:
     acoustic_delay: int = 1
     transcript_delay: int = 3
     text_pad_weight: float = 0.5
+    # Streaming steps add -log(text_pad_weight) to the PAD logit of both text streams. Training
+    # with PAD weighted by w makes the model's odds of PAD w times the data's; this undoes that,
+    # so a session draws "speak now or wait" from the odds the corpus implies, not inflated ones.
+    calibrate_pad: bool = False
     audio_weight: float = 1.0
     # Frames by which the model's text precedes its speech in training data (it writes a word
     # before it says it).
@@ -153,6 +158,7 @@ _register(
     "talk",
     DuplexConfig(
         text_pad_weight=0.25,
+        calibrate_pad=True,
         text_lead=2,
         shared_text_ids=True,
         window_speaker=True,
@@ -398,7 +404,12 @@ class DuplexLM(StreamingModule):
             user_audio[:, None], prev_audio[:, None], prev_text[:, None], prev_user_text[:, None]
         )
         h = self.backbone.step(ids, extra=extra)
-        return self._heads(h[:, 0], None)
+        out = self._heads(h[:, 0], None)
+        if self.cfg.calibrate_pad and self.cfg.text_pad_weight != 1.0:
+            shift = -math.log(self.cfg.text_pad_weight)
+            out.text[:, PAD] += shift
+            out.user_text[:, PAD] += shift
+        return out
 
     def state_bytes(self) -> int:
         """Fixed streaming state bytes per session (excludes the host-side id log)."""

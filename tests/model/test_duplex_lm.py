@@ -262,3 +262,51 @@ def test_warm_start_copies_shared_user_rows(tmp_path) -> None:
     other = DuplexLM(DuplexConfig.from_dict({**cfg.to_dict(), "num_codebooks": 2}))
     with pytest.raises(ValueError, match="do not fit"):
         warm_start(other, p)
+
+
+def test_calibrated_pad_gives_the_data_odds_of_speaking() -> None:
+    """Trained with PAD weighted by w, the raw odds of PAD are w times the data's; a calibrated
+    step draws from the data's odds. Targets here are unpredictable (PAD with probability 0.8,
+    else one letter), so the best the model can learn is that marginal."""
+    torch.manual_seed(0)
+    m = _tiny().float()
+    m.cfg.text_pad_weight = 0.25
+    g = torch.Generator().manual_seed(3)
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    letter = 97
+    for i in range(200):
+        if i == 150:
+            opt.param_groups[0]["lr"] = 1e-3
+        b = _batch(4, 16)
+        for key in ("model_text", "user_text"):
+            pad = torch.rand(b[key].shape, generator=g) < 0.8
+            b[key] = torch.where(pad, torch.full_like(b[key], PAD), torch.full_like(b[key], letter))
+        _, losses = m(b)
+        opt.zero_grad()
+        losses["loss"].backward()
+        opt.step()
+    m.eval()
+    b = _batch(2, 6)
+    s = m.shift_inputs(b)
+
+    def p_pad(calibrate: bool) -> tuple[float, float]:
+        m.cfg.calibrate_pad = calibrate
+        with torch.no_grad(), m.streaming(2):
+            outs = [
+                m.step(
+                    b["user_audio"][:, t],
+                    s["prev_audio"][:, t],
+                    s["prev_text"][:, t],
+                    s["prev_user_text"][:, t],
+                )
+                for t in range(6)
+            ]
+        return tuple(
+            float(torch.stack([getattr(o, name) for o in outs]).softmax(-1)[..., PAD].mean())
+            for name in ("text", "user_text")
+        )
+
+    raw, cal = p_pad(False), p_pad(True)
+    for r, c in zip(raw, cal, strict=True):
+        assert abs(r - 0.5) < 0.1, raw
+        assert abs(c - 0.8) < 0.05, cal
