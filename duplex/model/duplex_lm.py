@@ -158,7 +158,6 @@ _register(
     "talk",
     DuplexConfig(
         text_pad_weight=0.25,
-        calibrate_pad=True,
         text_lead=2,
         shared_text_ids=True,
         window_speaker=True,
