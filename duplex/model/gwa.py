@@ -25,10 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from duplex.kernels.gwa import gather_window_proj, window_attend_factored
+from duplex.kernels.gwa import window_attend_tables
 from duplex.model.gwa_history import GWAReadConfig, History, WindowRead, read_histories
 from duplex.model.gwa_reader import WindowReader, WindowReaderState
 
@@ -68,6 +67,9 @@ class GuidedWindowAttention(nn.Module):
     marginalised over the top K inside the one softmax, so the loss reaches the head through
     log p: no label says which key was right.
     """
+
+    # Positions read at once without gradients (prefill); a class default, tests shrink it.
+    infer_block = 512
 
     def __init__(self, cfg: GWAConfig, read: GWAReadConfig) -> None:
         super().__init__()
@@ -145,30 +147,57 @@ class GuidedWindowAttention(nn.Module):
             read, bias, slot = self._with_lookups(x, read, embedding)
         B, T, _ = x.shape
         H, D = self.cfg.n_heads, self.cfg.head_dim
-        k_n, W = read.ids.shape[2], read.ids.shape[3]
-        P = self.read_cfg.pos_digits
-        place = torch.arange(P, device=x.device)
-        # meta: [B, T, k, d] per-candidate features (slot, matched length)
-        meta = slot[None, None] + self.match[read.match]
-        # The anchor's position digits are extra slots of its window ("where I looked" as
-        # readable items): dig: [B, T, k, P, d], one embedding per (place, digit value).
-        dig = self.digits[place, read.digits]
-        # keys and values are linear in (token + offset + candidate): project each part once.
-        # tok_k: [B, T, k, W + P, H, D]
-        tok_k = gather_window_proj(embedding, self.k_proj.weight, read.ids)
-        tok_v = gather_window_proj(embedding, self.v_proj.weight, read.ids)
-        tok_k = torch.cat([tok_k, self.k_proj(dig)], dim=3).reshape(B, T, k_n, W + P, H, D)
-        tok_v = torch.cat([tok_v, self.v_proj(dig)], dim=3).reshape(B, T, k_n, W + P, H, D)
-        rel_k = F.pad(self.k_proj(self.rel), (0, 0, 0, P)).reshape(W + P, H, D)
-        rel_v = F.pad(self.v_proj(self.rel), (0, 0, 0, P)).reshape(W + P, H, D)
-        meta_k = self.k_proj(meta).reshape(B, T, k_n, H, D)
-        meta_v = self.v_proj(meta).reshape(B, T, k_n, H, D)
-        # mask: [B, T, k, W + P]; digit slots are readable wherever the candidate is valid
-        mask = torch.cat([read.mask, read.valid[..., None].expand(B, T, k_n, P)], dim=-1)
-        mask = mask & read.valid[..., None]
-        q = self.q_proj(x).reshape(B, T, H, D)
-        o = window_attend_factored(
-            q, tok_k, tok_v, rel_k, rel_v, meta_k, meta_v, mask, self.null_k, self.null_v, bias
+        # Keys and values are linear in (token + offset + slot + matched length + digit), so
+        # each table is projected once and the read picks rows of the projections.
+        tables = [
+            (self.k_proj(t), self.v_proj(t))
+            for t in (self.rel, slot, self.match, self.digits.flatten(0, 1))
+        ]
+        (rel_k, rel_v), (slot_k, slot_v), (match_k, match_v), (dig_k, dig_v) = (
+            (k.reshape(-1, H, D), v.reshape(-1, H, D)) for k, v in tables
         )
+        P = self.read_cfg.pos_digits
+        dig_k, dig_v = dig_k.reshape(P, -1, H, D), dig_v.reshape(P, -1, H, D)
+        # The token table is projected whole when the read holds more ids than it has rows
+        # (training, prefill); a decode step projects only the few ids it read. Either way the
+        # projections are head-major [H, N, D] tables and `idx` picks their rows.
+        if read.ids.numel() >= embedding.shape[0]:
+            src, idx = embedding, read.ids
+        else:
+            src = embedding[read.ids.reshape(-1)]
+            idx = torch.arange(src.shape[0], device=x.device).reshape(read.ids.shape)
+        tok_k, tok_v = (
+            (src @ w.T).reshape(-1, H, D).transpose(0, 1).contiguous()
+            for w in (self.k_proj.weight, self.v_proj.weight)
+        )
+        q = self.q_proj(x).reshape(B, T, H, D)
+
+        def attend(s: int, e: int) -> torch.Tensor:
+            return window_attend_tables(
+                q[:, s:e],
+                idx[:, s:e],
+                tok_k,
+                tok_v,
+                rel_k,
+                rel_v,
+                read.mask[:, s:e],
+                read.valid[:, s:e],
+                slot_k,
+                slot_v,
+                match_k,
+                match_v,
+                read.match[:, s:e],
+                dig_k,
+                dig_v,
+                read.digits[:, s:e],
+                self.null_k,
+                self.null_v,
+                None if bias is None else bias[:, s:e],
+            )
+
+        # Without gradients (a prefill chunk) the positions are read a block at a time: the
+        # read's intermediates ([block, k, W, H·D] gathers) stay a few MB whatever the chunk.
+        step = T if torch.is_grad_enabled() else max(1, self.infer_block)
+        o = torch.cat([attend(s, min(T, s + step)) for s in range(0, T, step)], dim=1)
         o = o.reshape(B, T, H * D) * torch.sigmoid(self.gate_proj(x))
         return self.o_proj(o)

@@ -200,6 +200,80 @@ def test_factored_attend_equals_summed_keys():
     torch.testing.assert_close(got[0, 0], nv.expand(H, D), rtol=1e-12, atol=1e-12)
 
 
+def test_table_attend_equals_summed_keys():
+    """The read's op, with tokens, slots, matched lengths and digits as tables picked by index,
+    equals plain attention over the keys and values summed slot by slot."""
+    from duplex.kernels.gwa import window_attend, window_attend_tables
+
+    torch.manual_seed(4)
+    B, T, k, W, H, D, N, M, P, base = 2, 5, 3, 4, 2, 8, 11, 5, 3, 4
+    f64 = {"dtype": torch.float64}
+    q = torch.randn(B, T, H, D, **f64)
+    ids = torch.randint(0, N, (B, T, k, W))
+    match = torch.randint(0, M, (B, T, k))
+    digits = torch.randint(0, base, (B, T, k, P))
+    tok_k, tok_v = (torch.randn(H, N, D, **f64) for _ in range(2))
+    rel_k, rel_v = (torch.randn(W, H, D, **f64) for _ in range(2))
+    slot_k, slot_v = (torch.randn(k, H, D, **f64) for _ in range(2))
+    match_k, match_v = (torch.randn(M, H, D, **f64) for _ in range(2))
+    dig_k, dig_v = (torch.randn(P, base, H, D, **f64) for _ in range(2))
+    mask = torch.rand(B, T, k, W) > 0.3
+    valid = torch.rand(B, T, k) > 0.2
+    valid[0, 0] = False
+    bias = torch.randn(B, T, k, **f64)
+    nk, nv = torch.randn(H, D, **f64), torch.randn(H, D, **f64)
+    got = window_attend_tables(
+        q, ids, tok_k, tok_v, rel_k, rel_v, mask, valid, slot_k, slot_v, match_k, match_v,
+        match, dig_k, dig_v, digits, nk, nv, bias,
+    )  # fmt: skip
+    # the reference: every slot's key and value summed from its parts, one loop per slot
+    S = k * (W + P)
+    keys = torch.zeros(B, T, S, H, D, **f64)
+    vals = torch.zeros(B, T, S, H, D, **f64)
+    readable = torch.zeros(B, T, S, dtype=torch.bool)
+    for b in range(B):
+        for t in range(T):
+            for j in range(k):
+                cand_k = slot_k[j] + match_k[match[b, t, j]]
+                cand_v = slot_v[j] + match_v[match[b, t, j]]
+                for o in range(W):
+                    s = j * (W + P) + o
+                    keys[b, t, s] = tok_k[:, ids[b, t, j, o]] + rel_k[o] + cand_k
+                    vals[b, t, s] = tok_v[:, ids[b, t, j, o]] + rel_v[o] + cand_v
+                    readable[b, t, s] = mask[b, t, j, o] and valid[b, t, j]
+                for p in range(P):
+                    s = j * (W + P) + W + p
+                    keys[b, t, s] = dig_k[p, digits[b, t, j, p]] + cand_k
+                    vals[b, t, s] = dig_v[p, digits[b, t, j, p]] + cand_v
+                    readable[b, t, s] = valid[b, t, j]
+    # the bias enters as a key component along q: q·(b q / (|q|² scale)) · scale = b
+    scale = D**-0.5
+    slot_bias = bias.repeat_interleave(W + P, dim=2)[..., None, None]
+    keys = keys + slot_bias * q[:, :, None] / (q * q).sum(-1, keepdim=True)[:, :, None] / scale
+    want = window_attend(q, keys, vals, readable, nk, nv)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    # a position with no valid candidate reads only the null slot
+    torch.testing.assert_close(got[0, 0], nv, rtol=1e-12, atol=1e-12)
+
+
+def test_prefill_read_in_blocks_equals_one_block():
+    """Without gradients the layer reads a prefill chunk a block of positions at a time; the
+    outputs are those of one block, at block sizes that do not divide the chunk."""
+    torch.manual_seed(8)
+    model = Backbone(small_cfg(("gdn", "gwa", "mlp"))).double().eval()
+    ids = torch.randint(0, VOCAB, (2, 61))
+    layer = model.blocks[1]
+    with torch.no_grad():
+        layer.infer_block = 1 << 20
+        whole = model(ids)
+        for block in (1, 7, 60):
+            layer.infer_block = block
+            torch.testing.assert_close(model(ids), whole, rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(stream(model, ids, [13, 1, 47]), whole, rtol=1e-9, atol=1e-9)
+    del layer.infer_block
+    assert layer.infer_block == type(layer).infer_block
+
+
 def test_reads_are_the_same_when_the_history_spills_to_disk(tmp_path):
     rng = np.random.default_rng(5)
     ids = rng.integers(0, 12, size=3000)
