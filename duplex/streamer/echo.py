@@ -34,13 +34,18 @@ residual to model: a speex filter only spans its tail, and AEC3's own delay sear
 The canceller reports what a user needs to trust it: on or off, the delay in use and where it
 came from, and the echo attenuation it achieves (microphone power over output power while the
 far end plays, smoothed over about a second).
+
+Until it has converged (delay measured, echo shown to be attenuated) the canceller holds the
+microphone down while the far end plays (duplex.streamer.echo_hold: half duplex for the first
+seconds of a session, at most 5 s), so the model does not hear its own first reply; the
+measured delay is kept across stream restarts (PortAudio's figure plus the excess measured
+before) and the filter with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -54,6 +59,10 @@ from duplex.streamer.echo_chain import (
     speex_library,
     to_int16,
 )
+from duplex.streamer.echo_delay import DelayEstimator, SampleRing
+from duplex.streamer.echo_hold import ConvergenceHold
+
+__all__ = ["DelayEstimator", "EchoUnavailableError", "SampleRing"]
 
 BACKENDS = ("speex", "webrtc")
 
@@ -66,6 +75,7 @@ class EchoSettings:
     noise_suppression: bool = True
     high_pass: bool = True
     backend: str = "speex"
+    hold_until_converged: bool = True
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
@@ -87,6 +97,8 @@ class EchoSettings:
             f"noise suppression {'on' if self.noise_suppression else 'off'}",
             f"high-pass {'on' if self.high_pass else 'off'}",
         ]
+        if self.aec and not self.hold_until_converged:
+            parts.append("no hold while converging")
         return ", ".join(parts)
 
     @classmethod
@@ -96,6 +108,7 @@ class EchoSettings:
             noise_suppression=not getattr(args, "no_noise_suppression", False),
             high_pass=not getattr(args, "no_high_pass", False),
             backend=getattr(args, "aec_backend", None) or "speex",
+            hold_until_converged=not getattr(args, "no_aec_hold", False),
         )
 
 
@@ -125,6 +138,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "or webrtc (WebRTC AEC3 via livekit; removes more echo, but also much of your voice "
         "while the model speaks)",
     )
+    p.add_argument(
+        "--no-aec-hold",
+        action="store_true",
+        help="do not hold the microphone down while the echo canceller is still converging "
+        "(by default, until it has measured the delay and attenuates the echo, the microphone "
+        "is muted while the model speaks: at most 5 s, at the start of a session)",
+    )
 
 
 def library_version(backend: str = "speex") -> str:
@@ -151,105 +171,6 @@ def echo_line(audio: object) -> str:
     return "AEC off" if hasattr(audio, "echo") else "AEC n/a (no audio device)"
 
 
-class SampleRing:
-    """The last `capacity` samples of a stream, addressed by absolute sample index.
-
-    One writer and one reader on different threads: the device callback appends, the reader
-    thread copies out ranges. Samples not written yet, or already overwritten, read as zeros."""
-
-    def __init__(self, capacity: int) -> None:
-        self.buf = np.zeros(capacity, dtype=np.float32)
-        self.total = 0
-        self._lock = threading.Lock()
-
-    @property
-    def capacity(self) -> int:
-        return self.buf.size
-
-    def write(self, x: np.ndarray) -> None:
-        x = np.asarray(x, dtype=np.float32).reshape(-1)
-        with self._lock:
-            if x.size >= self.capacity:
-                self.total += x.size - self.capacity
-                x = x[-self.capacity :]
-            start = self.total % self.capacity
-            first = min(x.size, self.capacity - start)
-            self.buf[start : start + first] = x[:first]
-            self.buf[: x.size - first] = x[first:]
-            self.total += x.size
-
-    def read(self, start: int, n: int) -> np.ndarray:
-        """Samples [start, start + n); zeros where the ring does not (or no longer) hold them."""
-        out = np.zeros(n, dtype=np.float32)
-        with self._lock:
-            lo = max(start, self.total - self.capacity, 0)
-            hi = min(start + n, self.total)
-            if hi <= lo:
-                return out
-            a = lo % self.capacity
-            m = hi - lo
-            first = min(m, self.capacity - a)
-            out[lo - start : lo - start + first] = self.buf[a : a + first]
-            out[lo - start + first : hi - start] = self.buf[: m - first]
-        return out
-
-
-class DelayEstimator:
-    """The echo path's delay, from the played and captured audio (GCC-PHAT).
-
-    Both streams are box-decimated to about 8 kHz (speech's echo carries its timing there), the
-    last `window_s` of the microphone is cross-correlated with the far end over lags
-    [0, max_delay_s], each bin weighted by its phase only (PHAT: a room's colouring and the
-    voice's spectrum drop out, the direct path's sharp peak stays). A peak counts when it stands
-    `min_prominence` standard deviations above the correlation's spread, and while the far end
-    actually played something.
-    """
-
-    def __init__(
-        self,
-        sample_rate: int,
-        max_delay_s: float = 1.0,
-        window_s: float = 1.0,
-        min_prominence: float = 10.0,
-    ) -> None:
-        self.decim = max(1, round(sample_rate / 8000))
-        self.rate = sample_rate / self.decim
-        self.max_lag = int(max_delay_s * self.rate)
-        self.window = int(window_s * self.rate)
-        self.min_prominence = min_prominence
-        n = self.window + self.max_lag
-        self.nfft = 1 << (2 * n - 1).bit_length()
-        freqs = np.fft.rfftfreq(self.nfft, 1.0 / self.rate)
-        # Speech band only: below 100 Hz rooms boom and above 3.6 kHz the box filter aliases.
-        self.band = (freqs >= 100.0) & (freqs <= 3600.0)
-
-    def _decimate(self, x: np.ndarray) -> np.ndarray:
-        d = self.decim
-        return x[: x.size // d * d].reshape(-1, d).mean(axis=1)
-
-    def estimate(self, far: SampleRing, near: SampleRing, end: int) -> tuple[int, float] | None:
-        """(delay in device samples, prominence) for the near audio ending at sample `end`, or
-        None when the far end was quiet or no peak stands out."""
-        d = self.decim
-        near_d = self._decimate(near.read(end - self.window * d, self.window * d))
-        far_d = self._decimate(
-            far.read(end - (self.window + self.max_lag) * d, (self.window + self.max_lag) * d)
-        )
-        # The far end must have played something (-50 dBFS) and the microphone heard something.
-        if np.sqrt(np.mean(far_d**2)) < 3e-3 or np.sqrt(np.mean(near_d**2)) < 1e-4:
-            return None
-        spec = np.conj(np.fft.rfft(near_d, self.nfft)) * np.fft.rfft(far_d, self.nfft)
-        spec = np.where(self.band, spec / (np.abs(spec) + 1e-12), 0.0)
-        # cc[k] = sum_i near[i] far[i + k]; near[i] echoes far[i + max_lag - lag].
-        cc = np.fft.irfft(spec, self.nfft)[: self.max_lag + 1]
-        k = int(np.argmax(cc))
-        spread = float(np.std(cc)) + 1e-12
-        prominence = float(cc[k] - np.mean(cc)) / spread
-        if prominence < self.min_prominence:
-            return None
-        return (self.max_lag - k) * d, prominence
-
-
 @dataclass
 class EchoStatus:
     """What the TUI and the stats report about the microphone processing."""
@@ -260,6 +181,9 @@ class EchoStatus:
     attenuation_db: float | None
     delay_changes: int
     process_ms_p50: float | None
+    converged: bool | None = None
+    held_s: float = 0.0
+    hold: str = "off"
 
     def line(self) -> str:
         """One line for the TUI's session panel."""
@@ -272,7 +196,12 @@ class EchoStatus:
             return "AEC off" + (f" ({'+'.join(extra)} on)" if extra else "")
         delay = "?" if self.delay_ms is None else f"{self.delay_ms:.0f} ms ({self.delay_source})"
         att = "–" if self.attenuation_db is None else f"{self.attenuation_db:.0f} dB"
-        return f"AEC on ({self.settings.backend}) · delay {delay} · echo −{att}"
+        line = f"AEC on ({self.settings.backend}) · delay {delay} · echo −{att}"
+        if self.hold == "holding":
+            line += " · converging (mic held)"
+        elif self.hold == "gave up":
+            line += " · not converged"
+        return line
 
     def as_dict(self) -> dict:
         d = asdict(self)
@@ -301,6 +230,7 @@ class EchoCanceller:
         max_delay_s: float = 1.0,
         estimate_every_s: float = 0.25,
         tail_s: float = 0.08,
+        hold: ConvergenceHold | None = None,
     ) -> None:
         self.settings = settings or EchoSettings()
         if not self.settings.active:
@@ -325,15 +255,29 @@ class EchoCanceller:
         self.estimate_every = max(1, round(estimate_every_s * 100))
         self._en = self._eo = 0.0
         self._proc_ms: list[float] = []
+        # The hold while converging (echo_hold); None when off.
+        self.hold: ConvergenceHold | None = None
+        if self.settings.aec and self.settings.hold_until_converged:
+            self.hold = hold or ConvergenceHold(sample_rate, self.chunk, tail_s=tail_s)
+        # Measured delay minus PortAudio's figure of the same streams: kept across restarts.
+        self._excess: int | None = None
         self.restart(initial_delay_s)
 
     def restart(self, initial_delay_s: float) -> None:
-        """New streams: both sample counts start again at 0, the delay from PortAudio's figure.
-        The filter keeps what it learnt (the room did not change)."""
+        """New streams: both sample counts start again at 0, the delay from PortAudio's figure,
+        plus what the measurement found beyond that figure before (the sound server's own
+        buffering; same devices, same excess). The filter keeps what it learnt (the room did not
+        change); the hold, if on, waits until the filter shows it still fits."""
         self.far = SampleRing(self.far.capacity)
         self.near = SampleRing(self.near.capacity)
-        self.delay = int(min(max(initial_delay_s, 0.0) * self.sample_rate, self.max_delay))
+        self._seed = int(min(max(initial_delay_s, 0.0) * self.sample_rate, self.max_delay))
+        self.delay = self._seed
         self.delay_source = "portaudio"
+        if self._excess is not None:
+            self.delay = min(max(self._seed + self._excess, 0), self.max_delay)
+            self.delay_source = "remembered"
+        if self.hold is not None:
+            self.hold.reset()
         self._candidate: int | None = None
         self.delay_changes = 0
         self.chunks = 0
@@ -387,6 +331,8 @@ class EchoCanceller:
             out = y.astype(np.float32) / 32768.0
         if far is not None:
             self._measure(near, out, far)
+            if self.hold is not None and (self.hold.active or self.hold.gain != 1.0):
+                out = self._hold(near, out, far, start)
         self._proc_ms.append(1000.0 * (time.perf_counter() - t0))
         if len(self._proc_ms) > 1000:
             del self._proc_ms[:500]
@@ -412,7 +358,28 @@ class EchoCanceller:
             # filter on each move cost about a second of re-convergence after a 50 ms jump and
             # 15-20 dB of final attenuation, and on the first measurement it gained nothing.
             self.delay = delay
+            if self.hold is not None:
+                self.hold.realigned()
         self.delay_source = "measured"
+        self._excess = self.delay - self._seed
+
+    def _hold(self, near: np.ndarray, out: np.ndarray, far: np.ndarray, start: int) -> np.ndarray:
+        """Before convergence: the chain's output, held down while the far end's echo may be
+        arriving (echo_hold.ConvergenceHold)."""
+        hold = self.hold
+        known = self.delay_source != "portaudio"
+        hold.observe(near, out, far, known, start)
+        playing = hold.active and hold.far_active(self.far, start, self.delay, known)
+        return hold.apply(out, playing)
+
+    @property
+    def hold_state(self) -> str:
+        """off (no hold configured), holding (not converged yet), converged or gave up."""
+        if self.hold is None:
+            return "off"
+        if self.hold.converged:
+            return "converged"
+        return "gave up" if self.hold.gave_up else "holding"
 
     def _measure(self, near: np.ndarray, out: np.ndarray, far: np.ndarray) -> None:
         # Attenuation is only meaningful while the far end plays (-50 dBFS) and echo arrives.
@@ -439,6 +406,9 @@ class EchoCanceller:
             self.attenuation_db if self.settings.aec else None,
             self.delay_changes,
             p50,
+            None if self.hold is None else self.hold.converged,
+            0.0 if self.hold is None else self.hold.held_s,
+            self.hold_state if self.settings.aec else "off",
         )
 
     def close(self) -> None:

@@ -129,6 +129,9 @@ def test_refuses_what_it_cannot_do() -> None:
 def test_status_line_says_what_runs() -> None:
     ec = EchoCanceller(SR, initial_delay_s=0.12)
     assert ec.status().line().startswith("AEC on (speex) · delay 120 ms (portaudio)")
+    assert ec.status().line().endswith("converging (mic held)")
+    no_hold = EchoCanceller(SR, EchoSettings(hold_until_converged=False), initial_delay_s=0.12)
+    assert no_hold.status().line() == "AEC on (speex) · delay 120 ms (portaudio) · echo −–"
     off = EchoCanceller(SR, EchoSettings(aec=False))
     assert off.status().line() == "AEC off (NS+HPF on)"
 
@@ -157,6 +160,32 @@ def test_offline_echo_goes_and_the_delay_is_measured_where_it_is(offline) -> Non
     assert all(s["delay_source"] == "measured" for s in offline.status if s["t"] >= 2.0)
     assert all(99.8 <= d <= 103.0 for d in before), before
     assert all(149.8 <= d <= 153.0 for d in after), after
+
+
+def test_offline_the_first_reply_is_held_until_the_canceller_converges(offline) -> None:
+    """The start of a session: the delay is PortAudio's guess (50 ms, the path is 100 ms + the
+    room) and the filter has learnt nothing, so the echo comes through (without the hold the
+    0.5 s windows read 1, 3 and 19 dB). The microphone is held while the far end plays, until
+    the canceller is measured to attenuate the echo; then the hold is off for good."""
+    first = offline.erle_windows_db(0.0, 1.5)
+    assert min(first) >= 25.0, first
+    by_t = {round(s["t"], 2): s for s in offline.status}
+    # Converged within 3 s of the model starting to speak, and never held again after that.
+    assert by_t[3.0]["converged"] and by_t[3.0]["hold"] == "converged", by_t[3.0]
+    assert 0.5 <= by_t[3.0]["held_s"] <= 3.0, by_t[3.0]
+    assert all(s["held_s"] == by_t[3.0]["held_s"] for s in offline.status if s["t"] >= 3.0)
+    assert all(s["converged"] for s in offline.status if s["t"] >= 3.0)
+
+
+def test_offline_without_the_hold_the_first_reply_leaks(voices) -> None:
+    """`--no-aec-hold`: the canceller as it was, the echo of the first second comes through."""
+    from duplex.streamer.echo_rig import run_offline
+
+    far, _ = voices
+    settings = EchoSettings(hold_until_converged=False)
+    res = run_offline(far[: 3 * SR], None, SR, 480, settings, 0.1)
+    assert max(res.erle_windows_db(0.0, 1.0)) < 15.0
+    assert all(s["hold"] == "off" and s["held_s"] == 0.0 for s in res.status)
 
 
 def test_offline_the_user_is_kept_during_double_talk(offline, voices) -> None:
