@@ -13,6 +13,12 @@ else runs on it: the JSON records CPU count, load average and torch threads.
 
     python benchmarks/serve_load.py                   # N = 1 2 4 8 12 16 24 32, 60 s each
     python benchmarks/serve_load.py --seconds 20 --ns 1,2,4
+    python benchmarks/serve_load.py --model default --cpus 0,1                # the shipped model,
+    python benchmarks/serve_load.py --model default --cpus 0,1 --no-codec-thread  # on 2 cores
+
+`--no-codec-thread` runs the server's neural codec on its engine thread, one phase after the
+other (the server before the codec stage), to compare with the pipelined default. `--cpus`
+pins the server and the clients to those CPUs (a small box on a bigger machine).
 """
 
 from __future__ import annotations
@@ -92,6 +98,8 @@ def start_server(n: int, codec: str, args: argparse.Namespace) -> tuple[subproce
     cmd += ["--queue-frames", str(args.queue_frames), "--idle-timeout", "600"]
     # Every client connects from 127.0.0.1: lift the per-address limits meant for strangers.
     cmd += ["--max-per-peer", str(n), "--connect-rate", "1000"]
+    if not args.codec_thread:
+        cmd += ["--no-codec-thread"]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT
     )
@@ -243,9 +251,19 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1, help="server torch threads (1)")
     ap.add_argument("--queue-frames", type=int, default=10, help="server input queue (10)")
     ap.add_argument("--stop-after", type=int, default=2, help="stop after this many failing N")
+    ap.add_argument(
+        "--no-codec-thread",
+        dest="codec_thread",
+        action="store_false",
+        help="server runs the codec on its engine thread (serve --no-codec-thread)",
+    )
+    ap.add_argument("--cpus", help="pin server and clients to these CPUs, e.g. 0,1")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve_load"))
     args = ap.parse_args()
     ns = [int(x) for x in args.ns.split(",")]
+    if args.cpus:
+        # The server process inherits this affinity.
+        os.sched_setaffinity(0, {int(c) for c in args.cpus.split(",")})
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     conditions = {
@@ -259,6 +277,9 @@ def main() -> int:
         "seconds_per_n": args.seconds,
         "warmup_s": args.warmup,
         "queue_frames": args.queue_frames,
+        "codec_thread": args.codec_thread,
+        "cpus_pinned": args.cpus,
+        "cpus_usable": len(os.sched_getaffinity(0)),
         "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     results: list[LoadResult] = []
@@ -291,8 +312,9 @@ def main() -> int:
     out.with_suffix(".json").write_text(json.dumps(summary, indent=1))
     load = conditions["load_average_at_start"][0]
     title = (
-        f"duplex serve load, {conditions['cpus']} CPUs, load avg {load:.1f}, "
-        f"{args.seconds:g} s per N, model {args.model}, codec {codec_note}"
+        f"duplex serve load, {conditions['cpus_usable']} CPUs, load avg {load:.1f}, "
+        f"{args.seconds:g} s per N, model {args.model}, codec {codec_note}, "
+        f"codec {'thread' if args.codec_thread else 'on the engine thread'}"
     )
     plot(results, out.with_suffix(".png"), title)
     if best:

@@ -183,6 +183,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-temperature", type=float, default=0.7, help="text temperature")
     p.add_argument("--text-top-k", type=int, default=25, help="text top-k (default 25)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    p.add_argument(
+        "--no-codec-thread",
+        dest="codec_thread",
+        action="store_false",
+        help="run the neural codec on the engine thread, one phase after the other, instead "
+        "of on its own thread pipelined with the model step (to compare; same results)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
@@ -213,6 +220,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         max_handshakes=getattr(args, "max_handshakes", 64),
         state_secrets=secrets_,
         allow_unsigned_states=getattr(args, "allow_unsigned_states", False),
+        codec_thread=getattr(args, "codec_thread", True),
         record=args.record,
         record_max_mb=args.record_max_mb,
         record_session_mb=args.record_session_mb,

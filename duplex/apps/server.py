@@ -74,7 +74,9 @@ class DuplexServer:
         engine.max_typed_bytes = cfg.max_typed_bytes
         self.gate = Gate(cfg)
         self.ops = SessionOps(engine, cfg, self.record_quota)
-        self.scheduler = Scheduler(engine, after_tick=self._after_tick)
+        self.scheduler = Scheduler(
+            engine, after_tick=self._after_tick, codec_thread=cfg.codec_thread
+        )
         # Per-session wire-codec work (Opus) runs here, never on the event loop that runs the
         # scheduler nor on the engine thread. Two threads a session (in and out) at most, so a
         # session whose codec is stuck holds up only its own audio.

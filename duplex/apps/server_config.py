@@ -48,3 +48,6 @@ class ServeConfig:
     # What an Opus session's answers are encoded at (?audio=opus); 24 kbps keeps 16 kHz speech
     # intelligible to the model's ear and to people.
     opus_bitrate: int = 24_000
+    # The neural codec on a thread of its own, pipelined with the model step (see
+    # duplex.streamer.codec_stage); False runs it on the engine thread, as before.
+    codec_thread: bool = True

@@ -7,6 +7,10 @@ call of each stage; a session that has no input this frame sits out through the 
 session that joins takes a free slot whose state is reset. A session's tokens depend only on its
 own input and seed, never on who else is in the batch.
 
+The three stages are `encode`, `think` and `decode` (`duplex.streamer.engine_step`): `step` runs
+them in turn; the server's scheduler runs the codec's two on a codec thread and the model's on
+its engine thread, pipelined (`duplex.streamer.codec_stage`).
+
 Acoustic delay: the model emits codebook 0 of frame t together with codebooks >= 1 of frame
 t - D, so the frame it can decode at step t is t - D; the first D output frames are silence.
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import collections
 import itertools
-import time
+from collections.abc import Iterable
 from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
@@ -24,10 +28,12 @@ import numpy as np
 import torch
 
 from duplex.model.duplex_lm import DuplexLM
-from duplex.model.tokenizer import PAD, ByteTokenizer
+from duplex.model.tokenizer import ByteTokenizer
+from duplex.streamer import engine_step
+from duplex.streamer.engine_step import quantize16
 from duplex.streamer.recording import Recorder, recording_header
 from duplex.streamer.sampling import SamplingConfig, sample
-from duplex.streamer.session import FrameResult, Session, utf8_piece
+from duplex.streamer.session import FrameResult, Session
 from duplex.streamer.state_check import CheckedState, StateLimits, safe
 from duplex.streamer.statefile import (
     StateFileError,
@@ -40,12 +46,15 @@ from duplex.streamer.statefile import (
 )
 from duplex.streamer.stats import Stats
 
-__all__ = ["CheckedState", "Engine", "FrameResult", "SamplingConfig", "Session", "sample"]
-
-
-def quantize16(x: np.ndarray) -> np.ndarray:
-    """Clip to [-1, 1] and round to the 16-bit grid (k / 32767), as float32."""
-    return (np.round(np.clip(x, -1.0, 1.0) * 32767.0) / 32767.0).astype(np.float32)
+__all__ = [
+    "CheckedState",
+    "Engine",
+    "FrameResult",
+    "SamplingConfig",
+    "Session",
+    "quantize16",
+    "sample",
+]
 
 
 class Engine:
@@ -74,6 +83,7 @@ class Engine:
         self.frame_rate = codec.frame_rate
         self.K = model.cfg.num_codebooks
         self.delay = model.cfg.acoustic_delay
+        self.card = model.cfg.codebook_size
         self.stats = Stats(frame_ms=1000.0 / codec.frame_rate)
         self.sessions: dict[int, Session] = {}
         self.rows = 1
@@ -188,120 +198,37 @@ class Engine:
         codes: dict[Session, list[int]] | None = None,
     ) -> dict[Session, FrameResult]:
         """One frame for every session in `frames` (pcm [frame_size] float32 each) and in
-        `codes` (the user's K codec codes for this frame, when the client runs the codec)."""
-        S, K, fs = self.rows, self.K, self.frame_size
+        `codes` (the user's K codec codes for this frame, when the client runs the codec).
+
+        The three phases in turn on this thread (`duplex.streamer.engine_step`); every input is
+        checked before any state changes."""
         codes = codes or {}
         both = set(frames) & set(codes)
         if both:
             raise ValueError(f"sessions {[s.id for s in both]} sent both audio and codes")
-        gone = [s.id for s in (*frames, *codes) if self.sessions.get(s.id) is not s]
+        engine_step.check_codes(self, codes)
+        heard = engine_step.encode(self, frames)
+        return engine_step.decode(self, engine_step.think(self, heard, codes))
+
+    def encode(self, frames: dict[Session, np.ndarray]) -> engine_step.Heard:
+        """Codec phase of a step: the PCM sessions' frames, encoded in one batch."""
+        return engine_step.encode(self, frames)
+
+    def think(
+        self, heard: engine_step.Heard, codes: dict[Session, list[int]] | None = None
+    ) -> engine_step.Thought:
+        """Model phase of a step: the model's tokens for `heard` and the codes sessions."""
+        return engine_step.think(self, heard, codes)
+
+    def decode(self, thought: engine_step.Thought) -> dict[Session, FrameResult]:
+        """Codec phase that ends a step: each session's audio, recordings, stats."""
+        return engine_step.decode(self, thought)
+
+    def check_members(self, sessions: Iterable[Session]) -> None:
+        """ValueError unless every one of `sessions` is in this engine."""
+        gone = [s.id for s in sessions if self.sessions.get(s.id) is not s]
         if gone:
             raise ValueError(f"sessions {gone} are not in this engine (they left)")
-        given = {}
-        for s, c in codes.items():
-            c = torch.as_tensor(c, dtype=torch.long).reshape(-1)
-            if c.numel() != K or int(c.min()) < 0 or int(c.max()) >= self.model.cfg.codebook_size:
-                raise ValueError(
-                    f"session {s.id}: expected {K} codes in [0, {self.model.cfg.codebook_size})"
-                )
-            given[s] = c
-        t0 = time.perf_counter()
-        active = torch.zeros(S, dtype=torch.bool)
-        pcm = torch.zeros(S, 1, fs)
-        for s, x in frames.items():
-            x = np.asarray(x, dtype=np.float32).reshape(-1)
-            if x.size != fs:
-                raise ValueError(f"session {s.id}: frame has {x.size} samples, expected {fs}")
-            if not np.isfinite(x).all():
-                raise ValueError(f"session {s.id}: frame contains NaN or infinite samples")
-            active[s.slot] = True
-            # 16-bit resolution, as every device and wire format carries: recordings then hold
-            # exactly what the model heard, and replays are exact.
-            pcm[s.slot, 0] = torch.from_numpy(quantize16(x))
-        stepping = [*frames, *given]
-        with torch.no_grad():
-            if frames:
-                self.codec.set_exec_mask(active)
-                codes_in = self.codec.encode_step(pcm)[..., 0]
-            else:
-                codes_in = torch.zeros(S, K, dtype=torch.long)
-            for s, c in given.items():
-                codes_in[s.slot] = c
-                active[s.slot] = True
-            t1 = time.perf_counter()
-            prev_audio = torch.full((S, K), self.model.cfg.audio_pad, dtype=torch.long)
-            prev_text = torch.full((S,), PAD, dtype=torch.long)
-            prev_user = torch.full((S,), PAD, dtype=torch.long)
-            for s in stepping:
-                prev_audio[s.slot] = s.prev_audio
-                prev_text[s.slot] = s.prev_text
-                prev_user[s.slot] = s.typed.popleft() if s.typed else s.prev_user_text
-            self.model.set_exec_mask(active)
-            logits = self.model.step(codes_in, prev_audio, prev_text, prev_user)
-            out_codes = torch.zeros(S, K, 1, dtype=torch.long)
-            decoding = torch.zeros(S, dtype=torch.bool)
-            texts, audios, users = self._sample(stepping, logits)
-            sampled = {}
-            for n, s in enumerate(stepping):
-                r = s.slot
-                text, audio, user = int(texts[n]), audios[n], int(users[n])
-                sampled[s] = (text, audio, user)
-                s.pending_c0.append(int(audio[0]))
-                if len(s.pending_c0) > self.delay:
-                    c0 = s.pending_c0.popleft()
-                    out_codes[r, 0, 0] = c0
-                    out_codes[r, 1:, 0] = audio[1:]
-                    decoding[r] = True
-            t2 = time.perf_counter()
-            self.codec.set_exec_mask(decoding)
-            pcm_out = self.codec.decode_step(out_codes)
-        t3 = time.perf_counter()
-        results = {}
-        for s, (text, audio, user) in sampled.items():
-            r = s.slot
-            s.prev_audio = audio.clone()
-            s.prev_text = text
-            s.prev_user_text = user
-            y = pcm_out[r, 0].numpy().copy() if decoding[r] else np.zeros(fs, np.float32)
-            piece = utf8_piece(s._text_bytes, text)
-            upiece = utf8_piece(s._user_bytes, int(prev_user[r]))
-            if piece:
-                s.transcript.append(piece)
-            if upiece:
-                s.user_transcript.append(upiece)
-            res = FrameResult(
-                frame=s.frame,
-                pcm=y,
-                text=piece,
-                user_text=upiece,
-                tokens_in=codes_in[r].tolist(),
-                tokens_out=[*audio.tolist(), text, user],
-            )
-            if s.recorder is not None:
-                s.recorder.frame(
-                    s.frame,
-                    pcm[r, 0].numpy(),
-                    y,
-                    tokens_in=res.tokens_in,
-                    tokens_out=res.tokens_out,
-                    codes_in=s in given,
-                    user_text_in=int(prev_user[r]),
-                    text=piece,
-                    ms={
-                        "encode": 1000 * (t1 - t0),
-                        "model": 1000 * (t2 - t1),
-                        "decode": 1000 * (t3 - t2),
-                    },
-                )
-            s.frame += 1
-            results[s] = res
-        self.stats.record(
-            encode=1000 * (t1 - t0),
-            model=1000 * (t2 - t1),
-            decode=1000 * (t3 - t2),
-            total=1000 * (t3 - t0),
-        )
-        return results
 
     def _sample(
         self, stepping: list[Session], logits: Any

@@ -1,4 +1,4 @@
-"""The batched-step scheduler: many sessions, one engine, one engine thread, one frame clock.
+"""The batched-step scheduler: many sessions, one engine, one frame clock, a pipelined step.
 
 Every step computes the whole batch, so a server gains nothing by stepping each session when its
 frame arrives: it waits until the batch is full. The rule, in `Scheduler._until_ready`: a step
@@ -7,13 +7,25 @@ starts once every live session has a frame queued, or when the frame clock says 
 work off. Input queues are bounded: when a session (or the machine) falls behind, its oldest
 frame is dropped and counted, because stale audio is worth less than keeping up.
 
-Every engine operation (join, leave, typed text, save or restore a state, reset, step) runs on
-the scheduler's single engine thread, in the order it was queued, between two steps: the engine
-is never touched concurrently and a session is never stepped after it left. The scheduler runs as
+Every engine operation (join, leave, typed text, save or restore a state, reset) and every model
+step runs on the scheduler's single engine thread, in the order it was queued; operations run
+only while no step is under way, so no part of the engine is touched by two threads at once and
+a session is never stepped after it left. The scheduler runs as
 one asyncio task; it never waits on a session's consumer (results go to a callback that must not
 block), so a slow network peer delays no one else. A step that fails is retried session by
 session, so only the session that made it fail is told (`Lane.on_failure`), and a bug in the
 scheduler itself fails the sessions of that batch, never the scheduler.
+
+A step is a pipeline of three phases (`duplex.streamer.engine_step`), each taking the batches in
+the order they were formed: the PCM sessions' frames are encoded on the codec thread
+(`duplex.streamer.codec_stage`), the model steps on the engine thread, and its codes are decoded
+on the codec thread again. So the engine thread runs the model only, and while
+it steps batch n the codec thread decodes batch n - 1 and encodes batch n + 1. At most one batch
+waits between two phases (then the loop stops taking frames and the lanes' queues fill, as when
+a step overran), so a frame's result leaves after its own encode, model and decode plus at most
+one codec phase of the batch ahead of it: one frame of pipelining, no more. Engine operations
+wait until every batch taken has been delivered, so they see the sessions, the codec and the
+model at the same frame, as if the step had been one call.
 """
 
 from __future__ import annotations
@@ -29,8 +41,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from duplex.streamer.codec_stage import CodecStage, merge_thoughts, think_attempt
+
 if TYPE_CHECKING:
     from duplex.streamer.engine import Engine, FrameResult, Session
+    from duplex.streamer.engine_step import Heard, Thought
 
 log = logging.getLogger("duplex.scheduler")
 
@@ -88,7 +103,10 @@ class Scheduler:
         engine: Engine,
         after_tick: Callable[[list[Lane]], None] | None = None,
         frame_rate: float | None = None,
+        codec_thread: bool = True,
     ) -> None:
+        """`codec_thread=False` runs the codec's phases on the engine thread, one step after
+        the other as `Engine.step` does (to compare; results are the same)."""
         self.engine = engine
         self.after_tick = after_tick
         # The frame clock; the engine's codec rate unless told (tests slow it down).
@@ -103,9 +121,25 @@ class Scheduler:
         self._closing = False
         self._task: asyncio.Task | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self.codec = CodecStage(engine, None if codec_thread else self._executor)
+        # Batches between the phases: encoded and waiting for the model, answered and waiting
+        # for the decoder (one each at most: the loop waits rather than run further ahead).
+        self._thinking: asyncio.Queue | None = None
+        self._speaking: asyncio.Queue | None = None
+        self._in_flight = 0
+        self._idle: asyncio.Event | None = None
+        self._phases: list[asyncio.Task] = []
 
     async def start(self) -> None:
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._thinking = asyncio.Queue(maxsize=1)
+        self._speaking = asyncio.Queue(maxsize=1)
+        self._phases = [
+            asyncio.create_task(self._think_loop()),
+            asyncio.create_task(self._decode_loop()),
+        ]
         self._task = asyncio.create_task(self._loop())
 
     async def stop(self, timeout: float = 30.0) -> None:
@@ -123,6 +157,11 @@ class Scheduler:
                 self._task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._task
+        for task in self._phases:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.codec.close()
         self._executor.shutdown(wait=True)
         # Operations queued after the loop ended: the ones nobody waits for still run.
         while self._ops:
@@ -160,8 +199,15 @@ class Scheduler:
     def _live(self) -> list[Lane]:
         return [lane for lane in self.lanes if lane.live]
 
+    async def _drained(self) -> None:
+        """Until every batch taken has been decoded and delivered (or failed)."""
+        await self._idle.wait()
+
     async def _run_ops(self) -> None:
         loop = asyncio.get_running_loop()
+        if self._ops:
+            # The engine, its codec and the sessions at one frame before any operation.
+            await self._drained()
         while self._ops:
             fn, fut = self._ops.popleft()
             try:
@@ -183,6 +229,7 @@ class Scheduler:
         while True:
             await self._run_ops()
             if self._closing and not self._ops:
+                await self._drained()
                 return
             live = self._live()
             if not live:
@@ -194,7 +241,7 @@ class Scheduler:
             batch = {lane: lane.inbox.popleft() for lane in live if lane.inbox}
             if batch:
                 try:
-                    await self._step(batch)
+                    await self._encode(batch)
                 except Exception as e:
                     # A bug in the scheduler itself: it must not die with it (every session
                     # would freeze). The sessions of this batch are failed.
@@ -223,44 +270,95 @@ class Scheduler:
                 async with asyncio.timeout(remaining):
                     await self._wake.wait()
 
-    async def _step(self, batch: dict[Lane, FrameIn]) -> None:
-        loop = asyncio.get_running_loop()
-        frames = {lane.session: f.pcm for lane, f in batch.items() if f.pcm is not None}
-        codes = {lane.session: f.codes for lane, f in batch.items() if f.pcm is None}
-        try:
-            results = await loop.run_in_executor(
-                self._executor, lambda: self.engine.step(frames, codes)
-            )
-        except Exception as e:
-            # One session's state or input made the batched step fail. Find it: each session
-            # steps alone; the ones that still fail are told, the others get their frame.
-            self.failed_steps += 1
-            log.warning("batched step failed (%r); stepping alone", e)
-            results, failed = await loop.run_in_executor(
-                self._executor, lambda: self._step_alone(frames, codes)
-            )
-            for lane in batch:
-                if lane.session in failed:
-                    log.warning("a session failed its step: %r", failed[lane.session])
-                    lane.on_failure("the engine failed on this session")
-        self.ticks += 1
-        self.batch_sizes[len(batch)] += 1
-        for lane, f in batch.items():
-            res = results.get(lane.session)
-            if res is not None and not lane.closed:
-                lane.on_frame(f, res)
+    def _fail(self, batch: _Batch, failed: dict[Session, Exception]) -> None:
+        """Take the lanes whose session failed a phase out of the batch; they are told when the
+        batch is delivered, so a lane hears of its frames and its failure in order."""
+        for lane in list(batch.frames):
+            if lane.session in failed:
+                batch.failed[lane] = failed[lane.session]
+                del batch.frames[lane]
 
-    def _step_alone(
-        self, frames: dict[Session, np.ndarray], codes: dict[Session, list[int]]
-    ) -> tuple[dict[Session, FrameResult], dict[Session, Exception]]:
-        """Engine thread: step each session by itself; (results, the sessions that failed)."""
-        results, failed = {}, {}
-        for s, x in [
-            *((s, ({s: x}, {})) for s, x in frames.items()),
-            *((s, ({}, {s: x})) for s, x in codes.items()),
-        ]:
+    def _counted(self, error: Exception | None, phase: str) -> None:
+        if error is not None:
+            self.failed_steps += 1
+            log.warning("batched %s failed (%r); stepping alone", phase, error)
+
+    async def _encode(self, frames_in: dict[Lane, FrameIn]) -> None:
+        """Encode phase (codec thread), then hand the batch to the model phase."""
+        batch = _Batch(frames_in)
+        frames = {lane.session: f.pcm for lane, f in frames_in.items() if f.pcm is not None}
+        got = await self.codec.encode(frames)
+        self._counted(got.batch_error, "encode")
+        self._fail(batch, got.failed)
+        self.ticks += 1
+        self.batch_sizes[len(frames_in) + len(batch.failed)] += 1
+        self._in_flight += 1
+        self._idle.clear()
+        await self._thinking.put((batch, got.result))
+
+    def _done(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
+
+    def _broken(self, batch: _Batch, e: Exception) -> None:
+        """A bug in the scheduler itself: the batch's sessions fail, the scheduler goes on."""
+        log.error("stepping failed: %r", e)
+        for lane in (*batch.failed, *batch.frames):
+            lane.on_failure("internal server error")
+
+    async def _think_loop(self) -> None:
+        """Model phase (engine thread): each encoded batch in turn, then to the decoder."""
+        loop = asyncio.get_running_loop()
+        while True:
+            batch, heard = await self._thinking.get()
             try:
-                results.update(self.engine.step(*x))
+                thought = await self._think(loop, batch, heard)
             except Exception as e:
-                failed[s] = e
-        return results, failed
+                self._broken(batch, e)
+                self._done()
+                continue
+            await self._speaking.put((batch, thought))
+
+    async def _think(self, loop: asyncio.AbstractEventLoop, batch: _Batch, heard: Heard) -> Thought:
+        codes = {lane.session: f.codes for lane, f in batch.frames.items() if f.pcm is None}
+        if not heard.sessions and not codes:
+            # Every session of the batch failed its encode: nothing to step.
+            return merge_thoughts([], self.engine.rows, self.engine.K)
+        got = await loop.run_in_executor(
+            self._executor, lambda: think_attempt(self.engine, heard, codes)
+        )
+        self._counted(got.batch_error, "model step")
+        self._fail(batch, got.failed)
+        return got.result
+
+    async def _decode_loop(self) -> None:
+        """Decode phase (codec thread): each answered batch in turn, then its results out."""
+        while True:
+            batch, thought = await self._speaking.get()
+            try:
+                results = {}
+                if thought.said:
+                    got = await self.codec.decode(thought)
+                    self._counted(got.batch_error, "decode")
+                    self._fail(batch, got.failed)
+                    results = got.result
+                for lane, e in batch.failed.items():
+                    log.warning("a session failed its step: %r", e)
+                    lane.on_failure("the engine failed on this session")
+                for lane, f in batch.frames.items():
+                    res = results.get(lane.session)
+                    if res is not None and not lane.closed:
+                        lane.on_frame(f, res)
+            except Exception as e:
+                self._broken(batch, e)
+            finally:
+                self._done()
+
+
+@dataclass(eq=False)
+class _Batch:
+    """One step's frames on their way through the phases, and the lanes that failed one."""
+
+    frames: dict[Lane, FrameIn]
+    failed: dict[Lane, Exception] = field(default_factory=dict)
