@@ -74,19 +74,54 @@ class MLP(nn.Module):
         return self.down(F.silu(self.up(x)))
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, base: float) -> torch.Tensor:
-    """Rotary position embedding of x [B, T, H, D] at integer positions pos [B, T].
+_INV_FREQ: dict[tuple[int, float, torch.device], torch.Tensor] = {}
+
+
+def _inv_freq(D: int, base: float, device: torch.device) -> torch.Tensor:
+    """base ** (-2i / D), float64, computed once per (D, base, device)."""
+    key = (D, base, device)
+    if key not in _INV_FREQ:
+        with torch.inference_mode(False), torch.no_grad():
+            ar = torch.arange(0, D, 2, dtype=torch.float64, device=device)
+            _INV_FREQ[key] = base ** (-ar / D)
+    return _INV_FREQ[key]
+
+
+def rope_angles(
+    pos: torch.Tensor, D: int, base: float, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) [B, T, 1, D / 2] in `dtype` of the rotary angles at positions pos [B, T].
 
     Angles are computed in float64 so positions in the millions keep their precision.
     """
-    D = x.shape[-1]
-    inv = base ** (-torch.arange(0, D, 2, dtype=torch.float64, device=x.device) / D)
-    ang = pos.to(torch.float64)[..., None] * inv
-    cos = ang.cos().to(x.dtype)[:, :, None, :]
-    sin = ang.sin().to(x.dtype)[:, :, None, :]
+    ang = pos.to(torch.float64)[..., None] * _inv_freq(D, base, pos.device)
+    return ang.cos().to(dtype)[:, :, None, :], ang.sin().to(dtype)[:, :, None, :]
+
+
+def rope(
+    x: torch.Tensor,
+    pos: torch.Tensor,
+    base: float,
+    angles: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Rotary position embedding of x [B, T, H, D] at integer positions pos [B, T]
+    (`angles`: `rope_angles` of them, when several tensors share the positions)."""
+    cos, sin = angles if angles is not None else rope_angles(pos, x.shape[-1], base, x.dtype)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     out = torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.flatten(-2)
+
+
+_OFFSETS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+
+def table_offsets(K: int, rows: int, device: torch.device) -> torch.Tensor:
+    """[K] row offsets k * rows of K stacked tables, built once per shape and device."""
+    key = (K, rows, device)
+    if key not in _OFFSETS:
+        with torch.inference_mode(False), torch.no_grad():
+            _OFFSETS[key] = torch.arange(K, device=device) * rows
+    return _OFFSETS[key]
 
 
 @dataclass
@@ -135,7 +170,8 @@ class Attention(StreamingModule):
         # qpos: [B, T] absolute positions of the new tokens
         qpos = st.pos[:, None] + torch.arange(T, device=x.device)[None]
         q, k, v = self.qkv(x).reshape(B, T, 3, H, D).unbind(dim=2)
-        q, k = rope(q, qpos, self.base), rope(k, qpos, self.base)
+        angles = rope_angles(qpos, D, self.base, q.dtype)
+        q, k = rope(q, qpos, self.base, angles), rope(k, qpos, self.base, angles)
         # all_*: [B, L + T, ...] cached then new
         all_k = torch.cat([st.k, k], dim=1)
         all_v = torch.cat([st.v, v], dim=1)
@@ -159,7 +195,8 @@ class Attention(StreamingModule):
             m = st.exec_mask
             new_k, new_v = all_k[:, all_k.shape[1] - keep :], all_v[:, all_v.shape[1] - keep :]
             new_p = all_pos[:, all_pos.shape[1] - keep :]
-            if self.window is not None:
+            every = bool(m.all())
+            if self.window is not None and not every:
                 new_k, new_v = keep_masked(new_k, st.k, m), keep_masked(new_v, st.v, m)
                 new_p = keep_masked(new_p, st.kpos, m)
             self._stream_state = AttentionState(
@@ -168,7 +205,7 @@ class Attention(StreamingModule):
                 k=new_k,
                 v=new_v,
                 kpos=new_p,
-                pos=keep_masked(st.pos + T, st.pos, m),
+                pos=st.pos + T if every else keep_masked(st.pos + T, st.pos, m),
             )
         return y
 

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duplex.model.backbone import Backbone, BackboneConfig, RMSNorm
+from duplex.model.backbone import Backbone, BackboneConfig, RMSNorm, table_offsets
 from duplex.model.tokenizer import PAD, VOCAB_SIZE
 from duplex.streaming import StreamingModule
 
@@ -225,15 +225,16 @@ class AudioDepth(nn.Module):
     def forward(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         """Teacher-forced: h [..., d], codes [..., K] -> per-codebook states [..., K, d]."""
         n, rows, d = self.code_emb.shape
-        offsets = torch.arange(n, device=codes.device) * rows
+        offsets = table_offsets(n, rows, codes.device)
         # [..., K - 1, d]: embeddings of codebooks 0..K-2, each conditioning the ones after it
         e = F.embedding(codes[..., :n] + offsets, self.code_emb.reshape(n * rows, d))
         cond = torch.cat([torch.zeros_like(e[..., :1, :]), e.cumsum(-2)], dim=-2)
         return self._mix(h[..., None, :] + cond + self.pos)
 
-    def state(self, h: torch.Tensor, cond: torch.Tensor, k: int) -> torch.Tensor:
-        """Codebook k's state [B, d] given cond [B, d], the summed embeddings of codes < k."""
-        return self._mix(h + cond + self.pos[k])
+    def state(self, h: torch.Tensor, cond: torch.Tensor | None, k: int) -> torch.Tensor:
+        """Codebook k's state [B, d] given cond [B, d], the summed embeddings of codes < k
+        (None: no codes before, a zero condition)."""
+        return self._mix((h if cond is None else h + cond) + self.pos[k])
 
     def embed(self, k: int, code: torch.Tensor) -> torch.Tensor:
         """Embedding [B, d] of codebook k's code [B], added to the condition of codebooks > k."""
@@ -273,8 +274,9 @@ class DuplexLM(StreamingModule):
         # codes [B, T, K] -> sum over k of table[k, codes[..., k]] : [B, T, d], as one gather
         # from the flattened [K * (card + 1), d] table.
         K, rows, d = table.shape
-        offsets = torch.arange(K, device=codes.device) * rows
-        return F.embedding(codes + offsets, table.reshape(K * rows, d)).sum(-2)
+        return F.embedding(
+            codes + table_offsets(K, rows, codes.device), table.reshape(K * rows, d)
+        ).sum(-2)
 
     def _inputs(
         self,
@@ -322,13 +324,16 @@ class DuplexLM(StreamingModule):
             logits = self.audio_head(hidden).unflatten(-1, (K, card))
             return torch.stack([draw(k, logits[:, k]) for k in range(K)], dim=1)
         w = self.audio_head.weight.view(K, card, -1)
-        cond = torch.zeros_like(hidden)
+        # Codebook 0 has nothing before it: its condition is zero, and h + 0 is h.
+        cond = None
         codes = []
         for k in range(K):
-            code = draw(k, self.depth.state(hidden, cond, k) @ w[k].T)
+            state = self.depth.state(hidden, cond, k)
+            code = draw(k, state @ w[k].T)
             codes.append(code)
             if k + 1 < K:
-                cond = cond + self.depth.embed(k, code)
+                e = self.depth.embed(k, code)
+                cond = e if cond is None else cond + e
         return torch.stack(codes, dim=1)
 
     def shift_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from duplex.kernels import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from duplex.kernels.gated_delta.fused_recurrent import single_step
 from duplex.streaming import StreamingModule, StreamState, keep_masked
 
 
@@ -148,6 +149,8 @@ class GatedDeltaNet(StreamingModule):
             state = self.init_state(B)
         self._check_state(state, B)
         H, D = self.cfg.n_heads, self.cfg.head_dim
+        if T == 1 and self._fast_ok(x, state):
+            return self._step1(x, state, streaming)
 
         # Short causal depthwise conv over [history | new] projected inputs.
         qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
@@ -186,3 +189,92 @@ class GatedDeltaNet(StreamingModule):
         if streaming:
             self._stream_state = new_state
         return y, new_state
+
+    # The one-token form below computes what `forward` does, value for value, with fewer ops:
+    # per-op overhead, not arithmetic, is the cost of a step at batch 1 (issue 12).
+
+    def _fast_ok(self, x: torch.Tensor, state: GatedDeltaNetState) -> bool:
+        return (
+            not torch.is_grad_enabled()
+            and x.dtype == torch.float32
+            and state.conv.dtype == torch.float32
+            and state.recurrent.dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type)
+            and _taps_match_conv(x.device)
+        )
+
+    def _step_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(the six input projections as one [C + 2H + HV, d] weight, the conv taps [S, C],
+        -exp(A_log)), rebuilt whenever a parameter changes (its version or storage)."""
+        ps = (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.gate_proj)
+        ws = [lin.weight for lin in ps] + [self.conv_weight, self.A_log]
+        key = tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in ws)
+        cached = self.__dict__.get("_step_cache")
+        if cached is None or cached[0] != key:
+            w_in = torch.cat(ws[:6]).detach()
+            taps = self.conv_weight.detach().T.contiguous()
+            neg_a = -self.A_log.detach().exp()
+            cached = (key, (w_in, taps, neg_a))
+            self.__dict__["_step_cache"] = cached
+        return cached[1]
+
+    def _step1(
+        self, x: torch.Tensor, state: GatedDeltaNetState, streaming: bool
+    ) -> tuple[torch.Tensor, GatedDeltaNetState]:
+        """One token x [B, 1, d] without gradients, float32."""
+        B = x.shape[0]
+        H, D = self.cfg.n_heads, self.cfg.head_dim
+        C = 2 * self.key_dim + self.value_dim
+        w_in, taps, neg_a = self._step_weights()
+        # One matmul for q|k|v, a, b and the gate (the same sums as six: rows are independent)
+        z = F.linear(x, w_in)
+        qkv, a, b, gate = z.split([C, H, H, self.value_dim], dim=-1)
+        # The depthwise conv at one position: taps summed first to last with fused
+        # multiply-adds, the order (and rounding) of the conv kernel (checked once per process).
+        hist = state.conv
+        S = hist.shape[1]
+        acc = hist[:, 0] * taps[0]
+        for j in range(1, S):
+            acc = torch.addcmul(acc, hist[:, j], taps[j])
+        acc = torch.addcmul(acc, qkv[:, 0], taps[S])
+        conv_out = F.silu(acc)
+        new_conv = torch.cat([hist[:, 1:], qkv], dim=1)
+        q, k, v = conv_out.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        q = F.normalize(q.reshape(B, 1, H, D), p=2, dim=-1, eps=1e-6)
+        k = F.normalize(k.reshape(B, 1, H, D), p=2, dim=-1, eps=1e-6)
+        v = v.reshape(B, 1, H, D)
+        g = neg_a * F.softplus(a + self.dt_bias)
+        beta = torch.sigmoid(b)
+        o, new_rec = single_step(q, k, v, g, beta, D**-0.5, state.recurrent, True)
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps) * self.norm_weight
+        o = o.reshape(B, 1, self.value_dim) * F.silu(gate)
+        y = self.o_proj(o)
+        mask = state.exec_mask
+        if not bool(mask.all()):
+            new_rec = keep_masked(new_rec, state.recurrent, mask)
+            new_conv = keep_masked(new_conv, state.conv, mask)
+        new_state = GatedDeltaNetState(
+            batch_size=B, exec_mask=mask.clone(), recurrent=new_rec, conv=new_conv
+        )
+        if streaming:
+            self._stream_state = new_state
+        return y, new_state
+
+
+_TAPS_OK: dict[str, bool] = {}
+
+
+def _taps_match_conv(device: torch.device) -> bool:
+    """Whether summing conv taps by `addcmul` gives conv1d's bits on this device (both use
+    fused multiply-adds in tap order on CPUs with FMA); decided once on random data."""
+    if device.type not in _TAPS_OK:
+        gen = torch.Generator().manual_seed(0)
+        full = torch.randn(3, 4, 96, generator=gen).to(device)
+        w = torch.randn(96, 4, generator=gen).to(device)
+        ref = F.conv1d(full.transpose(1, 2), w[:, None, :], groups=96)[..., 0]
+        taps = w.T.contiguous()
+        acc = full[:, 0] * taps[0]
+        for j in range(1, 4):
+            acc = torch.addcmul(acc, full[:, j], taps[j])
+        _TAPS_OK[device.type] = bool(torch.equal(acc, ref))
+    return _TAPS_OK[device.type]

@@ -138,6 +138,31 @@ class GuidedWindowAttention(nn.Module):
         )
         return merged, bias, torch.cat([self.slot, self.lookup_slot], dim=0)
 
+    def _tables(self, slot: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Keys and values are linear in (token + offset + slot + matched length + digit), so
+        each feature table is projected once and the read picks rows of the projections:
+        (rel, slot, match, digit) keys and values, [N, H, D] ([P, base, H, D] for digits).
+        Without gradients they are kept until a weight changes (a decode step reuses them)."""
+        H, D = self.cfg.n_heads, self.cfg.head_dim
+        srcs = (self.rel, slot, self.match, self.digits)
+        key = None
+        if not torch.is_grad_enabled():
+            ws = (self.k_proj.weight, self.v_proj.weight, *srcs)
+            key = tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in ws)
+            cached = self.__dict__.get("_table_cache")
+            if cached is not None and cached[0] == key:
+                return cached[1]
+        tables = [(self.k_proj(t), self.v_proj(t)) for t in (*srcs[:3], srcs[3].flatten(0, 1))]
+        (rel_k, rel_v), (slot_k, slot_v), (match_k, match_v), (dig_k, dig_v) = (
+            (k.reshape(-1, H, D), v.reshape(-1, H, D)) for k, v in tables
+        )
+        P = self.read_cfg.pos_digits
+        dig_k, dig_v = dig_k.reshape(P, -1, H, D), dig_v.reshape(P, -1, H, D)
+        out = (rel_k, rel_v, slot_k, slot_v, match_k, match_v, dig_k, dig_v)
+        if key is not None:
+            self.__dict__["_table_cache"] = (key, out)
+        return out
+
     def forward(self, x: torch.Tensor, read: WindowRead, embedding: torch.Tensor) -> torch.Tensor:
         """x [B, T, d]; read from the WindowReader; embedding [V, d] the model's token table."""
         bias, slot = None, self.slot
@@ -147,17 +172,7 @@ class GuidedWindowAttention(nn.Module):
             read, bias, slot = self._with_lookups(x, read, embedding)
         B, T, _ = x.shape
         H, D = self.cfg.n_heads, self.cfg.head_dim
-        # Keys and values are linear in (token + offset + slot + matched length + digit), so
-        # each table is projected once and the read picks rows of the projections.
-        tables = [
-            (self.k_proj(t), self.v_proj(t))
-            for t in (self.rel, slot, self.match, self.digits.flatten(0, 1))
-        ]
-        (rel_k, rel_v), (slot_k, slot_v), (match_k, match_v), (dig_k, dig_v) = (
-            (k.reshape(-1, H, D), v.reshape(-1, H, D)) for k, v in tables
-        )
-        P = self.read_cfg.pos_digits
-        dig_k, dig_v = dig_k.reshape(P, -1, H, D), dig_v.reshape(P, -1, H, D)
+        rel_k, rel_v, slot_k, slot_v, match_k, match_v, dig_k, dig_v = self._tables(slot)
         # The token table is projected whole when the read holds more ids than it has rows
         # (training, prefill); a decode step projects only the few ids it read. Either way the
         # projections are head-major [H, N, D] tables and `idx` picks their rows.

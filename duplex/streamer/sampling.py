@@ -36,14 +36,32 @@ def sample(
     Temperature <= 0 is greedy; top_k <= 0 keeps every entry.
     """
     V = logits.shape[-1]
-    k = torch.where(top_k > 0, top_k.clamp(max=V), torch.full_like(top_k, V))
-    values, idx = logits.float().topk(int(k.max()), dim=-1)
-    keep = torch.arange(values.shape[-1])[None, :] < k[:, None]
-    gumbel = -torch.log(-torch.log(uniform[:, : values.shape[-1]].clamp(1e-20, 1.0 - 1e-7)))
-    temp = temperature.clamp(min=1e-6)[:, None]
-    scores = torch.where(keep, values / temp + gumbel, torch.full_like(values, -torch.inf))
-    choice = torch.where(temperature > 0, scores.argmax(-1), torch.zeros_like(k))
+    k = torch.where(top_k > 0, top_k.clamp(max=V), V)
+    n = int(k.max())
+    values, idx = logits.float().topk(n, dim=-1)
+    # -log(-log(u)), in place on the clamped copy (the same values as out of place)
+    gumbel = uniform[:, :n].clamp(1e-20, 1.0 - 1e-7).log_().neg_().log_().neg_()
+    scores = values / temperature.clamp(min=1e-6)[:, None]
+    if torch.promote_types(scores.dtype, gumbel.dtype) == scores.dtype:
+        scores.add_(gumbel)
+    else:
+        scores = scores + gumbel
+    # rows whose own k is below the batch's largest drop the entries past their k
+    scores.masked_fill_(_arange(n, k.device)[None, :] >= k[:, None], -torch.inf)
+    choice = torch.where(temperature > 0, scores.argmax(-1), 0)
     return idx.gather(-1, choice[:, None])[:, 0]
+
+
+_ARANGE: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def _arange(n: int, device: torch.device) -> torch.Tensor:
+    """arange(n) on `device`, built once per size (a per-draw allocation otherwise)."""
+    key = (n, device)
+    if key not in _ARANGE:
+        with torch.inference_mode(False), torch.no_grad():
+            _ARANGE[key] = torch.arange(n, device=device)
+    return _ARANGE[key]
 
 
 def check_sampling(x: Any, bad: Callable[[str], Exception]) -> SamplingConfig:

@@ -71,7 +71,7 @@ def fused_recurrent_gated_delta_rule_torch(
     if T == 0:
         return v.new_zeros(B, 0, H, V), (S if output_final_state else None)
     if T == 1:
-        return _single_step(q, k, v, g, beta, scale, S, in_dtype, output_final_state)
+        return single_step(q, k, v, g, beta, scale, S, output_final_state)
     # Hoisted per-token work, laid out [T, B, H, 1, D] so each step slices a contiguous block.
     qs = (q.to(dt) * scale).permute(1, 0, 2, 3).unsqueeze(-2).contiguous()
     kt = k.to(dt).permute(1, 0, 2, 3).unsqueeze(-2).contiguous()
@@ -95,7 +95,7 @@ def fused_recurrent_gated_delta_rule_torch(
     return o.to(in_dtype), (S if output_final_state else None)
 
 
-def _single_step(
+def single_step(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -103,20 +103,24 @@ def _single_step(
     beta: torch.Tensor,
     scale: float,
     S: torch.Tensor,
-    in_dtype: torch.dtype,
     output_final_state: bool,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One token, the streaming case: the fewest ops (per-op overhead dominates at this size)."""
-    dt = S.dtype
+    """One token, the streaming case: the fewest ops (per-op overhead dominates at this size).
+    S is the state in the compute dtype; inputs already in it are not converted."""
+    dt, in_dtype = S.dtype, q.dtype
+
+    def conv(x: torch.Tensor) -> torch.Tensor:
+        return x if x.dtype == dt else x.to(dt)
+
     # q, k: [B, 1, H, K] -> [B, H, 1, K]; v: [B, H, 1, V]; g, beta: [B, H, 1, 1]
-    q_t = q.to(dt).transpose(1, 2) * scale
-    k_t = k.to(dt).transpose(1, 2)
-    v_t = v.to(dt).transpose(1, 2)
-    decay = g.to(dt).exp().transpose(1, 2)[..., None]
-    b_t = beta.to(dt).transpose(1, 2)[..., None]
+    q_t = conv(q).transpose(1, 2) * scale
+    k_t = conv(k).transpose(1, 2)
+    v_t = conv(v).transpose(1, 2)
+    decay = conv(g).exp().transpose(1, 2)[..., None]
+    b_t = conv(beta).transpose(1, 2)[..., None]
     S = S * decay
     delta = (v_t - k_t @ S) * b_t
     S = torch.addcmul(S, k_t.transpose(-1, -2), delta)
     # o: [B, H, 1, V] -> [B, 1, H, V]
     o = (q_t @ S).transpose(1, 2)
-    return o.to(in_dtype), (S if output_final_state else None)
+    return (o if o.dtype == in_dtype else o.to(in_dtype)), (S if output_final_state else None)
