@@ -23,7 +23,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from duplex.kernels import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
-from duplex.kernels.gated_delta.fused_recurrent import single_step
 from duplex.streaming import StreamingModule, StreamState, keep_masked
 
 
@@ -200,11 +199,12 @@ class GatedDeltaNet(StreamingModule):
             and state.conv.dtype == torch.float32
             and state.recurrent.dtype == torch.float32
             and not torch.is_autocast_enabled(x.device.type)
+            and self.cfg.conv_size > 1
             and _taps_match_conv(x.device)
         )
 
-    def _step_weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(the six input projections as one [C + 2H + HV, d] weight, the conv taps [S, C],
+    def _step_weights(self) -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
+        """(the six input projections as one [C + 2H + HV, d] weight, the S conv taps [C],
         -exp(A_log)), rebuilt whenever a parameter changes (its version or storage)."""
         ps = (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.gate_proj)
         ws = [lin.weight for lin in ps] + [self.conv_weight, self.A_log]
@@ -212,7 +212,7 @@ class GatedDeltaNet(StreamingModule):
         cached = self.__dict__.get("_step_cache")
         if cached is None or cached[0] != key:
             w_in = torch.cat(ws[:6]).detach()
-            taps = self.conv_weight.detach().T.contiguous()
+            taps = self.conv_weight.detach().T.contiguous().unbind(0)
             neg_a = -self.A_log.detach().exp()
             cached = (key, (w_in, taps, neg_a))
             self.__dict__["_step_cache"] = cached
@@ -226,26 +226,33 @@ class GatedDeltaNet(StreamingModule):
         H, D = self.cfg.n_heads, self.cfg.head_dim
         C = 2 * self.key_dim + self.value_dim
         w_in, taps, neg_a = self._step_weights()
-        # One matmul for q|k|v, a, b and the gate (the same sums as six: rows are independent)
-        z = F.linear(x, w_in)
-        qkv, a, b, gate = z.split([C, H, H, self.value_dim], dim=-1)
+        if self._fuse_ok(x, w_in):
+            # One matmul for q|k|v, a, b and the gate: the same sums as six separate ones
+            qkv, a, b, gate = F.linear(x, w_in).split([C, H, H, self.value_dim], dim=-1)
+        else:
+            qkv = torch.cat([self.q_proj(x), self.k_proj(x), self.v_proj(x)], dim=-1)
+            a, b, gate = self.a_proj(x), self.b_proj(x), self.gate_proj(x)
         # The depthwise conv at one position: taps summed first to last with fused
         # multiply-adds, the order (and rounding) of the conv kernel (checked once per process).
-        hist = state.conv
-        S = hist.shape[1]
-        acc = hist[:, 0] * taps[0]
-        for j in range(1, S):
-            acc = torch.addcmul(acc, hist[:, j], taps[j])
-        acc = torch.addcmul(acc, qkv[:, 0], taps[S])
+        hist = state.conv.unbind(1)
+        acc = hist[0] * taps[0]
+        for j in range(1, len(hist)):
+            acc = torch.addcmul(acc, hist[j], taps[j])
+        acc = torch.addcmul(acc, qkv[:, 0], taps[-1])
         conv_out = F.silu(acc)
-        new_conv = torch.cat([hist[:, 1:], qkv], dim=1)
+        new_conv = torch.cat([state.conv[:, 1:], qkv], dim=1)
         q, k, v = conv_out.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        q = F.normalize(q.reshape(B, 1, H, D), p=2, dim=-1, eps=1e-6)
-        k = F.normalize(k.reshape(B, 1, H, D), p=2, dim=-1, eps=1e-6)
-        v = v.reshape(B, 1, H, D)
+        # One token: [B, 1, H, D] is [B, H, 1, D] in memory, so heads lead without transposes.
+        q = F.normalize(q.reshape(B, H, 1, D), p=2, dim=-1, eps=1e-6)
+        k = F.normalize(k.reshape(B, H, 1, D), p=2, dim=-1, eps=1e-6)
+        v = v.reshape(B, H, 1, D)
         g = neg_a * F.softplus(a + self.dt_bias)
         beta = torch.sigmoid(b)
-        o, new_rec = single_step(q, k, v, g, beta, D**-0.5, state.recurrent, True)
+        # The delta rule's step (duplex.kernels `single_step`, the same ops in the same order)
+        S = state.recurrent * g.exp().reshape(B, H, 1, 1)
+        delta = (v - k @ S) * beta.reshape(B, H, 1, 1)
+        new_rec = torch.addcmul(S, k.transpose(-1, -2), delta)
+        o = (q * D**-0.5) @ new_rec
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps) * self.norm_weight
         o = o.reshape(B, 1, self.value_dim) * F.silu(gate)
         y = self.o_proj(o)
@@ -260,7 +267,24 @@ class GatedDeltaNet(StreamingModule):
             self._stream_state = new_state
         return y, new_state
 
+    def _fuse_ok(self, x: torch.Tensor, w_in: torch.Tensor) -> bool:
+        """Whether one matmul over the stacked weights gives the six projections' bits at
+        this batch size: the BLAS picks its kernel (and order of sums) by shape, so this is
+        decided once per shape on random inputs."""
+        key = (x.shape[0], tuple(w_in.shape), x.device.type)
+        if key not in _FUSE_OK:
+            gen = torch.Generator().manual_seed(0)
+            ok = True
+            for _ in range(3):
+                probe = torch.randn(x.shape, generator=gen).to(x.device)
+                parts = (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj)
+                sep = torch.cat([p(probe) for p in (*parts, self.gate_proj)], dim=-1)
+                ok = ok and bool(torch.equal(F.linear(probe, w_in), sep))
+            _FUSE_OK[key] = ok
+        return _FUSE_OK[key]
 
+
+_FUSE_OK: dict[tuple, bool] = {}
 _TAPS_OK: dict[str, bool] = {}
 
 

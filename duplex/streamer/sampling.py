@@ -36,6 +36,8 @@ def sample(
     Temperature <= 0 is greedy; top_k <= 0 keeps every entry.
     """
     V = logits.shape[-1]
+    if logits.shape[0] == 1 and temperature.dtype == torch.float32:
+        return _sample_one(logits, float(temperature[0]), int(top_k[0]), uniform)
     k = torch.where(top_k > 0, top_k.clamp(max=V), V)
     n = int(k.max())
     values, idx = logits.float().topk(n, dim=-1)
@@ -50,6 +52,24 @@ def sample(
     scores.masked_fill_(_arange(n, k.device)[None, :] >= k[:, None], -torch.inf)
     choice = torch.where(temperature > 0, scores.argmax(-1), 0)
     return idx.gather(-1, choice[:, None])[:, 0]
+
+
+def _sample_one(
+    logits: torch.Tensor, temp: float, top_k: int, uniform: torch.Tensor
+) -> torch.Tensor:
+    """`sample` of one row (one session stepping alone) with its settings as numbers: the
+    same ops on the same values, less the masks and the per-row selections."""
+    V = logits.shape[-1]
+    values, idx = logits.float().topk(min(top_k, V) if top_k > 0 else V, dim=-1)
+    if temp <= 0:
+        return idx[:, 0]
+    gumbel = uniform[:, : values.shape[-1]].clamp(1e-20, 1.0 - 1e-7).log_().neg_().log_().neg_()
+    scores = values / max(temp, 1e-6)
+    if torch.promote_types(scores.dtype, gumbel.dtype) == scores.dtype:
+        scores.add_(gumbel)
+    else:
+        scores = scores + gumbel
+    return idx.gather(-1, scores.argmax(-1, keepdim=True))[:, 0]
 
 
 _ARANGE: dict[tuple[int, torch.device], torch.Tensor] = {}
