@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from duplex.model.gwa import GuidedWindowAttention, GWAConfig, GWAReadConfig, WindowReader
+from duplex.model.tensor_cache import constant
 from duplex.streaming import StreamingModule, StreamState, keep_masked
 
 BLOCK_KINDS = ("gdn", "gwa", "swa", "attn", "mlp")
@@ -74,17 +75,13 @@ class MLP(nn.Module):
         return self.down(F.silu(self.up(x)))
 
 
-_INV_FREQ: dict[tuple[int, float, torch.device], torch.Tensor] = {}
-
-
 def _inv_freq(D: int, base: float, device: torch.device) -> torch.Tensor:
     """base ** (-2i / D), float64, computed once per (D, base, device)."""
-    key = (D, base, device)
-    if key not in _INV_FREQ:
-        with torch.inference_mode(False), torch.no_grad():
-            ar = torch.arange(0, D, 2, dtype=torch.float64, device=device)
-            _INV_FREQ[key] = base ** (-ar / D)
-    return _INV_FREQ[key]
+
+    def make() -> torch.Tensor:
+        return base ** (-torch.arange(0, D, 2, dtype=torch.float64, device=device) / D)
+
+    return constant(("rope_inv_freq", D, base, device), make)
 
 
 def rope_angles(
@@ -112,16 +109,11 @@ def rope(
     return out.flatten(-2)
 
 
-_OFFSETS: dict[tuple[int, int, torch.device], torch.Tensor] = {}
-
-
 def table_offsets(K: int, rows: int, device: torch.device) -> torch.Tensor:
     """[K] row offsets k * rows of K stacked tables, built once per shape and device."""
-    key = (K, rows, device)
-    if key not in _OFFSETS:
-        with torch.inference_mode(False), torch.no_grad():
-            _OFFSETS[key] = torch.arange(K, device=device) * rows
-    return _OFFSETS[key]
+    return constant(
+        ("table_offsets", K, rows, device), lambda: torch.arange(K, device=device) * rows
+    )
 
 
 @dataclass

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from duplex.kernels import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from duplex.model.tensor_cache import derived
 from duplex.streaming import StreamingModule, StreamState, keep_masked
 
 
@@ -208,15 +209,13 @@ class GatedDeltaNet(StreamingModule):
         -exp(A_log)), rebuilt whenever a parameter changes (its version or storage)."""
         ps = (self.q_proj, self.k_proj, self.v_proj, self.a_proj, self.b_proj, self.gate_proj)
         ws = [lin.weight for lin in ps] + [self.conv_weight, self.A_log]
-        key = tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in ws)
-        cached = self.__dict__.get("_step_cache")
-        if cached is None or cached[0] != key:
+
+        def make() -> tuple[torch.Tensor, tuple[torch.Tensor, ...], torch.Tensor]:
             w_in = torch.cat(ws[:6]).detach()
             taps = self.conv_weight.detach().T.contiguous().unbind(0)
-            neg_a = -self.A_log.detach().exp()
-            cached = (key, (w_in, taps, neg_a))
-            self.__dict__["_step_cache"] = cached
-        return cached[1]
+            return w_in, taps, -self.A_log.detach().exp()
+
+        return derived(self, ws, make)
 
     def _step1(
         self, x: torch.Tensor, state: GatedDeltaNetState, streaming: bool

@@ -30,6 +30,7 @@ from torch import nn
 from duplex.kernels.gwa import window_attend_tables
 from duplex.model.gwa_history import GWAReadConfig, History, WindowRead, read_histories
 from duplex.model.gwa_reader import WindowReader, WindowReaderState
+from duplex.model.tensor_cache import derived
 
 __all__ = [
     "GWAConfig",
@@ -145,23 +146,19 @@ class GuidedWindowAttention(nn.Module):
         Without gradients they are kept until a weight changes (a decode step reuses them)."""
         H, D = self.cfg.n_heads, self.cfg.head_dim
         srcs = (self.rel, slot, self.match, self.digits)
-        key = None
-        if not torch.is_grad_enabled():
-            ws = (self.k_proj.weight, self.v_proj.weight, *srcs)
-            key = tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in ws)
-            cached = self.__dict__.get("_table_cache")
-            if cached is not None and cached[0] == key:
-                return cached[1]
-        tables = [(self.k_proj(t), self.v_proj(t)) for t in (*srcs[:3], srcs[3].flatten(0, 1))]
-        (rel_k, rel_v), (slot_k, slot_v), (match_k, match_v), (dig_k, dig_v) = (
-            (k.reshape(-1, H, D), v.reshape(-1, H, D)) for k, v in tables
-        )
-        P = self.read_cfg.pos_digits
-        dig_k, dig_v = dig_k.reshape(P, -1, H, D), dig_v.reshape(P, -1, H, D)
-        out = (rel_k, rel_v, slot_k, slot_v, match_k, match_v, dig_k, dig_v)
-        if key is not None:
-            self.__dict__["_table_cache"] = (key, out)
-        return out
+
+        def make() -> tuple[torch.Tensor, ...]:
+            tables = [(self.k_proj(t), self.v_proj(t)) for t in (*srcs[:3], srcs[3].flatten(0, 1))]
+            (rel_k, rel_v), (slot_k, slot_v), (match_k, match_v), (dig_k, dig_v) = (
+                (k.reshape(-1, H, D), v.reshape(-1, H, D)) for k, v in tables
+            )
+            P = self.read_cfg.pos_digits
+            dig_k, dig_v = dig_k.reshape(P, -1, H, D), dig_v.reshape(P, -1, H, D)
+            return (rel_k, rel_v, slot_k, slot_v, match_k, match_v, dig_k, dig_v)
+
+        if torch.is_grad_enabled():
+            return make()
+        return derived(self, (self.k_proj.weight, self.v_proj.weight, *srcs), make)
 
     def forward(self, x: torch.Tensor, read: WindowRead, embedding: torch.Tensor) -> torch.Tensor:
         """x [B, T, d]; read from the WindowReader; embedding [V, d] the model's token table."""

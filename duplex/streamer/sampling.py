@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from duplex.model.tensor_cache import constant
+
 
 @dataclass
 class SamplingConfig:
@@ -41,13 +43,7 @@ def sample(
     k = torch.where(top_k > 0, top_k.clamp(max=V), V)
     n = int(k.max())
     values, idx = logits.float().topk(n, dim=-1)
-    # -log(-log(u)), in place on the clamped copy (the same values as out of place)
-    gumbel = uniform[:, :n].clamp(1e-20, 1.0 - 1e-7).log_().neg_().log_().neg_()
-    scores = values / temperature.clamp(min=1e-6)[:, None]
-    if torch.promote_types(scores.dtype, gumbel.dtype) == scores.dtype:
-        scores.add_(gumbel)
-    else:
-        scores = scores + gumbel
+    scores = _perturbed(values, temperature.clamp(min=1e-6)[:, None], uniform)
     # rows whose own k is below the batch's largest drop the entries past their k
     scores.masked_fill_(_arange(n, k.device)[None, :] >= k[:, None], -torch.inf)
     choice = torch.where(temperature > 0, scores.argmax(-1), 0)
@@ -63,25 +59,22 @@ def _sample_one(
     values, idx = logits.float().topk(min(top_k, V) if top_k > 0 else V, dim=-1)
     if temp <= 0:
         return idx[:, 0]
-    gumbel = uniform[:, : values.shape[-1]].clamp(1e-20, 1.0 - 1e-7).log_().neg_().log_().neg_()
-    scores = values / max(temp, 1e-6)
-    if torch.promote_types(scores.dtype, gumbel.dtype) == scores.dtype:
-        scores.add_(gumbel)
-    else:
-        scores = scores + gumbel
+    scores = _perturbed(values, max(temp, 1e-6), uniform)
     return idx.gather(-1, scores.argmax(-1, keepdim=True))[:, 0]
 
 
-_ARANGE: dict[tuple[int, torch.device], torch.Tensor] = {}
+def _perturbed(
+    values: torch.Tensor, temp: torch.Tensor | float, uniform: torch.Tensor
+) -> torch.Tensor:
+    """values / temp + Gumbel noise -log(-log(u)) from the first entries of `uniform`
+    (the noise built in place on the clamped copy)."""
+    u = uniform[:, : values.shape[-1]].clamp(1e-20, 1.0 - 1e-7)
+    return values / temp + u.log_().neg_().log_().neg_()
 
 
 def _arange(n: int, device: torch.device) -> torch.Tensor:
     """arange(n) on `device`, built once per size (a per-draw allocation otherwise)."""
-    key = (n, device)
-    if key not in _ARANGE:
-        with torch.inference_mode(False), torch.no_grad():
-            _ARANGE[key] = torch.arange(n, device=device)
-    return _ARANGE[key]
+    return constant(("arange", n, device), lambda: torch.arange(n, device=device))
 
 
 def check_sampling(x: Any, bad: Callable[[str], Exception]) -> SamplingConfig:

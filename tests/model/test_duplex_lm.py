@@ -51,6 +51,22 @@ def _batch(B: int, T: int, K: int = 4, card: int = 32) -> dict[str, torch.Tensor
     }
 
 
+def _stream(m: DuplexLM, b: dict[str, torch.Tensor]) -> list:
+    """The streaming steps' logits over batch b, frame by frame (teacher-forced inputs)."""
+    s = m.shift_inputs(b)
+    B, T = b["model_text"].shape
+    with m.streaming(B):
+        return [
+            m.step(
+                b["user_audio"][:, t],
+                s["prev_audio"][:, t],
+                s["prev_text"][:, t],
+                s["prev_user_text"][:, t],
+            )
+            for t in range(T)
+        ]
+
+
 def test_delay_round_trip() -> None:
     a = torch.arange(2 * 6 * 3).reshape(2, 6, 3)
     ad = delay_audio(a, 2, pad=-1)
@@ -64,17 +80,7 @@ def test_step_equals_forward(T: int) -> None:
     m = _tiny()
     b = _batch(2, T)
     logits, _ = m(b)
-    s = m.shift_inputs(b)
-    with m.streaming(2):
-        outs = [
-            m.step(
-                b["user_audio"][:, t],
-                s["prev_audio"][:, t],
-                s["prev_text"][:, t],
-                s["prev_user_text"][:, t],
-            )
-            for t in range(T)
-        ]
+    outs = _stream(m, b)
     for name in ("text", "audio", "user_text"):
         got = torch.stack([getattr(o, name) for o in outs], 1)
         torch.testing.assert_close(got, getattr(logits, name), rtol=1e-9, atol=1e-9)
@@ -287,20 +293,11 @@ def test_calibrated_pad_gives_the_data_odds_of_speaking() -> None:
         opt.step()
     m.eval()
     b = _batch(2, 6)
-    s = m.shift_inputs(b)
 
     def p_pad(calibrate: bool) -> tuple[float, float]:
         m.cfg.calibrate_pad = calibrate
-        with torch.no_grad(), m.streaming(2):
-            outs = [
-                m.step(
-                    b["user_audio"][:, t],
-                    s["prev_audio"][:, t],
-                    s["prev_text"][:, t],
-                    s["prev_user_text"][:, t],
-                )
-                for t in range(6)
-            ]
+        with torch.no_grad():
+            outs = _stream(m, b)
         return tuple(
             float(torch.stack([getattr(o, name) for o in outs]).softmax(-1)[..., PAD].mean())
             for name in ("text", "user_text")
