@@ -31,6 +31,7 @@ class PulseSink:
     runtime_dir: Path
     sink: str
     env: dict[str, str]
+    pid: int
 
 
 def _wait_for_socket(path: Path, proc: subprocess.Popen, timeout: float = 15.0) -> None:
@@ -92,7 +93,7 @@ def pulse_sink() -> Iterator[PulseSink]:
         )
         os.environ.update(env_update)
         _reinit_portaudio()
-        yield PulseSink(runtime_dir=runtime, sink=sink, env=env)
+        yield PulseSink(runtime_dir=runtime, sink=sink, env=env, pid=proc.pid)
     finally:
         for k, v in saved.items():
             if v is None:

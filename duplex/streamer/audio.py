@@ -18,6 +18,7 @@ output_underflows.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import time
 from pathlib import Path
@@ -260,12 +261,14 @@ class DeviceAudio(AudioBackend):
         prefill_frames: int = 2,
         latency: str | float = "high",
         max_restarts: int = 20,
+        startup_s: float = 5.0,
         echo: EchoSettings | None = None,
     ) -> None:
         super().__init__(sample_rate, frame_size)
         self.latency = latency
         self.restarts = 0
         self.max_restarts = max_restarts
+        self.startup_s = startup_s
         self.sd = _import_sounddevice()
         self.in_dev = find_device(input_device, "input")
         self.out_dev = find_device(output_device, "output")
@@ -274,6 +277,7 @@ class DeviceAudio(AudioBackend):
         self.out_fifo = BlockFifo(frame_size, max_frames=max_queue_frames, prefill=prefill_frames)
         self.blocksize = blocksize
         self.in_stream = self.out_stream = None
+        self._opened_at = -math.inf
         if self.device_rate != sample_rate:
             self._up = StreamResampler(self.device_rate, sample_rate)
             self._down = StreamResampler(sample_rate, self.device_rate)
@@ -358,6 +362,7 @@ class DeviceAudio(AudioBackend):
             )
             self.out_stream.start()
             self.in_stream.start()
+            self._opened_at = time.monotonic()
             if self.echo is not None:
                 self.echo.restart(self.latency_s())
         except Exception as e:
@@ -399,8 +404,13 @@ class DeviceAudio(AudioBackend):
         """The next microphone frame (echo-cancelled when the device has a canceller; the
         microphone's own frame is then in `raw_frame`). A stream that PortAudio gave up on (it
         does after a long stall, e.g. a starved sound server) is reopened, at most
-        `max_restarts` times."""
+        `max_restarts` times in all; so is one that still reports itself active but delivered
+        nothing for `timeout` seconds (a sound server that froze and came back can leave such a
+        stream). Only a second silent `timeout` after that reopening is an error. A stream
+        opened less than `startup_s` ago is given that long for its first frames (PortAudio's
+        ALSA path with high latency takes about 1.7 s on PulseAudio)."""
         deadline = time.monotonic() + timeout
+        reopened = False
         while True:
             if self.echo is not None:
                 self._pump_echo()
@@ -413,8 +423,15 @@ class DeviceAudio(AudioBackend):
             if self.streams and not all(st.active for st in self.streams):
                 self._restart()
                 deadline = time.monotonic() + timeout
-            if time.monotonic() > deadline:
-                raise AudioUnavailableError("the audio device stopped delivering input")
+            if time.monotonic() > max(deadline, self._opened_at + self.startup_s):
+                if reopened or self.restarts >= self.max_restarts:
+                    raise AudioUnavailableError(
+                        f"the audio device stopped delivering input (silent for {timeout:g} s"
+                        f"{', also after reopening it' if reopened else ''})"
+                    )
+                self._restart()
+                reopened = True
+                deadline = time.monotonic() + timeout
             time.sleep(0.001)
 
     def _restart(self) -> None:

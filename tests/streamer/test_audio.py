@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+
 import numpy as np
 import pytest
 import soundfile as sf
@@ -151,3 +155,30 @@ def test_no_device_is_a_clear_error(tmp_path) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("ERR no audio input device found")
     assert "--input in.wav" in r.stdout and "duplex doctor" in r.stdout
+
+
+@pytest.mark.audio
+def test_device_recovers_when_the_sound_server_freezes(pulse_sink) -> None:
+    """The sound server frozen for longer than a read's timeout (SIGSTOP: what a daemon starved
+    on a loaded machine looks like to its clients). The microphone goes silent while its stream
+    still reports itself active; the device reopens its streams and frames flow again. Without
+    the reopening, the first silent timeout is an error. The freeze comes after the opened
+    streams' grace period (`startup_s`), so a reopening is needed to pass."""
+    silence = np.zeros(FS, np.float32)
+    with DeviceAudio(SR, FS, "pulse", "pulse", startup_s=3.0) as io:
+        for _ in range(175):
+            assert io.read_frame() is not None
+            io.write_frame(silence)
+        os.kill(pulse_sink.pid, signal.SIGSTOP)
+        thaw = threading.Timer(1.5, os.kill, (pulse_sink.pid, signal.SIGCONT))
+        thaw.start()
+        try:
+            got = []
+            for _ in range(100):
+                got.append(io.read_frame(timeout=1.0))
+                io.write_frame(silence)
+        finally:
+            thaw.cancel()
+            os.kill(pulse_sink.pid, signal.SIGCONT)
+        assert all(f is not None and f.shape == (FS,) for f in got)
+        assert io.counters()["device_restarts"] >= 1
