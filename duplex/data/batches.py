@@ -16,6 +16,7 @@ next one of the same shard.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,11 +62,14 @@ class _Stream:
 
 
 class ConversationBatches:
-    """Crops of the corpus in `corpus_dir` (a `duplex data conversations --out` folder)."""
+    """Crops of the corpus in `corpus_dir` (a `duplex data conversations --out` folder), or of
+    several such folders at once (corpora made with different `--seed`s): their shards are
+    pooled as they are, with no copying or renaming. A shard file reached twice (the same folder
+    given twice, or a hard link) is an error, since it would be drawn twice as often."""
 
     def __init__(
         self,
-        corpus_dir: str | Path,
+        corpus_dir: str | Path | Sequence[str | Path],
         seq_len: int,
         split: str = "train",
         text_lead: int = 0,
@@ -74,23 +78,38 @@ class ConversationBatches:
         curriculum: Curriculum | None = None,
         seed: int = 0,
     ) -> None:
-        self.dir = Path(corpus_dir)
-        manifest = read_manifest(self.dir)
-        entries = [e for e in manifest["shards"] if e["split"] == split]
+        dirs = [corpus_dir] if isinstance(corpus_dir, (str, Path)) else list(corpus_dir)
+        self.dirs = [Path(d) for d in dirs]
+        self.dir = self.dirs[0]
+        entries, seen = [], {}
+        for d in self.dirs:
+            for e in read_manifest(d)["shards"]:
+                if e["split"] != split:
+                    continue
+                path = d / e["file"]
+                st = path.stat()
+                if (st.st_dev, st.st_ino) in seen:
+                    raise ValueError(
+                        f"{path} is the same file as {seen[st.st_dev, st.st_ino]}: each shard "
+                        "may be given once"
+                    )
+                seen[st.st_dev, st.st_ino] = path
+                entries.append(dict(e, path=path))
         if stages is not None:
             unknown = set(stages) - set(STAGES)
             if unknown:
                 raise ValueError(f"unknown stages {sorted(unknown)}: choose from {STAGES}")
             entries = [e for e in entries if e["stage"] in stages]
         if not entries:
+            where = ", ".join(str(d) for d in self.dirs)
             raise ValueError(
-                f"{self.dir} has no {split} shards (make them with `duplex data conversations`)"
+                f"{where}: no {split} shards (make them with `duplex data conversations`)"
             )
         self.seq_len, self.seed = seq_len, seed
         self.curriculum = curriculum or Curriculum()
         self.streams: dict[str, list[_Stream]] = {}
         for e in entries:
-            sh = Shard(self.dir / e["file"])
+            sh = Shard(e["path"])
             texts = [sh.text_streams(i, text_lead, transcript_delay) for i in range(len(sh))]
             s = _Stream(
                 np.ascontiguousarray(sh.user.T),
@@ -101,7 +120,7 @@ class ConversationBatches:
             if len(s.user) >= seq_len:
                 self.streams.setdefault(e["stage"], []).append(s)
         if not self.streams:
-            raise ValueError(f"no shard in {self.dir} holds {seq_len} frames: lower seq_len")
+            raise ValueError(f"no shard in {self.dirs} holds {seq_len} frames: lower seq_len")
         self.stages = sorted(self.streams, key=STAGES.index)
         self.frames = {k: sum(len(s.user) for s in v) for k, v in self.streams.items()}
 

@@ -38,7 +38,14 @@ Examples:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--corpus", type=Path, required=True, help="corpus directory (manifest.json)")
+    p.add_argument(
+        "--corpus",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="corpus directory (manifest.json); several pool their shards (e.g. corpora made "
+        "with different --seed)",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/talk"), help="run directory")
     p.add_argument("--config", default="talk", help="model config name (talk, small, tiny)")
     p.add_argument(
@@ -157,10 +164,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"duplex train duplex: {e}")
         return 2
     hours = {k: round(v / 50 / 3600, 2) for k, v in data.frames.items()}
-    print(
-        f"[train] corpus {args.corpus}: hours per stage {hours}; model {model.num_params():,} "
-        f"parameters"
-    )
+    where = " ".join(map(str, args.corpus))
+    print(f"[train] corpus {where}: hours per stage {hours}; model {model.num_params():,} parameters")
     tcfg = TrainConfig(
         out_dir=str(args.out),
         steps=args.steps,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+
 import numpy as np
 import pytest
 
@@ -98,3 +102,28 @@ def test_clear_errors(corpus, tmp_path):
         ConversationBatches(corpus, 100, stages=["nope"])
     with pytest.raises(ValueError, match="lower seq_len"):
         ConversationBatches(corpus, 10**7)
+
+
+def test_several_corpora_pool_their_shards_once(corpus, tmp_path):
+    one = ConversationBatches(corpus, 100)
+    copy = tmp_path / "copy"
+    shutil.copytree(corpus, copy)
+    both = ConversationBatches([corpus, copy], 100)
+    assert both.frames == {k: 2 * v for k, v in one.frames.items()}
+    assert [len(both.streams[k]) for k in both.stages] == [
+        2 * len(one.streams[k]) for k in one.stages
+    ]
+    # The same shard reached twice (the folder given twice, or hard-linked into another
+    # folder, as a merge by links does) would be drawn twice as often: refused.
+    with pytest.raises(ValueError, match="same file"):
+        ConversationBatches([corpus, corpus], 100)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for f in corpus.glob("*.npz"):
+        os.link(f, linked / f"other-{f.name}")
+    manifest = json.loads((corpus / "manifest.json").read_text())
+    for e in manifest["shards"]:
+        e["file"] = f"other-{e['file']}"
+    (linked / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="same file"):
+        ConversationBatches([corpus, linked], 100)
