@@ -165,7 +165,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     hours = {k: round(v / 50 / 3600, 2) for k, v in data.frames.items()}
     where = " ".join(map(str, args.corpus))
-    print(f"[train] corpus {where}: hours per stage {hours}; model {model.num_params():,} parameters")
+    params = model.num_params()
+    print(f"[train] corpus {where}: hours per stage {hours}; model {params:,} parameters")
     tcfg = TrainConfig(
         out_dir=str(args.out),
         steps=args.steps,
