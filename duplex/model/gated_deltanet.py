@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from duplex.kernels import chunk_gated_delta_rule, fused_recurrent_gated_delta_rule
+from duplex.kernels.gated_delta.fused_recurrent import step_heads_first
 from duplex.model.tensor_cache import derived
 from duplex.streaming import StreamingModule, StreamState, keep_masked
 
@@ -247,11 +248,14 @@ class GatedDeltaNet(StreamingModule):
         v = v.reshape(B, H, 1, D)
         g = neg_a * F.softplus(a + self.dt_bias)
         beta = torch.sigmoid(b)
-        # The delta rule's step (duplex.kernels `single_step`, the same ops in the same order)
-        S = state.recurrent * g.exp().reshape(B, H, 1, 1)
-        delta = (v - k @ S) * beta.reshape(B, H, 1, 1)
-        new_rec = torch.addcmul(S, k.transpose(-1, -2), delta)
-        o = (q * D**-0.5) @ new_rec
+        o, new_rec = step_heads_first(
+            q * D**-0.5,
+            k,
+            v,
+            g.exp().reshape(B, H, 1, 1),
+            beta.reshape(B, H, 1, 1),
+            state.recurrent,
+        )
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.cfg.norm_eps) * self.norm_weight
         o = o.reshape(B, 1, self.value_dim) * F.silu(gate)
         y = self.o_proj(o)

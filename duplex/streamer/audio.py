@@ -244,7 +244,7 @@ def find_device(spec: str | int | None, kind: str) -> int | None:
 
 
 class DeviceAudio(AudioBackend):
-    """Microphone and speaker through one PortAudio duplex stream (int16 on the wire).
+    """Microphone and speaker through two PortAudio streams, one each way (int16 on the wire).
 
     The stream runs at the codec rate when the device accepts it, else at the device's default
     rate with streaming resamplers on both sides.

@@ -118,9 +118,25 @@ def single_step(
     v_t = conv(v).transpose(1, 2)
     decay = conv(g).exp().transpose(1, 2)[..., None]
     b_t = conv(beta).transpose(1, 2)[..., None]
-    S = S * decay
-    delta = (v_t - k_t @ S) * b_t
-    S = torch.addcmul(S, k_t.transpose(-1, -2), delta)
+    o, S = step_heads_first(q_t, k_t, v_t, decay, b_t, S)
     # o: [B, H, 1, V] -> [B, 1, H, V]
-    o = (q_t @ S).transpose(1, 2)
+    o = o.transpose(1, 2)
     return (o if o.dtype == in_dtype else o.to(in_dtype)), (S if output_final_state else None)
+
+
+def step_heads_first(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    decay: torch.Tensor,
+    beta: torch.Tensor,
+    S: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The delta rule's step on one token with heads leading: q (already scaled), k
+    [B, H, 1, K]; v [B, H, 1, V]; decay = exp(g), beta [B, H, 1, 1]; S [B, H, K, V].
+    -> (o [B, H, 1, V], the new S). Callers that hold heads first (a model's one-token step)
+    skip `single_step`'s transposes."""
+    S = S * decay
+    delta = (v - k @ S) * beta
+    S = torch.addcmul(S, k.transpose(-1, -2), delta)
+    return q @ S, S
