@@ -228,6 +228,7 @@ class EchoCanceller:
         initial_delay_s: float = 0.05,
         margin_s: float = 0.015,
         max_delay_s: float = 1.0,
+        max_ahead_s: float = 0.5,
         estimate_every_s: float = 0.25,
         tail_s: float = 0.08,
         hold: ConvergenceHold | None = None,
@@ -242,6 +243,7 @@ class EchoCanceller:
         self.chunk = sample_rate // 100
         self.margin = round(margin_s * sample_rate)
         self.max_delay = round(max_delay_s * sample_rate)
+        self.max_ahead = round(max_ahead_s * sample_rate)
         self._hpf = HighPass(sample_rate) if self.settings.high_pass else None
         self._chain: SpeexChain | WebRTCChain | None = None
         if self.settings.aec or self.settings.noise_suppression:
@@ -249,7 +251,9 @@ class EchoCanceller:
                 self._chain = WebRTCChain(sample_rate, self.chunk, self.settings)
             else:
                 self._chain = SpeexChain(sample_rate, self.chunk, self.settings, tail_s)
-        self.estimator = DelayEstimator(sample_rate, max_delay_s=max_delay_s)
+        self.estimator = DelayEstimator(
+            sample_rate, max_delay_s=max_delay_s, max_ahead_s=max_ahead_s
+        )
         self.far = SampleRing(self.max_delay + 2 * sample_rate + self.chunk)
         self.near = SampleRing(2 * sample_rate)
         self.estimate_every = max(1, round(estimate_every_s * 100))
@@ -258,7 +262,9 @@ class EchoCanceller:
         # The hold while converging (echo_hold); None when off.
         self.hold: ConvergenceHold | None = None
         if self.settings.aec and self.settings.hold_until_converged:
-            self.hold = hold or ConvergenceHold(sample_rate, self.chunk, tail_s=tail_s)
+            self.hold = hold or ConvergenceHold(
+                sample_rate, self.chunk, tail_s=tail_s, ahead_s=max_ahead_s
+            )
         # Measured delay minus PortAudio's figure of the same streams: kept across restarts.
         self._excess: int | None = None
         self.restart(initial_delay_s)
@@ -274,7 +280,7 @@ class EchoCanceller:
         self.delay = self._seed
         self.delay_source = "portaudio"
         if self._excess is not None:
-            self.delay = min(max(self._seed + self._excess, 0), self.max_delay)
+            self.delay = min(max(self._seed + self._excess, -self.max_ahead), self.max_delay)
             self.delay_source = "remembered"
         if self.hold is not None:
             self.hold.reset()
@@ -317,7 +323,9 @@ class EchoCanceller:
             self.chunks += 1
             if self.chunks % self.estimate_every == 0:
                 self._update_delay(start + self.chunk)
-            lead = max(self.delay - self.margin, 0)
+            # Negative when the microphone's counter runs ahead (echo_delay.DelayEstimator):
+            # the far end is then read ahead of the chunk's index; it was handed out already.
+            lead = self.delay - self.margin
             far = self.far.read(start - lead, self.chunk)
         if self._chain is None:
             out = x

@@ -57,10 +57,19 @@ class DelayEstimator:
 
     Both streams are box-decimated to about 8 kHz (speech's echo carries its timing there), the
     last `window_s` of the microphone is cross-correlated with the far end over lags
-    [0, max_delay_s], each bin weighted by its phase only (PHAT: a room's colouring and the
-    voice's spectrum drop out, the direct path's sharp peak stays). A peak counts when it stands
-    `min_prominence` standard deviations above the correlation's spread, and while the far end
-    actually played something.
+    [-max_ahead_s, max_delay_s], each bin weighted by its phase only (PHAT: a room's colouring
+    and the voice's spectrum drop out, the direct path's sharp peak stays). A peak counts when it
+    stands `min_prominence` standard deviations above the correlation's spread, and while the far
+    end actually played something.
+
+    Negative lags: the delay is between two sample counters, the far end's (samples handed to
+    the speaker) and the microphone's, which start with two separate streams. How far apart they
+    start depends on the sound server: on PulseAudio the input's first callback came 20 ms to
+    1.3 s after the output's, sometimes with the monitor's backlog and sometimes without, and
+    the same 100 ms room then measured 77 to 145 ms, or nothing at all when the microphone's
+    counter ran more than the path ahead. Physically the echo always comes after its far
+    samples were handed out, so those are in the ring whatever the counters say: a negative
+    delay is only bookkeeping, and the canceller reads the far end that much ahead.
     """
 
     def __init__(
@@ -69,13 +78,15 @@ class DelayEstimator:
         max_delay_s: float = 1.0,
         window_s: float = 1.0,
         min_prominence: float = 10.0,
+        max_ahead_s: float = 0.5,
     ) -> None:
         self.decim = max(1, round(sample_rate / 8000))
         self.rate = sample_rate / self.decim
         self.max_lag = int(max_delay_s * self.rate)
+        self.ahead = int(max_ahead_s * self.rate)
         self.window = int(window_s * self.rate)
         self.min_prominence = min_prominence
-        n = self.window + self.max_lag
+        n = self.window + self.max_lag + self.ahead
         self.nfft = 1 << (2 * n - 1).bit_length()
         freqs = np.fft.rfftfreq(self.nfft, 1.0 / self.rate)
         # Speech band only: below 100 Hz rooms boom and above 3.6 kHz the box filter aliases.
@@ -86,20 +97,20 @@ class DelayEstimator:
         return x[: x.size // d * d].reshape(-1, d).mean(axis=1)
 
     def estimate(self, far: SampleRing, near: SampleRing, end: int) -> tuple[int, float] | None:
-        """(delay in device samples, prominence) for the near audio ending at sample `end`, or
-        None when the far end was quiet or no peak stands out."""
+        """(delay in device samples, negative when the microphone's counter runs ahead;
+        prominence) for the near audio ending at sample `end`, or None when the far end was
+        quiet or no peak stands out."""
         d = self.decim
         near_d = self._decimate(near.read(end - self.window * d, self.window * d))
-        far_d = self._decimate(
-            far.read(end - (self.window + self.max_lag) * d, (self.window + self.max_lag) * d)
-        )
+        span = self.window + self.max_lag + self.ahead
+        far_d = self._decimate(far.read(end - (self.window + self.max_lag) * d, span * d))
         # The far end must have played something (-50 dBFS) and the microphone heard something.
         if np.sqrt(np.mean(far_d**2)) < 3e-3 or np.sqrt(np.mean(near_d**2)) < 1e-4:
             return None
         spec = np.conj(np.fft.rfft(near_d, self.nfft)) * np.fft.rfft(far_d, self.nfft)
         spec = np.where(self.band, spec / (np.abs(spec) + 1e-12), 0.0)
         # cc[k] = sum_i near[i] far[i + k]; near[i] echoes far[i + max_lag - lag].
-        cc = np.fft.irfft(spec, self.nfft)[: self.max_lag + 1]
+        cc = np.fft.irfft(spec, self.nfft)[: self.max_lag + self.ahead + 1]
         k = int(np.argmax(cc))
         spread = float(np.std(cc)) + 1e-12
         prominence = float(cc[k] - np.mean(cc)) / spread

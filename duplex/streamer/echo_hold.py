@@ -46,6 +46,7 @@ class ConvergenceHold:
         limit_s: float = 5.0,
         unknown_span_s: float = 0.5,
         tail_s: float = 0.08,
+        ahead_s: float = 0.5,
     ) -> None:
         self.rate = sample_rate
         self.chunk = chunk
@@ -55,6 +56,7 @@ class ConvergenceHold:
         self.limit = max(1, round(limit_s * sample_rate / chunk))
         self.unknown_span = round(unknown_span_s * sample_rate)
         self.tail = round(tail_s * sample_rate)
+        self.ahead = round(ahead_s * sample_rate)
         self.held_chunks = 0
         self.converged_at: int | None = None
         self.reset()
@@ -115,13 +117,15 @@ class ConvergenceHold:
     def far_active(self, far_ring, start: int, delay: int, delay_known: bool) -> bool:
         """Whether the far end played, within the span whose echo may reach the near chunk that
         starts at sample `start`: around the measured delay (plus the room's tail), or with the
-        delay still a guess anywhere from now back to the guess plus `unknown_span`."""
+        delay still a guess anywhere from `ahead` past now (the microphone's counter may run
+        ahead of the far end's, echo_delay.DelayEstimator) back to the guess plus
+        `unknown_span`."""
         if delay_known:
             lo = start - delay - self.tail - self.chunk
             hi = start + self.chunk - delay + self.chunk
         else:
             lo = start - delay - self.unknown_span
-            hi = start + self.chunk
+            hi = start + self.chunk + self.ahead
         x = far_ring.read(lo, hi - lo)
         n = x.size // self.chunk * self.chunk
         if n == 0:

@@ -257,11 +257,15 @@ def run_offline(
     jump_s: float = 0.05,
     response: np.ndarray | None = None,
     initial_delay_s: float = 0.05,
+    far_ahead_s: float = 0.0,
 ) -> ScenarioResult:
     """`run_scenario`'s session without a sound server: the same room, delay jump and user,
     mixed here frame by frame, the canceller fed exactly as the device feeds it (`play` with the
     frame handed to the speaker, `process` with the microphone). Deterministic, and independent
-    of the machine's load: what the canceller's logic does, apart from real-time scheduling."""
+    of the machine's load: what the canceller's logic does, apart from real-time scheduling.
+    `far_ahead_s`: the far end's counter starts that far ahead of the microphone's (as when
+    the output stream runs before the input stream delivers), so the delay between the two
+    counters is `delay_s - far_ahead_s`, negative when the room's delay is shorter."""
     room = Room(sample_rate, delay_s, room_response(sample_rate) if response is None else response)
     ec = EchoCanceller(sample_rate, settings, initial_delay_s=initial_delay_s)
     frames = far.size // frame_size
@@ -275,6 +279,7 @@ def run_offline(
     mic = np.zeros_like(played)
     heard = np.zeros_like(played)
     status = []
+    ec.play(np.zeros(round(far_ahead_s * sample_rate), np.float32))
     for j in range(frames):
         t = j * frame_size / sample_rate
         if jump_at_s is not None and t >= jump_at_s:
