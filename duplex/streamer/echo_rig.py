@@ -298,12 +298,14 @@ def run_offline(
 @dataclass
 class EchoCondition:
     """One session of `talk_over_echo`: whether its speaker echoes into its microphone, and
-    which microphone processing runs (None: the microphone goes to the model as it is)."""
+    which microphone processing runs (None: the microphone goes to the model as it is), and
+    which of the users it hears (an index into `talk_over_echo`'s list)."""
 
     name: str
     echo: bool
     settings: EchoSettings | None
     seed: int = 0
+    user: int = 0
 
 
 @dataclass
@@ -320,7 +322,7 @@ class LoopRun:
 
 def talk_over_echo(
     engine,
-    user: np.ndarray,
+    user: np.ndarray | list[np.ndarray],
     conditions: list[EchoCondition],
     delay_s: float = 0.1,
     response: np.ndarray | None = None,
@@ -337,15 +339,19 @@ def talk_over_echo(
     processed microphone and answers, and its answer is the next echo: the model hears its own
     current reply, not a recording. This runs offline (no sound server): the null sink's monitor
     hears the speaker exactly, so the acoustics are the same, but the model need not keep up
-    with real time on a loaded machine.
+    with real time on a loaded machine. `user`: one voice for every condition, or a list of
+    voices that each condition picks from by its `user` index (many users batched in one run);
+    all run for the longest one's length.
     """
     from duplex.streamer.engine import SamplingConfig
 
     rate, fs = engine.sample_rate, engine.frame_size
     h = room_response(rate) if response is None else response
-    n = -(-user.size // fs)
-    signal = np.zeros(n * fs, np.float32)
-    signal[: user.size] = user
+    users = [user] if isinstance(user, np.ndarray) else list(user)
+    n = max(-(-u.size // fs) for u in users)
+    signals = np.zeros((len(users), n * fs), np.float32)
+    for k, u in enumerate(users):
+        signals[k, : u.size] = u
     loops = []
     for c in conditions:
         canceller = None
@@ -359,13 +365,14 @@ def talk_over_echo(
                 canceller,
                 np.zeros(fs, np.float32),
                 LoopRun(c.name, *zeros, []),
+                signals[c.user],
             )
         )
     try:
         for i in range(n):
             span = slice(i * fs, (i + 1) * fs)
             for lp in loops:
-                lp.run.mic[span] = signal[span] + lp.echo
+                lp.run.mic[span] = lp.signal[span] + lp.echo
                 mic = lp.run.mic[span]
                 lp.run.heard[span] = mic if lp.canceller is None else lp.canceller.process(mic)
             results = engine.step({lp.session: lp.run.heard[span] for lp in loops})
@@ -397,6 +404,7 @@ class _Loop:
     canceller: EchoCanceller | None
     echo: np.ndarray
     run: LoopRun
+    signal: np.ndarray
 
 
 def held_out_user(requests: int, seed: int, sample_rate: int) -> tuple[np.ndarray, list[str], str]:
