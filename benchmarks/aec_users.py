@@ -20,7 +20,8 @@ gets the same sessions, all batched in one engine (echo_rig.talk_over_echo):
 
 WER is pooled (all users' word errors over all their words), and the differences from clean
 come with a 90% interval from resampling users (bootstrap, 2,000 draws). The target: echo +
-AEC within 5 points of clean.
+AEC within 5 points of clean. `--stages` runs clean and the chain one stage at a time instead
+(which stage costs the transcript).
 
     PYTHONPATH=. .venv/bin/python benchmarks/aec_users.py [--users 12] [--requests 4]
 
@@ -38,21 +39,34 @@ import numpy as np
 
 OUT = Path(__file__).resolve().parent / "results"
 KINDS = ("clean", "clean, seed 1", "echo + AEC", "chain, no echo", "echo, no AEC")
+# --stages: the chain without echo, one stage at a time (which one costs the transcript).
+STAGES = {
+    "no echo, AEC only": dict(noise_suppression=False, high_pass=False),
+    "no echo, NS only": dict(aec=False, high_pass=False),
+    "no echo, high-pass only": dict(aec=False, noise_suppression=False),
+    "no echo, chain less NS": dict(noise_suppression=False),
+    "echo, AEC + high-pass, no NS": dict(noise_suppression=False),
+}
 
 
-def conditions_for(users: int) -> list:
+def conditions_for(users: int, kinds: tuple[str, ...]) -> list:
     from duplex.streamer.echo import EchoSettings
     from duplex.streamer.echo_rig import EchoCondition
 
+    base = {
+        "clean": (False, None, 0),
+        "clean, seed 1": (False, None, 1),
+        "echo + AEC": (True, EchoSettings(), 0),
+        "chain, no echo": (False, EchoSettings(), 0),
+        "echo, no AEC": (True, None, 0),
+    }
+    for name, kw in STAGES.items():
+        base[name] = (name.startswith("echo"), EchoSettings(**kw), 0)
     out = []
     for u in range(users):
-        out += [
-            EchoCondition(f"clean/{u}", echo=False, settings=None, seed=0, user=u),
-            EchoCondition(f"clean, seed 1/{u}", echo=False, settings=None, seed=1, user=u),
-            EchoCondition(f"echo + AEC/{u}", echo=True, settings=EchoSettings(), seed=0, user=u),
-            EchoCondition(f"chain, no echo/{u}", False, EchoSettings(), seed=0, user=u),
-            EchoCondition(f"echo, no AEC/{u}", echo=True, settings=None, seed=0, user=u),
-        ]
+        for k in kinds:
+            echo, settings, seed = base[k]
+            out.append(EchoCondition(f"{k}/{u}", echo, settings, seed=seed, user=u))
     return out
 
 
@@ -73,7 +87,7 @@ def interval(errors: dict[str, np.ndarray], words: np.ndarray, kind: str, draws:
     return round(diff, 1), round(float(lo), 1), round(float(hi), 1)
 
 
-def run(users: int, requests: int, first_seed: int) -> dict:
+def run(users: int, requests: int, first_seed: int, kinds: tuple[str, ...] = KINDS) -> dict:
     import torch
 
     from duplex import codecs
@@ -92,23 +106,23 @@ def run(users: int, requests: int, first_seed: int) -> dict:
         voices.append(audio)
         refs.append(words)
         names.append(voice)
-    conditions = conditions_for(users)
+    conditions = conditions_for(users, kinds)
     t0 = time.perf_counter()
     with Engine(duplex_lm.load("default"), codec, slots=len(conditions)) as engine:
         runs = talk_over_echo(engine, voices, conditions, delay_s=0.1)
     wall = time.perf_counter() - t0
-    errors = {k: np.zeros(users, np.int64) for k in KINDS}
+    errors = {k: np.zeros(users, np.int64) for k in kinds}
     per_user = []
     for u in range(users):
         row = {"user_seed": first_seed + u, "voice": names[u], "words": len(refs[u])}
-        for k in KINDS:
+        for k in kinds:
             hyp = D.normalize(decode_ids(runs[f"{k}/{u}"].user_ids)).split()
             errors[k][u] = word_errors(refs[u], hyp)
             row[k] = {"errors": int(errors[k][u]), "transcript": " ".join(hyp)}
         per_user.append(row)
     words = np.array([len(r) for r in refs])
-    summary = {k: round(100 * pooled(errors[k], words), 1) for k in KINDS}
-    diffs = {k: interval(errors, words, k) for k in KINDS if k != "clean"}
+    summary = {k: round(100 * pooled(errors[k], words), 1) for k in kinds}
+    diffs = {k: interval(errors, words, k) for k in kinds if k != "clean"}
     return {
         "users": users,
         "requests_per_user": requests,
@@ -129,14 +143,14 @@ def report(result: dict) -> None:
         f"{result['users']} held-out users, {result['words']} words, {result['audio_s']} s of "
         f"speech, {result['sessions']} sessions batched, {result['wall_s']} s"
     )
-    print(f"{'session':18s} {'pooled WER':>10s} {'- clean':>8s} {'90% interval':>16s}")
-    for k in KINDS:
+    print(f"{'session':30s} {'pooled WER':>10s} {'- clean':>8s} {'90% interval':>16s}")
+    for k in result["pooled_wer_pct"]:
         wer = result["pooled_wer_pct"][k]
         if k == "clean":
-            print(f"{k:18s} {wer:9.1f}% {'':>8s}")
+            print(f"{k:30s} {wer:9.1f}% {'':>8s}")
             continue
         d, lo, hi = result["minus_clean_points_90pct"][k]
-        print(f"{k:18s} {wer:9.1f}% {d:+8.1f} {f'[{lo:+.1f}, {hi:+.1f}]':>16s}")
+        print(f"{k:30s} {wer:9.1f}% {d:+8.1f} {f'[{lo:+.1f}, {hi:+.1f}]':>16s}")
 
 
 def plot(result: dict, path: Path) -> None:
@@ -146,9 +160,10 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     users = result["per_user"]
-    wer = {k: [100 * u[k]["errors"] / max(1, u["words"]) for u in users] for k in KINDS}
+    kinds = list(result["pooled_wer_pct"])
+    wer = {k: [100 * u[k]["errors"] / max(1, u["words"]) for u in users] for k in kinds}
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for k, m in zip(KINDS[1:], ("o", "s", "^", "x"), strict=True):
+    for k, m in zip(kinds[1:], "os^xvD<>", strict=False):
         ax.scatter(wer["clean"], wer[k], marker=m, label=k)
     top = max(max(v) for v in wer.values()) + 5
     ax.plot([0, top], [0, top], color="grey", lw=0.8)
@@ -166,9 +181,17 @@ def main() -> None:
     p.add_argument("--users", type=int, default=12, help="held-out users (12)")
     p.add_argument("--requests", type=int, default=4, help="requests per user (4)")
     p.add_argument("--user-seed", type=int, default=1015, help="the first user's seed (1015)")
-    p.add_argument("--out", default=str(OUT / "aec_transcript_users.json"))
+    p.add_argument(
+        "--stages",
+        action="store_true",
+        help="instead: clean and the chain without echo one stage at a time (which one costs)",
+    )
+    p.add_argument("--out", help="results file (aec_transcript_users.json, with --stages _stages)")
     args = p.parse_args()
-    result = run(args.users, args.requests, args.user_seed)
+    kinds = ("clean", *STAGES) if args.stages else KINDS
+    name = "aec_transcript_users_stages.json" if args.stages else "aec_transcript_users.json"
+    args.out = args.out or str(OUT / name)
+    result = run(args.users, args.requests, args.user_seed, kinds)
     report(result)
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=1))

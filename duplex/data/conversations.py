@@ -33,6 +33,8 @@ from pathlib import Path
 import numpy as np
 
 from duplex.data import dialogue as G
+from duplex.data.channel import Channel
+from duplex.data.channel import apply as apply_channel
 from duplex.data.speech import Voice
 from duplex.model.tokenizer import EOT, PAD
 
@@ -61,6 +63,8 @@ class ShardSpec:
     minutes: float
     codec: str
     max_turns: int = 200
+    # Probability that a conversation's microphone goes through a random channel (channel.py).
+    channel: float = 0.0
 
     @property
     def name(self) -> str:
@@ -74,6 +78,7 @@ def plan(
     codec: str,
     shard_minutes: float = 20.0,
     max_turns: int = 200,
+    channel: float = 0.0,
 ) -> list[ShardSpec]:
     """The shards that make `hours` of each stage (each rounded up to whole shards)."""
     specs = []
@@ -84,7 +89,7 @@ def plan(
         for i in range(n):
             minutes = min(shard_minutes, h * 60 - i * shard_minutes)
             seed_i = shard_seed(seed, stage, split, i)
-            specs.append(ShardSpec(stage, split, i, seed_i, minutes, codec, max_turns))
+            specs.append(ShardSpec(stage, split, i, seed_i, minutes, codec, max_turns, channel))
     return specs
 
 
@@ -142,16 +147,23 @@ def make_shard(spec: ShardSpec, out_dir: Path, codec=None) -> dict:
     torch.set_num_threads(1)
     codec = codec or codecs.load(spec.codec)
     rng = np.random.default_rng(spec.seed)
+    # The channel's draws come from their own generator: a corpus without channels is the
+    # same, conversation for conversation, as one made before channels existed.
+    channel_rng = np.random.default_rng([spec.seed, 1])
     bank = G.WordBank(codec.sample_rate)
     user_parts, model_parts, records, offsets = [], [], [], [0]
     seconds = 0.0
     while seconds < spec.minutes * 60:
         d = G.generate(spec.stage, rng, bank, spec.split, spec.max_turns)
+        ch = Channel.off()
+        if spec.channel > 0 and channel_rng.random() < spec.channel:
+            ch = Channel.random(channel_rng)
+            d.user = apply_channel(d.user, d.model, codec.sample_rate, ch)
         codes = encode_tracks(codec, np.stack([d.user, d.model]))
         user_parts.append(codes[0])
         model_parts.append(codes[1])
         offsets.append(offsets[-1] + codes.shape[1])
-        records.append(dialogue_record(d, codec.frame_rate))
+        records.append({**dialogue_record(d, codec.frame_rate), "channel": ch.as_dict()})
         seconds += d.duration
     meta = {
         "version": VERSION,
@@ -291,6 +303,7 @@ def build(
     shard_minutes: float = 20.0,
     max_turns: int = 200,
     progress: bool = True,
+    channel: float = 0.0,
 ) -> dict:
     """Make (or finish) a corpus in `out_dir`; returns the manifest."""
     from tqdm import tqdm
@@ -298,16 +311,21 @@ def build(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out)
-    for k, v in (("seed", seed), ("codec", codec)):
-        if manifest.get(k, v) != v:
+    made = {"seed": seed, "codec": codec, "channel": channel}
+    if manifest.get("shards"):
+        made["channel"] = manifest.get("channel", 0.0)
+    for k, v in (("seed", seed), ("codec", codec), ("channel", channel)):
+        if made[k] != v or manifest.get(k, v) != v:
             raise ValueError(
-                f"{out} holds a corpus made with {k}={manifest[k]!r}, not {v!r}: "
+                f"{out} holds a corpus made with {k}={manifest.get(k, made[k])!r}, not {v!r}: "
                 "use another --out or the same settings"
             )
     manifest.update({"version": VERSION, "seed": seed, "codec": codec})
+    if channel > 0:
+        manifest["channel"] = channel
     for p in out.glob(".*.tmp-*"):
         p.unlink()
-    specs = plan(hours, split, seed, codec, shard_minutes, max_turns)
+    specs = plan(hours, split, seed, codec, shard_minutes, max_turns, channel)
     done = {e["file"] for e in manifest["shards"]}
     todo = []
     for s in specs:
@@ -450,6 +468,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes (one core each)")
     p.add_argument("--shard-minutes", type=float, default=20.0, help="audio per shard (20)")
     p.add_argument("--max-turns", type=int, default=200, help="longest conversation (200)")
+    p.add_argument(
+        "--channel",
+        type=float,
+        default=0.0,
+        metavar="P",
+        help="probability that a conversation's microphone goes through a random channel: "
+        "band, tilt, and the echo canceller's chain with or without the model's echo "
+        "(duplex.data.channel; default 0, the corpus as before)",
+    )
     p.add_argument("--stats", type=Path, metavar="DIR", help="print a corpus's table and exit")
 
 
@@ -473,6 +500,7 @@ def run(args: argparse.Namespace) -> int:
             args.workers,
             args.shard_minutes,
             args.max_turns,
+            channel=args.channel,
         )
     except (ValueError, RuntimeError) as e:
         print(f"duplex data conversations: {e}", file=sys.stderr)

@@ -201,6 +201,8 @@ class EchoStatus:
             line += " · converging (mic held)"
         elif self.hold == "gave up":
             line += " · not converged"
+        elif self.hold == "no echo":
+            line += " · no echo heard"
         return line
 
     def as_dict(self) -> dict:
@@ -382,11 +384,14 @@ class EchoCanceller:
 
     @property
     def hold_state(self) -> str:
-        """off (no hold configured), holding (not converged yet), converged or gave up."""
+        """off (no hold configured), holding (not converged yet), converged, no echo (nothing
+        came back while the far end played) or gave up."""
         if self.hold is None:
             return "off"
         if self.hold.converged:
             return "converged"
+        if self.hold.no_echo:
+            return "no echo"
         return "gave up" if self.hold.gave_up else "holding"
 
     def _measure(self, near: np.ndarray, out: np.ndarray, far: np.ndarray) -> None:

@@ -67,6 +67,39 @@ def test_unconverged_while_the_far_end_plays_the_mic_is_held_then_released() -> 
     assert status.line().endswith("· not converged")
 
 
+def test_no_echo_at_all_releases_the_hold_and_a_barge_in_is_heard() -> None:
+    """Headphones: the far end plays and nothing comes back. After 1.5 s of playing the hold is
+    off ("no echo"), so the user who talks over the model at 2 s is heard as without the hold
+    (before, the hold muted the first 5 s of the model's speech)."""
+    far = _speechlike(4.0, 2)
+    near = np.zeros_like(far)
+    near[2 * SR :] = _speechlike(2.0, 3)
+    ec = EchoCanceller(SR, EchoSettings(), initial_delay_s=0.05)
+    free = EchoCanceller(SR, EchoSettings(hold_until_converged=False), initial_delay_s=0.05)
+    a, b = _run(ec, far, near), _run(free, far, near)
+    late = slice(2 * SR, 4 * SR)
+    assert np.array_equal(a[late], b[late])
+    status = ec.status()
+    # Held while it listened for an echo (a silent microphone: nothing lost), not longer.
+    assert status.hold == "no echo" and status.held_s <= 1.55, status
+    assert status.line().endswith("· no echo heard")
+
+
+def test_a_long_or_faint_echo_is_not_taken_for_no_echo() -> None:
+    """The test must not release the hold on a real echo: one 0.9 s late (the longest path
+    searched is 1 s) and one 30 dB down both keep it holding through their first 3 s."""
+    from duplex.streamer.echo_rig import Room, room_response
+
+    far = _speechlike(3.0, 2)
+    for delay, gain in ((0.9, 0.5), (0.1, 0.03)):
+        room = Room(SR, delay, room_response(SR))
+        near = np.concatenate([gain * room(far[k : k + CHUNK]) for k in range(0, far.size, CHUNK)])
+        hold = ConvergenceHold(SR, CHUNK, limit_s=10.0)
+        ec = EchoCanceller(SR, EchoSettings(), initial_delay_s=0.05, hold=hold)
+        _run(ec, far, near.astype(np.float32))
+        assert not hold.no_echo, (delay, gain)
+
+
 def test_a_restart_starts_from_the_delay_measured_before() -> None:
     """New streams (PortAudio reopened): the delay is PortAudio's new figure plus the excess the
     measurement found over the old one, not PortAudio's figure alone; the hold waits for the
