@@ -87,7 +87,13 @@ def interval(errors: dict[str, np.ndarray], words: np.ndarray, kind: str, draws:
     return round(diff, 1), round(float(lo), 1), round(float(hi), 1)
 
 
-def run(users: int, requests: int, first_seed: int, kinds: tuple[str, ...] = KINDS) -> dict:
+def run(
+    users: int,
+    requests: int,
+    first_seed: int,
+    kinds: tuple[str, ...] = KINDS,
+    model: str = "default",
+) -> dict:
     import torch
 
     from duplex import codecs
@@ -108,7 +114,7 @@ def run(users: int, requests: int, first_seed: int, kinds: tuple[str, ...] = KIN
         names.append(voice)
     conditions = conditions_for(users, kinds)
     t0 = time.perf_counter()
-    with Engine(duplex_lm.load("default"), codec, slots=len(conditions)) as engine:
+    with Engine(duplex_lm.load(model), codec, slots=len(conditions)) as engine:
         runs = talk_over_echo(engine, voices, conditions, delay_s=0.1)
     wall = time.perf_counter() - t0
     errors = {k: np.zeros(users, np.int64) for k in kinds}
@@ -124,6 +130,7 @@ def run(users: int, requests: int, first_seed: int, kinds: tuple[str, ...] = KIN
     summary = {k: round(100 * pooled(errors[k], words), 1) for k in kinds}
     diffs = {k: interval(errors, words, k) for k in kinds if k != "clean"}
     return {
+        "model": model,
         "users": users,
         "requests_per_user": requests,
         "first_user_seed": first_seed,
@@ -181,6 +188,7 @@ def main() -> None:
     p.add_argument("--users", type=int, default=12, help="held-out users (12)")
     p.add_argument("--requests", type=int, default=4, help="requests per user (4)")
     p.add_argument("--user-seed", type=int, default=1015, help="the first user's seed (1015)")
+    p.add_argument("--model", default="default", help="model name or .safetensors (default)")
     p.add_argument(
         "--stages",
         action="store_true",
@@ -191,7 +199,7 @@ def main() -> None:
     kinds = ("clean", *STAGES) if args.stages else KINDS
     name = "aec_transcript_users_stages.json" if args.stages else "aec_transcript_users.json"
     args.out = args.out or str(OUT / name)
-    result = run(args.users, args.requests, args.user_seed, kinds)
+    result = run(args.users, args.requests, args.user_seed, kinds, args.model)
     report(result)
     out = Path(args.out)
     out.write_text(json.dumps(result, indent=1))

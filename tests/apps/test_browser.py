@@ -98,7 +98,7 @@ async def test_page_talks_types_saves_and_loads(parts) -> None:
         )
         # The model hears the spoken request (its transcript of the user) and answers in words.
         await page.until("duplex.userText.trim().length > 3", 60, "the user's transcript")
-        await page.until("duplex.modelText.trim().length > 3", 90, "the model's words")
+        await page.until("duplex.modelText.trim().length > 3", 150, "the model's words")
         assert conn.lane.dropped == 0
         assert await page.js(text("model-text")) == await page.js("duplex.modelText")
         # Typed text reaches the model: the server says at which frame it enters, and it comes
