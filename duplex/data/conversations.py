@@ -147,8 +147,7 @@ def make_shard(spec: ShardSpec, out_dir: Path, codec=None) -> dict:
     torch.set_num_threads(1)
     codec = codec or codecs.load(spec.codec)
     rng = np.random.default_rng(spec.seed)
-    # The channel's draws come from their own generator: a corpus without channels is the
-    # same, conversation for conversation, as one made before channels existed.
+    # Channels draw from their own generator: a corpus without them is as it was before.
     channel_rng = np.random.default_rng([spec.seed, 1])
     bank = G.WordBank(codec.sample_rate)
     user_parts, model_parts, records, offsets = [], [], [], [0]
@@ -311,18 +310,18 @@ def build(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out)
-    made = {"seed": seed, "codec": codec, "channel": channel}
-    if manifest.get("shards"):
-        made["channel"] = manifest.get("channel", 0.0)
-    for k, v in (("seed", seed), ("codec", codec), ("channel", channel)):
-        if made[k] != v or manifest.get(k, v) != v:
+    want = {"seed": seed, "codec": codec, "channel": channel}
+    had = {k: manifest.get(k, v) for k, v in want.items()}
+    if manifest.get("shards") and "channel" not in manifest:
+        had["channel"] = 0.0
+    for k, v in want.items():
+        if had[k] != v:
             raise ValueError(
-                f"{out} holds a corpus made with {k}={manifest.get(k, made[k])!r}, not {v!r}: "
+                f"{out} holds a corpus made with {k}={had[k]!r}, not {v!r}: "
                 "use another --out or the same settings"
             )
     manifest.update({"version": VERSION, "seed": seed, "codec": codec})
-    if channel > 0:
-        manifest["channel"] = channel
+    manifest.update({"channel": channel} if channel > 0 else {})
     for p in out.glob(".*.tmp-*"):
         p.unlink()
     specs = plan(hours, split, seed, codec, shard_minutes, max_turns, channel)
@@ -468,15 +467,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=1, help="processes (one core each)")
     p.add_argument("--shard-minutes", type=float, default=20.0, help="audio per shard (20)")
     p.add_argument("--max-turns", type=int, default=200, help="longest conversation (200)")
-    p.add_argument(
-        "--channel",
-        type=float,
-        default=0.0,
-        metavar="P",
-        help="probability that a conversation's microphone goes through a random channel: "
-        "band, tilt, and the echo canceller's chain with or without the model's echo "
-        "(duplex.data.channel; default 0, the corpus as before)",
-    )
+    p.add_argument("--channel", type=float, default=0.0, help="share through a random mic (0)")
     p.add_argument("--stats", type=Path, metavar="DIR", help="print a corpus's table and exit")
 
 
