@@ -54,6 +54,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="start from these weights (.safetensors of a model whose config differs from "
         "--config only by added modules, e.g. a depth model; those start at their init)",
     )
+    p.add_argument(
+        "--swa-window",
+        type=int,
+        help="override the config's sliding-window attention span in frames (e.g. 256: the "
+        "model sees the user's words while it answers them; warm starts keep every weight)",
+    )
     p.add_argument("--steps", type=int, default=20_000, help="schedule length (20000)")
     p.add_argument("--batch-size", type=int, default=8, help="global batch, crops (8)")
     p.add_argument("--seq-len", type=int, default=400, help="frames per crop (400 = 8 s)")
@@ -140,9 +146,13 @@ def run(args: argparse.Namespace) -> int:
             f"{sorted(duplex_lm.CONFIGS)}"
         )
         return 2
-    model = duplex_lm.DuplexLM(
-        duplex_lm.DuplexConfig.from_dict(duplex_lm.CONFIGS[args.config].to_dict())
-    )
+    mcfg = duplex_lm.DuplexConfig.from_dict(duplex_lm.CONFIGS[args.config].to_dict())
+    if args.swa_window is not None:
+        if args.swa_window < 1:
+            print(f"duplex train duplex: --swa-window must be >= 1, not {args.swa_window}")
+            return 2
+        mcfg.backbone.swa_window = args.swa_window
+    model = duplex_lm.DuplexLM(mcfg)
     if args.init is not None:
         try:
             fresh = duplex_lm.warm_start(model, args.init)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from duplex.data import conversations as C
 from duplex.model import duplex_lm
 
@@ -61,3 +63,32 @@ def test_train_command_learns_and_resumes(tmp_path):
         )
         == 2
     )
+
+
+def test_swa_window_override_warm_starts_every_weight(tmp_path):
+    """--swa-window widens the attention span of a warm-started model: the weights carry over
+    (nothing is re-initialised), the saved config keeps the new span, and the span streams."""
+    from duplex.apps.cli import main
+
+    corpus = tmp_path / "corpus"
+    C.build(corpus, {"pairs": 0.004}, seed=3, shard_minutes=0.25, progress=False)
+    base = duplex_lm.load("tiny")
+    with torch.no_grad():
+        # A mark no fresh initialisation has: the trained model must start from it.
+        base.backbone.embed.weight.add_(5.0)
+    duplex_lm.save(base, tmp_path / "base.safetensors")
+    assert base.cfg.backbone.swa_window == 32
+    common = ["train", "duplex", "--corpus", str(corpus), "--config", "tiny"]
+    common += ["--init", str(tmp_path / "base.safetensors"), "--batch-size", "2"]
+    common += ["--seq-len", "48", "--threads", "1", "--steps", "3", "--warmup", "1"]
+    common += ["--no-progress"]
+    run = tmp_path / "run"
+    assert main([*common, "--out", str(run), "--swa-window", "96"]) == 0
+    model = duplex_lm.load(run / "model.safetensors")
+    assert model.cfg.backbone.swa_window == 96
+    spans = [b.window for b in model.backbone.blocks if getattr(b, "window", None)]
+    assert spans == [96]
+    emb, start = model.backbone.embed.weight, base.backbone.embed.weight
+    # Three small steps moved the marked table a little from where it was loaded.
+    assert not emb.equal(start) and (emb - start).abs().max() < 0.5
+    assert main([*common, "--out", str(tmp_path / "bad"), "--swa-window", "0"]) == 2
