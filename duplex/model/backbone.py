@@ -23,7 +23,7 @@ from duplex.model.gwa import GuidedWindowAttention, GWAConfig, GWAReadConfig, Wi
 from duplex.model.tensor_cache import constant
 from duplex.streaming import StreamingModule, StreamState, keep_masked
 
-BLOCK_KINDS = ("gdn", "gwa", "swa", "attn", "mlp")
+BLOCK_KINDS = ("gdn", "gwa", "swa", "attn", "txa", "mlp")
 
 
 @dataclass
@@ -41,6 +41,8 @@ class BackboneConfig:
     attn_heads: int = 2
     attn_head_dim: int = 32
     swa_window: int = 64
+    # "txa" blocks attend to this many of the last frames whose id is text (not read.skip_id).
+    txa_window: int = 64
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     read: GWAReadConfig = field(default_factory=GWAReadConfig)
@@ -227,6 +229,8 @@ class Backbone(StreamingModule):
         self.embed = nn.Embedding(cfg.vocab_size, d)
         nn.init.normal_(self.embed.weight, std=d**-0.5)
         self.reader = WindowReader(cfg.read) if "gwa" in cfg.layers else None
+        if "txa" in cfg.layers and cfg.read.skip_id < 0:
+            raise ValueError("txa blocks need read.skip_id, the id of frames without text")
         self.norms = nn.ModuleList()
         self.blocks = nn.ModuleList()
         for kind in cfg.layers:
@@ -236,6 +240,14 @@ class Backbone(StreamingModule):
             elif kind == "gwa":
                 self.blocks.append(
                     GuidedWindowAttention(GWAConfig(d, cfg.gwa_heads, cfg.gwa_head_dim), cfg.read)
+                )
+            elif kind == "txa":
+                from duplex.model.text_attention import TextAttention
+
+                self.blocks.append(
+                    TextAttention(
+                        d, cfg.attn_heads, cfg.attn_head_dim, cfg.txa_window, cfg.rope_base
+                    )
                 )
             elif kind in ("swa", "attn"):
                 win = cfg.swa_window if kind == "swa" else None
@@ -254,9 +266,15 @@ class Backbone(StreamingModule):
         if extra is not None:
             # Other streams' embeddings (the duplex model's audio), summed per position.
             x = x + extra
+        is_text = ids != self.cfg.read.skip_id
         for kind, norm, block in zip(self.cfg.layers, self.norms, self.blocks, strict=True):
             h = norm(x)
-            x = x + block(h, read, self.embed.weight) if kind == "gwa" else x + block(h)
+            if kind == "gwa":
+                x = x + block(h, read, self.embed.weight)
+            elif kind == "txa":
+                x = x + block(h, is_text)
+            else:
+                x = x + block(h)
         return self.final_norm(x)
 
     def forward(

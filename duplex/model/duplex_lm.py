@@ -10,15 +10,10 @@ Streams at frame t (layout in docs/streams.md):
 - user text    x[t]: a transcript of the user, lagging their speech by a few frames; the model
                predicts it, or the user types it (then the typed bytes are the input)
 
-The input at step t is the user's audio of frame t plus the model's own previous tokens
-(ad[t-1], m[t-1], x[t-1]); the outputs are logits for ad[t], m[t] and x[t]. All input embeddings
-are summed per frame. With a depth model (`depth_hidden > 0`) the K codebooks of a step are drawn
-in order, each seeing the ones drawn before it in the same step (`AudioDepth`), instead of all K
-independently from one hidden state.
-
-The backbone's id stream (its guided-window log) is the merged text of the frame: the model's
-byte if any, else the user's byte (offset by the text vocabulary unless `shared_text_ids`), else
-PAD, so recall works over everything either side said.
+Step t inputs u[t] and the model's previous tokens (ad[t-1], m[t-1], x[t-1]), embeddings
+summed; it outputs logits for ad[t], m[t], x[t]. A depth model draws the K codebooks in order,
+each seeing those drawn before. The backbone's id stream (its guided-window log) is the frame's
+merged text: the model's byte, else the user's (+ Vt unless `shared_text_ids`), else PAD.
 """
 
 from __future__ import annotations
@@ -168,6 +163,11 @@ _register(
         backbone=copy.deepcopy(CONFIGS["small"].backbone),
     ),
 )
+
+
+# `talk` + a copy path appended (text attention over 64 text frames): `talk` warm-starts it.
+_register("talk-copy", copy.deepcopy(CONFIGS["talk"]))
+CONFIGS["talk-copy"].backbone.layers += ("txa", "mlp")
 
 
 def delay_audio(a: torch.Tensor, delay: int, pad: int) -> torch.Tensor:
