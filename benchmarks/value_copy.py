@@ -108,7 +108,9 @@ def main() -> None:
         print(f"{Path(m).parent.name + '/' + Path(m).name if '/' in m else m:40.40s} {cells}")
     OUT.mkdir(parents=True, exist_ok=True)
     out = OUT / "value_copy.json"
-    out.write_text(json.dumps({"corpus": str(args.corpus), "crops": args.crops, "models": results}, indent=1))
+    out.write_text(
+        json.dumps({"corpus": str(args.corpus), "crops": args.crops, "models": results}, indent=1)
+    )
     print(f"[value_copy] {out}")
 
 
