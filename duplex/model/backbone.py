@@ -40,9 +40,9 @@ class BackboneConfig:
     gwa_head_dim: int = 32
     attn_heads: int = 2
     attn_head_dim: int = 32
+    # Sliding windows: "swa" over the last swa_window frames, "txa" over the last swa_window
+    # frames whose id is text (not read.skip_id).
     swa_window: int = 64
-    # "txa" blocks attend to this many of the last frames whose id is text (not read.skip_id).
-    txa_window: int = 64
     rope_base: float = 10000.0
     norm_eps: float = 1e-5
     read: GWAReadConfig = field(default_factory=GWAReadConfig)
@@ -246,7 +246,7 @@ class Backbone(StreamingModule):
 
                 self.blocks.append(
                     TextAttention(
-                        d, cfg.attn_heads, cfg.attn_head_dim, cfg.txa_window, cfg.rope_base
+                        d, cfg.attn_heads, cfg.attn_head_dim, cfg.swa_window, cfg.rope_base
                     )
                 )
             elif kind in ("swa", "attn"):

@@ -165,7 +165,7 @@ _register(
 )
 
 
-# `talk` + a copy path appended (text attention over 64 text frames): `talk` warm-starts it.
+# `talk` + a copy path appended (attention over 64 text frames): `talk` warm-starts it.
 _register("talk-copy", copy.deepcopy(CONFIGS["talk"]))
 CONFIGS["talk-copy"].backbone.layers += ("txa", "mlp")
 

@@ -123,7 +123,7 @@ def test_exec_mask_freezes_a_row_and_gradients_reach_the_weights():
 
 def test_backbone_with_a_text_attention_block_streams_like_its_parallel_form():
     cfg = BackboneConfig(vocab_size=20, d_model=D_MODEL, layers=("gdn", "txa", "mlp"))
-    cfg.txa_window = 4
+    cfg.swa_window = 4
     with pytest.raises(ValueError, match="skip_id"):
         Backbone(cfg)
     cfg.read.skip_id = 0
@@ -158,7 +158,7 @@ def test_duplex_model_with_text_attention_streams_and_saves_its_rows():
             gdn_head_dim=16,
             attn_heads=2,
             attn_head_dim=16,
-            txa_window=5,
+            swa_window=5,
         ),
     )
     m = DuplexLM(cfg).double().eval()
