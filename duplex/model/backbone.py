@@ -156,6 +156,16 @@ class Attention(StreamingModule):
             pos=torch.zeros(batch_size, dtype=torch.long, device=w.device),
         )
 
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor
+    ) -> torch.Tensor:
+        """q [B, T, H, D], k and v [B, S, H, D], allowed [B, T, S] -> output [B, T, d]."""
+        B, T, H, D = q.shape
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed[:, None]
+        ).transpose(1, 2)
+        return self.out(o.reshape(B, T, H * D))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, d] -> [B, T, d]; continues from the streaming state when streaming."""
         B, T, _ = x.shape
@@ -175,13 +185,7 @@ class Attention(StreamingModule):
         allowed = (all_pos[:, None, :] >= 0) & (rel >= 0)
         if self.window is not None:
             allowed &= rel < self.window
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            all_k.transpose(1, 2),
-            all_v.transpose(1, 2),
-            attn_mask=allowed[:, None],
-        ).transpose(1, 2)
-        y = self.out(o.reshape(B, T, H * D))
+        y = self.attend(q, all_k, all_v, allowed)
         if self.is_streaming:
             keep = all_k.shape[1] if self.window is None else self.window - 1
             if self.window is None and not bool(st.exec_mask.all()):
@@ -266,7 +270,8 @@ class Backbone(StreamingModule):
         if extra is not None:
             # Other streams' embeddings (the duplex model's audio), summed per position.
             x = x + extra
-        is_text = ids != self.cfg.read.skip_id
+        # Only txa blocks need it: no extra op in every other model's step.
+        is_text = ids != self.cfg.read.skip_id if "txa" in self.cfg.layers else None
         for kind, norm, block in zip(self.cfg.layers, self.norms, self.blocks, strict=True):
             h = norm(x)
             if kind == "gwa":

@@ -12,35 +12,19 @@ is not remembered. State per stream: `window - 1` keys, fixed, as the sliding wi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from duplex.model.backbone import AttentionState, rope, rope_angles
-from duplex.streaming import StreamingModule, keep_masked
+from duplex.model.backbone import Attention, AttentionState, rope, rope_angles
+from duplex.streaming import keep_masked
 
 
-class TextAttention(StreamingModule):
-    """Causal multi-head attention with RoPE over the last `window` text frames."""
+class TextAttention(Attention):
+    """Causal multi-head attention with RoPE over the last `window` text frames (the sliding
+    window's projections and state, other keys)."""
 
     def __init__(self, d: int, n_heads: int, head_dim: int, window: int, base: float) -> None:
-        super().__init__()
         if window < 1:
             raise ValueError("text attention needs window >= 1")
-        self.n_heads, self.head_dim, self.window, self.base = n_heads, head_dim, window, base
-        self.qkv = nn.Linear(d, 3 * n_heads * head_dim, bias=False)
-        self.out = nn.Linear(n_heads * head_dim, d, bias=False)
-
-    def init_state(self, batch_size: int) -> AttentionState:
-        w = self.qkv.weight
-        L, H, D = self.window - 1, self.n_heads, self.head_dim
-        return AttentionState(
-            batch_size=batch_size,
-            exec_mask=torch.ones(batch_size, dtype=torch.bool),
-            k=torch.zeros(batch_size, L, H, D, dtype=w.dtype, device=w.device),
-            v=torch.zeros(batch_size, L, H, D, dtype=w.dtype, device=w.device),
-            kpos=torch.full((batch_size, L), -1, dtype=torch.long, device=w.device),
-            pos=torch.zeros(batch_size, dtype=torch.long, device=w.device),
-        )
+        super().__init__(d, n_heads, head_dim, window, base)
 
     def forward(self, x: torch.Tensor, is_text: torch.Tensor) -> torch.Tensor:
         """x [B, T, d], is_text [B, T] bool -> [B, T, d]; continues from the streaming state.
@@ -69,13 +53,7 @@ class TextAttention(StreamingModule):
         causal = kidx[None, :] <= idx[:, None]
         allowed = causal[None] & (all_pos[:, None, :] >= 0) & (rel < self.window)
         allowed |= (kidx[None, :] == idx[:, None])[None]
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2),
-            all_k.transpose(1, 2),
-            all_v.transpose(1, 2),
-            attn_mask=allowed[:, None],
-        ).transpose(1, 2)
-        y = self.out(o.reshape(B, T, H * D))
+        y = self.attend(q, all_k, all_v, allowed)
         if self.is_streaming:
             self._stream_state = self._next_state(st, all_k, all_v, all_pos, is_text)
         return y
