@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -63,10 +64,17 @@ def probe(path: str, corpus: Path, crops: int, seq_len: int) -> dict:
             for r, row in enumerate(batch["model_text"].tolist()):
                 frames = [t for t, x in enumerate(row) if x != PAD and x < 256]
                 text = bytes(row[t] for t in frames).decode("latin-1")
+                urow = batch["user_text"][r].tolist()
                 for cue in CUES:
                     at = text.find(cue)
                     while at >= 0 and at + len(cue) < len(frames):
                         t = frames[at + len(cue)]
+                        word = re.split(r"[ .,?]", text[at + len(cue) :])[0]
+                        heard = bytes(x for x in urow[:t] if x != PAD and x < 256)
+                        # Only values the user said earlier in the crop can be copied.
+                        if not word or word.encode() not in heard:
+                            at = text.find(cue, at + len(cue))
+                            continue
                         st = stats[cue]
                         st["n"] += 1
                         st["argmax"] += int(prob[r, t].argmax() == row[t])

@@ -30,7 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duplex.model.backbone import Backbone, BackboneConfig, RMSNorm, table_offsets
+from duplex.model.audio_depth import AudioDepth
+from duplex.model.backbone import Backbone, BackboneConfig, table_offsets
+from duplex.model.copy_head import CopyHead
 from duplex.model.tokenizer import PAD, VOCAB_SIZE
 from duplex.streaming import StreamingModule
 
@@ -71,6 +73,9 @@ class DuplexConfig:
     # Training only: the fraction of the model's own fed-back audio codes replaced by random
     # codes, so it learns to continue from inputs that are not the corpus's (exposure bias).
     audio_input_noise: float = 0.0
+    # Text frames a copy head points over (0: none): the next byte may be the one that followed
+    # an earlier byte, so heard values are repeated rather than guessed (duplex/model/copy_head.py).
+    copy_window: int = 0
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
     def __post_init__(self) -> None:
@@ -85,6 +90,8 @@ class DuplexConfig:
             self.backbone.read.key_modulo = self.text_vocab
         if self.acoustic_delay < 0 or self.transcript_delay < 0 or self.text_lead < 0:
             raise ValueError("delays must be >= 0")
+        if self.copy_window < 0:
+            raise ValueError("copy_window must be >= 0")
         if self.depth_hidden < 0 or not 0.0 <= self.audio_input_noise < 1.0:
             raise ValueError("depth_hidden must be >= 0 and audio_input_noise in [0, 1)")
 
@@ -168,6 +175,8 @@ _register(
 # `talk` + a copy path appended (attention over 64 text frames): `talk` warm-starts it.
 _register("talk-copy", copy.deepcopy(CONFIGS["talk"]))
 CONFIGS["talk-copy"].backbone.layers += ("txa", "mlp")
+# `talk` + a pointer over the last 64 text frames mixed into the text head.
+_register("talk-point", dataclasses.replace(copy.deepcopy(CONFIGS["talk"]), copy_window=64))
 
 
 def delay_audio(a: torch.Tensor, delay: int, pad: int) -> torch.Tensor:
@@ -199,48 +208,6 @@ class StepLogits:
     hidden: torch.Tensor
 
 
-class AudioDepth(nn.Module):
-    """Within one step, codebook k is predicted from the backbone's state plus the codes of
-    codebooks 0..k-1 of the same step, so the codebooks of a frame agree with each other (the
-    residual quantiser's levels depend on each other; independent draws mix voices).
-
-    A cumulative sum of per-codebook code embeddings conditions one shared residual MLP; zero
-    initialised, so a model trained without it starts from exactly its old predictions.
-    """
-
-    def __init__(self, K: int, card: int, d: int, hidden: int) -> None:
-        super().__init__()
-        self.K = K
-        self.code_emb = nn.Parameter(torch.zeros(K - 1, card + 1, d))
-        self.pos = nn.Parameter(torch.zeros(K, d))
-        self.norm = RMSNorm(d)
-        self.up = nn.Linear(d, hidden)
-        self.down = nn.Linear(hidden, d)
-        nn.init.zeros_(self.down.weight)
-        nn.init.zeros_(self.down.bias)
-
-    def _mix(self, u: torch.Tensor) -> torch.Tensor:
-        return u + self.down(F.silu(self.up(self.norm(u))))
-
-    def forward(self, h: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-        """Teacher-forced: h [..., d], codes [..., K] -> per-codebook states [..., K, d]."""
-        n, rows, d = self.code_emb.shape
-        offsets = table_offsets(n, rows, codes.device)
-        # [..., K - 1, d]: embeddings of codebooks 0..K-2, each conditioning the ones after it
-        e = F.embedding(codes[..., :n] + offsets, self.code_emb.reshape(n * rows, d))
-        cond = torch.cat([torch.zeros_like(e[..., :1, :]), e.cumsum(-2)], dim=-2)
-        return self._mix(h[..., None, :] + cond + self.pos)
-
-    def state(self, h: torch.Tensor, cond: torch.Tensor | None, k: int) -> torch.Tensor:
-        """Codebook k's state [B, d] given cond [B, d], the summed embeddings of codes < k
-        (None: no codes before, a zero condition)."""
-        return self._mix((h if cond is None else h + cond) + self.pos[k])
-
-    def embed(self, k: int, code: torch.Tensor) -> torch.Tensor:
-        """Embedding [B, d] of codebook k's code [B], added to the condition of codebooks > k."""
-        return self.code_emb[k][code]
-
-
 class DuplexLM(StreamingModule):
     """The multi-stream model: summed stream embeddings -> backbone -> one head per stream."""
 
@@ -261,6 +228,9 @@ class DuplexLM(StreamingModule):
         self.user_text_head = nn.Linear(d, cfg.text_vocab, bias=False)
         self.audio_head = nn.Linear(d, K * card, bias=False)
         self.depth = AudioDepth(K, card, d, cfg.depth_hidden) if cfg.depth_hidden > 0 else None
+        self.copy = (
+            CopyHead(d, 64, cfg.copy_window, cfg.text_vocab, PAD) if cfg.copy_window else None
+        )
 
     def merged_text(self, text: torch.Tensor, user_text: torch.Tensor) -> torch.Tensor:
         """The backbone's id per frame: model byte, else user byte (+ Vt unless the config
@@ -371,6 +341,8 @@ class DuplexLM(StreamingModule):
         )
         tgt = s["target_audio"]
         logits = self._heads(self.backbone(ids, extra=extra), tgt)
+        if self.copy is not None:
+            logits.text = self.copy(logits.hidden, ids, logits.text)
         w = torch.ones(cfg.text_vocab, device=ids.device, dtype=logits.text.dtype)
         w[PAD] = cfg.text_pad_weight
         loss_text = F.cross_entropy(logits.text.flatten(0, 1), batch["model_text"].flatten(), w)
@@ -409,6 +381,8 @@ class DuplexLM(StreamingModule):
         )
         h = self.backbone.step(ids, extra=extra)
         out = self._heads(h[:, 0], None)
+        if self.copy is not None:
+            out.text = self.copy(h, ids, out.text[:, None])[:, 0]
         if self.cfg.calibrate_pad and self.cfg.text_pad_weight != 1.0:
             shift = -math.log(self.cfg.text_pad_weight)
             out.text[:, PAD] += shift
@@ -417,7 +391,11 @@ class DuplexLM(StreamingModule):
 
     def state_bytes(self) -> int:
         """Fixed streaming state bytes per session (excludes the host-side id log)."""
-        return self.backbone.state_bytes()
+        extra = 0
+        if self.copy is not None:
+            st = self.copy.stream_state if self.copy.is_streaming else self.copy.init_state(1)
+            extra = sum(t[:1].numel() * t.element_size() for _, t in st.tensor_fields())
+        return self.backbone.state_bytes() + extra
 
     def host_bytes(self) -> int:
         reader = self.backbone.reader

@@ -1,0 +1,141 @@
+"""A pointer over recent text: the model's next byte may be copied from what was just said.
+
+Trained models wrote an answer's template and then a wrong first word of the value ("okay, five
+hundred eighty five." after "remember the number eight hundred eighty five"), even with an exact
+transcript of the user; teacher-forced, a heard name's first byte got the prior's probability
+(1 in 31), with a 64- or 256-frame attention span or an extra attention block over text frames.
+Mapping an attended state back to a byte is what such blocks must learn from scarce examples.
+This head does not have to: it points at an earlier text frame and proposes the byte that
+*followed* it (an induction step built in), so learning to copy is learning where to look.
+
+Output distribution of the model's next byte, mixed by a gate g from the hidden state:
+
+    p(byte) = (1 - g) softmax(text logits) + g sum_j a_j [next(j) == byte]
+
+over the last `window` text frames j whose following text frame has been seen, a = softmax of
+q_t . k_j. Text frames are those whose merged id is not PAD, whoever said them (a user's byte is
+offset by the text vocabulary in the log; the pointer copies the byte). Ranks count text frames,
+so the window spans words at any speaking rate. State per stream: `window + 1` keys and ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from duplex.streaming import StreamingModule, StreamState, keep_masked
+
+
+@dataclasses.dataclass
+class CopyState(StreamState):
+    """The last `window + 1` text frames, oldest first (empty slots first, rank 0)."""
+
+    k: torch.Tensor
+    ids: torch.Tensor
+    rank: torch.Tensor
+    count: torch.Tensor
+
+
+class CopyHead(StreamingModule):
+    """Mixes a pointer distribution into the text logits; see the module docstring."""
+
+    def __init__(self, d: int, key_dim: int, window: int, text_vocab: int, skip_id: int) -> None:
+        super().__init__()
+        if window < 1:
+            raise ValueError("the copy head needs window >= 1")
+        self.window, self.key_dim, self.vocab, self.skip_id = window, key_dim, text_vocab, skip_id
+        self.q = nn.Linear(d, key_dim, bias=False)
+        self.k = nn.Linear(d, key_dim, bias=False)
+        # A key also says which byte its frame holds, so "find my last byte" is easy to learn.
+        self.key_byte = nn.Embedding(text_vocab, key_dim)
+        nn.init.normal_(self.key_byte.weight, std=key_dim**-0.5)
+        self.gate = nn.Linear(d, 1)
+        # Starts nearly closed: a warm-started model keeps its predictions until copying pays.
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, -3.0)
+
+    def init_state(self, batch_size: int) -> CopyState:
+        n = self.window + 1
+        w = self.q.weight
+        return CopyState(
+            batch_size=batch_size,
+            exec_mask=torch.ones(batch_size, dtype=torch.bool, device=w.device),
+            k=torch.zeros(batch_size, n, self.key_dim, device=w.device, dtype=w.dtype),
+            ids=torch.zeros(batch_size, n, dtype=torch.long, device=w.device),
+            rank=torch.zeros(batch_size, n, dtype=torch.long, device=w.device),
+            count=torch.zeros(batch_size, dtype=torch.long, device=w.device),
+        )
+
+    def forward(self, h: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """h [B, T, d] hidden states, ids [B, T] the frames' merged ids, logits [B, T, V] of the
+        text head -> log-probabilities [B, T, V] of the mixture; continues the streaming state."""
+        B, T, _ = h.shape
+        V = self.vocab
+        st = self._stream_state if self.is_streaming else self.init_state(B)
+        is_text = ids != self.skip_id
+        byte = ids % V
+        k = self.k(h) + self.key_byte(byte)
+        q = self.q(h)
+        # c: [B, T] rank of the newest text frame at or before t (1-based; 0: none yet)
+        c = st.count[:, None] + torch.cumsum(is_text.long(), dim=1)
+        all_k = torch.cat([st.k, k.to(st.k.dtype)], dim=1)
+        all_ids = torch.cat([st.ids, byte], dim=1)
+        all_rank = torch.cat([st.rank, torch.where(is_text, c, torch.zeros_like(c))], dim=1)
+        n = all_rank.shape[1]
+        # nxt: [B, n] the byte of the text frame after each one (read only where it exists)
+        index = torch.arange(n, device=h.device).expand(B, n)
+        pos = torch.where(all_rank > 0, index, torch.full_like(index, n))
+        later = torch.cat([pos[:, 1:], torch.full_like(pos[:, :1], n)], dim=1)
+        next_pos = later.flip(1).cummin(dim=1).values.flip(1).clamp(max=n - 1)
+        nxt = all_ids.gather(1, next_pos)
+        # valid: [B, T, n] text frames whose successor is seen by t, the last `window` of them
+        r, ct = all_rank[:, None, :], c[:, :, None]
+        valid = (r > 0) & (r < ct) & (r >= ct - self.window)
+        scores = torch.einsum("btd,bnd->btn", q, all_k.to(q.dtype)) * self.key_dim**-0.5
+        scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
+        attn = scores.softmax(-1) * valid
+        # p_copy: [B, T, V] attention summed onto the bytes it proposes
+        p_copy = torch.zeros(B, T, V, device=h.device, dtype=attn.dtype)
+        p_copy.scatter_add_(2, nxt[:, None, :].expand(B, T, n), attn)
+        g = self.gate(h).squeeze(-1).to(logits.dtype)
+        some = valid.any(-1)
+        log_g = torch.where(some, F.logsigmoid(g), torch.full_like(g, float("-inf")))
+        log_keep = torch.where(some, F.logsigmoid(-g), torch.zeros_like(g))
+        out = torch.logaddexp(
+            log_keep[..., None] + logits.log_softmax(-1),
+            log_g[..., None] + p_copy.to(logits.dtype).clamp_min(1e-30).log(),
+        )
+        if self.is_streaming:
+            self._stream_state = self._next_state(st, all_k, all_ids, all_rank, c[:, -1])
+        return out
+
+    def _next_state(
+        self,
+        st: CopyState,
+        all_k: torch.Tensor,
+        all_ids: torch.Tensor,
+        all_rank: torch.Tensor,
+        count: torch.Tensor,
+    ) -> CopyState:
+        """Keep each row's newest `window + 1` text frames, oldest first."""
+        n = all_rank.shape[1]
+        order = torch.arange(n, device=all_rank.device).expand_as(all_rank)
+        score = torch.where(all_rank > 0, order, order - n)
+        keep = score.topk(self.window + 1, dim=1).indices.sort(dim=1).values
+        new_k = all_k.gather(1, keep[:, :, None].expand(-1, -1, self.key_dim))
+        new_ids, new_rank = all_ids.gather(1, keep), all_rank.gather(1, keep)
+        m = st.exec_mask
+        if not bool(m.all()):
+            new_k, new_ids = keep_masked(new_k, st.k, m), keep_masked(new_ids, st.ids, m)
+            new_rank, count = keep_masked(new_rank, st.rank, m), keep_masked(count, st.count, m)
+        return CopyState(
+            batch_size=st.batch_size,
+            exec_mask=m.clone(),
+            k=new_k,
+            ids=new_ids,
+            rank=new_rank,
+            count=count,
+        )

@@ -1,0 +1,222 @@
+"""The copy head: a pointer over recent text frames proposing the byte that followed each."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from duplex.model.copy_head import CopyHead
+
+D, V, SKIP = 24, 50, 0
+
+
+def head(window: int = 5, gate: float = 0.0) -> CopyHead:
+    torch.manual_seed(0)
+    m = CopyHead(D, key_dim=8, window=window, text_vocab=V, skip_id=SKIP).double()
+    torch.nn.init.normal_(m.gate.weight, std=0.3)
+    torch.nn.init.constant_(m.gate.bias, gate)
+    return m
+
+
+def inputs(B: int = 2, T: int = 40, p_text: float = 0.5, seed: int = 1):
+    """Hidden states, merged ids (some offset by V like a user's byte), text-head logits."""
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(B, T, D, generator=g, dtype=torch.float64)
+    ids = torch.randint(1, 2 * V, (B, T), generator=g)
+    ids[torch.rand(B, T, generator=g) >= p_text] = SKIP
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    return h, ids, logits
+
+
+def naive(m: CopyHead, h: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Frame by frame: the text frames seen so far, all but the newest are candidates (the
+    newest `window` of them), each proposing the byte of the text frame after it."""
+    B, T, _ = h.shape
+    out = torch.zeros_like(logits)
+    for b in range(B):
+        texts: list[int] = []
+        for t in range(T):
+            if ids[b, t] != SKIP:
+                texts.append(t)
+            cand = texts[:-1][-m.window :]
+            p = logits[b, t].softmax(-1)
+            if cand:
+                k = m.k(h[b, cand]) + m.key_byte(ids[b, cand] % V)
+                a = (k @ m.q(h[b, t]) / m.key_dim**0.5).softmax(-1)
+                copy = torch.zeros(V, dtype=h.dtype)
+                for i, j in enumerate(cand):
+                    nxt = texts[texts.index(j) + 1]
+                    copy[ids[b, nxt] % V] += a[i]
+                g = torch.sigmoid(m.gate(h[b, t]))[0]
+                p = (1 - g) * p + g * copy
+            out[b, t] = p.clamp_min(1e-300).log()
+    return out
+
+
+def test_parallel_equals_the_naive_definition():
+    m = head()
+    h, ids, logits = inputs()
+    got = m(h, ids, logits)
+    torch.testing.assert_close(got.exp(), naive(m, h, ids, logits).exp())
+    torch.testing.assert_close(got.exp().sum(-1), torch.ones(2, 40, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("chunks", [[1] * 40, [7] * 5 + [5], [3, 11, 1, 19, 6]])
+def test_streamed_equals_parallel(chunks):
+    m = head()
+    h, ids, logits = inputs()
+    full = m(h, ids, logits)
+    outs, t = [], 0
+    with m.streaming(2):
+        for n in chunks:
+            outs.append(m(h[:, t : t + n], ids[:, t : t + n], logits[:, t : t + n]))
+            t += n
+    torch.testing.assert_close(torch.cat(outs, 1), full)
+
+
+def test_a_prefix_gives_a_prefix():
+    m = head()
+    h, ids, logits = inputs()
+    torch.testing.assert_close(m(h[:, :17], ids[:, :17], logits[:, :17]), m(h, ids, logits)[:, :17])
+
+
+def test_it_copies_the_byte_after_a_matching_one():
+    """Keys that are only their byte, a query that asks for the current byte and an open gate:
+    after "...a b c ... a" the next byte is "b", whatever the text logits say."""
+    m = head(window=16, gate=20.0)
+    with torch.no_grad():
+        m.k.weight.zero_()
+        m.q.weight.zero_()
+        m.gate.weight.zero_()
+        m.key_byte.weight.copy_(torch.eye(V, 8, dtype=torch.float64) * 0)
+    seq = [7, 8, 9, 11, 12, 7]
+    T = len(seq)
+    ids = torch.tensor([seq])
+    # The query is the embedding of the frame's own byte, scaled: it matches earlier 7s only.
+    emb = torch.randn(V, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        m.key_byte.weight.copy_(emb)
+    h = torch.zeros(1, T, D, dtype=torch.float64)
+    h[0, :, :8] = emb[ids[0]] * 30.0
+    with torch.no_grad():
+        m.q.weight[:, :8] = torch.eye(8, dtype=torch.float64)
+    logits = torch.zeros(1, T, V, dtype=torch.float64)
+    logits[..., 40] = 10.0
+    out = m(h, ids, logits)
+    assert out[0, -1].argmax() == 8
+    assert out[0, -1].exp()[8] > 0.99
+    # The user's bytes (offset by the vocabulary in the log) are copied as bytes.
+    out_user = m(h, ids + torch.tensor([[V, V, V, 0, 0, 0]]), logits)
+    assert out_user[0, -1].argmax() == 8
+
+
+def test_before_any_candidate_it_is_the_text_head():
+    m = head(gate=5.0)
+    h, ids, logits = inputs(T=6, p_text=1.0)
+    out = m(h, ids, logits)
+    torch.testing.assert_close(out[:, 0], logits[:, 0].log_softmax(-1))
+    assert not torch.allclose(out[:, 1], logits[:, 1].log_softmax(-1))
+
+
+def test_only_the_last_window_text_frames_are_pointed_at():
+    m = head(window=3)
+    h, ids, logits = inputs(B=1, T=30, p_text=1.0)
+    out = m(h, ids, logits)
+    h2 = h.clone()
+    h2[:, :26] += torch.randn_like(h2[:, :26])
+    out2 = m(h2, ids, logits)
+    # Frame 29's candidates are frames 26..28 (the newest, 29, has no successor yet): h of
+    # older frames changes only older rows.
+    torch.testing.assert_close(out[:, 29], out2[:, 29])
+    assert not torch.allclose(out[:, 28], out2[:, 28])
+
+
+def test_exec_mask_freezes_a_row_and_gradients_reach_the_weights():
+    m = head()
+    h, ids, logits = inputs()
+    with m.streaming(2):
+        m(h[:, :10], ids[:, :10], logits[:, :10])
+        before = m.stream_state.clone()
+        m.set_exec_mask(torch.tensor([True, False]))
+        m(h[:, 10:20], ids[:, 10:20], logits[:, 10:20])
+        after = m.stream_state
+        for name, v in after.tensor_fields():
+            torch.testing.assert_close(v[1], getattr(before, name)[1])
+        assert not torch.equal(after.count[0], before.count[0])
+    logits.requires_grad_(True)
+    out = m(h, ids, logits)
+    w = torch.randn(V, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    (out.exp() * w).sum().backward()
+    for p in (m.q.weight, m.k.weight, m.key_byte.weight, m.gate.weight, logits):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_duplex_model_with_a_copy_head_streams_and_saves_its_rows():
+    from duplex.model.backbone import BackboneConfig
+    from duplex.model.duplex_lm import DuplexConfig, DuplexLM
+    from duplex.model.tokenizer import PAD
+
+    torch.manual_seed(0)
+    cfg = DuplexConfig(
+        num_codebooks=2,
+        codebook_size=16,
+        shared_text_ids=True,
+        window_speaker=True,
+        log_text_only=True,
+        copy_window=4,
+        backbone=BackboneConfig(
+            d_model=32, layers=("gdn", "mlp"), gdn_heads=2, gdn_head_dim=16, swa_window=5
+        ),
+    )
+    m = DuplexLM(cfg).double().eval()
+    torch.nn.init.constant_(m.copy.gate.bias, 0.0)
+    g = torch.Generator().manual_seed(4)
+    B, T = 2, 24
+    text = torch.randint(0, 40, (B, T), generator=g)
+    text[torch.rand(B, T, generator=g) < 0.6] = PAD
+    user = torch.randint(0, 40, (B, T), generator=g)
+    user[torch.rand(B, T, generator=g) < 0.6] = PAD
+    b = {
+        "user_audio": torch.randint(0, 16, (B, T, 2), generator=g),
+        "model_audio": torch.randint(0, 16, (B, T, 2), generator=g),
+        "model_text": text,
+        "user_text": user,
+    }
+    logits, losses = m(b)
+    assert torch.isfinite(losses["loss"])
+    s = m.shift_inputs(b)
+
+    def step(t: int, rows=slice(None)):
+        return m.step(
+            b["user_audio"][rows, t],
+            s["prev_audio"][rows, t],
+            s["prev_text"][rows, t],
+            s["prev_user_text"][rows, t],
+        )
+
+    with m.streaming(B):
+        first = [step(t) for t in range(10)]
+        saved = m.save_rows(torch.tensor([1]))
+        rest = [step(t) for t in range(10, T)]
+        assert m.state_bytes() > m.backbone.state_bytes()
+    got = torch.stack([o.text for o in first + rest], 1)
+    torch.testing.assert_close(got, logits.text, rtol=1e-9, atol=1e-9)
+    with m.streaming(1):
+        m.load_rows(torch.tensor([0]), *saved)
+        again = [step(t, slice(1, 2)) for t in range(10, T)]
+    torch.testing.assert_close(
+        torch.stack([o.text for o in again], 1), logits.text[1:, 10:], rtol=1e-9, atol=1e-9
+    )
+
+
+def test_talk_point_warm_starts_from_talk_with_only_the_copy_head_fresh(tmp_path):
+    from duplex.model import duplex_lm
+
+    talk = duplex_lm.load("talk")
+    duplex_lm.save(talk, tmp_path / "talk.safetensors")
+    cfg = duplex_lm.DuplexConfig.from_dict(duplex_lm.CONFIGS["talk-point"].to_dict())
+    model = duplex_lm.DuplexLM(cfg)
+    fresh = duplex_lm.warm_start(model, tmp_path / "talk.safetensors")
+    assert fresh and all(k.startswith("copy.") for k in fresh)
+    assert cfg.copy_window == 64 and duplex_lm.CONFIGS["talk"].copy_window == 0
