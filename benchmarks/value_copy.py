@@ -6,7 +6,9 @@ was heard. Measured through `duplex eval talk`, the shipped models wrote the tem
 wrong first word ("okay, three hundred eighty five." for "eight hundred eighty five"), the rest
 continued by the read from the matched user words. This script isolates that step: on crops of a
 held-out corpus, teacher-forced, the probability the model gives the right first byte of the
-value after each cue, and how often it is the argmax. Guessing from the prior gives about 0.05
+value after each cue, and how often it is the argmax. Only values the user said earlier in the
+same crop count (a crop may start after the question, and the text-to-speech stage says
+answers to no one): those are the ones a model can copy. Guessing from the prior gives about 0.05
 for a name and 0.15 for a number's first letter; copying gives near 1.
 
     PYTHONPATH=. .venv/bin/python benchmarks/value_copy.py MODEL [MODEL ...] [--corpus DIR]
@@ -94,7 +96,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("models", nargs="+", help="model names or .safetensors files")
     ap.add_argument("--corpus", type=Path, help="held-out corpus (split eval)")
-    ap.add_argument("--crops", type=int, default=192)
+    ap.add_argument("--crops", type=int, default=384)
     ap.add_argument("--seq-len", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()

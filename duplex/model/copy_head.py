@@ -10,8 +10,12 @@ This head does not have to: it points at an earlier text frame and proposes the 
 
 Output distribution of the model's next byte, mixed by a gate g from the hidden state:
 
-    p(byte) = (1 - g) softmax(text logits) + g sum_j a_j [next(j) == byte]
+    p(PAD)  = p_text(PAD)
+    p(byte) = (1 - g) p_text(byte) + g (1 - p_text(PAD)) sum_j a_j [next(j) == byte]
 
+with p_text the text head's softmax: whether to write now stays the text head's decision (the
+timing a warm-started model learnt is kept), the gate only chooses between generating and
+copying the byte, which is easy to learn (open at a value, closed in a template). The sum runs
 over the last `window` text frames j whose following text frame has been seen, a = softmax of
 q_t . k_j. Text frames are those whose merged id is not PAD, whoever said them (a user's byte is
 offset by the text vocabulary in the log; the pointer copies the byte). Ranks count text frames,
@@ -71,7 +75,8 @@ class CopyHead(StreamingModule):
 
     def forward(self, h: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
         """h [B, T, d] hidden states, ids [B, T] the frames' merged ids, logits [B, T, V] of the
-        text head -> log-probabilities [B, T, V] of the mixture; continues the streaming state."""
+        text head -> log-probabilities [B, T, V] of the mixture; continues the streaming state.
+        The skip id is also the text's PAD (a frame without text writes PAD)."""
         B, T, _ = h.shape
         V = self.vocab
         st = self._stream_state if self.is_streaming else self.init_state(B)
@@ -104,10 +109,16 @@ class CopyHead(StreamingModule):
         some = valid.any(-1)
         log_g = torch.where(some, F.logsigmoid(g), torch.full_like(g, float("-inf")))
         log_keep = torch.where(some, F.logsigmoid(-g), torch.zeros_like(g))
+        logp = logits.log_softmax(-1)
+        pad = self.skip_id
+        # log(1 - p(PAD)): the copy shares only the mass of writing a byte now
+        log_byte = torch.log1p(-logp[..., pad].exp().clamp(max=1 - 1e-6))
         out = torch.logaddexp(
-            log_keep[..., None] + logits.log_softmax(-1),
-            log_g[..., None] + p_copy.to(logits.dtype).clamp_min(1e-30).log(),
+            log_keep[..., None] + logp,
+            (log_g + log_byte)[..., None] + p_copy.to(logits.dtype).clamp_min(1e-30).log(),
         )
+        is_pad = torch.arange(V, device=h.device) == pad
+        out = torch.where(is_pad, logp, out)
         if self.is_streaming:
             self._stream_state = self._next_state(st, all_k, all_ids, all_rank, c[:, -1])
         return out

@@ -30,7 +30,8 @@ def inputs(B: int = 2, T: int = 40, p_text: float = 0.5, seed: int = 1):
 
 def naive(m: CopyHead, h: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Frame by frame: the text frames seen so far, all but the newest are candidates (the
-    newest `window` of them), each proposing the byte of the text frame after it."""
+    newest `window` of them), each proposing the byte of the text frame after it; PAD (0, the
+    skip id) keeps the text head's probability, the bytes share the rest."""
     B, T, _ = h.shape
     out = torch.zeros_like(logits)
     for b in range(B):
@@ -48,7 +49,7 @@ def naive(m: CopyHead, h: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor)
                     nxt = texts[texts.index(j) + 1]
                     copy[ids[b, nxt] % V] += a[i]
                 g = torch.sigmoid(m.gate(h[b, t]))[0]
-                p = (1 - g) * p + g * copy
+                p = torch.cat([p[:1], (1 - g) * p[1:] + g * (1 - p[0]) * copy[1:]])
             out[b, t] = p.clamp_min(1e-300).log()
     return out
 
@@ -102,12 +103,15 @@ def test_it_copies_the_byte_after_a_matching_one():
         m.q.weight[:, :8] = torch.eye(8, dtype=torch.float64)
     logits = torch.zeros(1, T, V, dtype=torch.float64)
     logits[..., 40] = 10.0
+    logits[..., SKIP] = 10.0
     out = m(h, ids, logits)
-    assert out[0, -1].argmax() == 8
-    assert out[0, -1].exp()[8] > 0.99
+    # Writing now or not stays the text head's choice (PAD 0.5); the byte written is copied.
+    torch.testing.assert_close(out[0, -1, SKIP], logits[0, -1].log_softmax(-1)[SKIP])
+    assert out[0, -1][1:].argmax() + 1 == 8
+    assert out[0, -1].exp()[8] > 0.49
     # The user's bytes (offset by the vocabulary in the log) are copied as bytes.
     out_user = m(h, ids + torch.tensor([[V, V, V, 0, 0, 0]]), logits)
-    assert out_user[0, -1].argmax() == 8
+    assert out_user[0, -1][1:].argmax() + 1 == 8
 
 
 def test_before_any_candidate_it_is_the_text_head():
