@@ -47,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "with different --seed)",
     )
     p.add_argument("--out", type=Path, default=Path("runs/talk"), help="run directory")
-    p.add_argument("--config", default="talk", help="model config name (talk, small, tiny)")
+    p.add_argument("--config", default="talk", help="model config name (talk, talk-point, small, tiny, ...)")
     p.add_argument(
         "--init",
         type=Path,
@@ -59,6 +59,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help="override the config's sliding-window attention span in frames (e.g. 256: the "
         "model sees the user's words while it answers them; warm starts keep every weight)",
+    )
+    p.add_argument(
+        "--copy-window",
+        type=int,
+        help="override the copy head's span in text frames (e.g. 1024: values told a minute "
+        "before; train on crops that long, --seq-len 3200); the head's weights carry over",
     )
     p.add_argument("--steps", type=int, default=20_000, help="schedule length (20000)")
     p.add_argument("--batch-size", type=int, default=8, help="global batch, crops (8)")
@@ -152,6 +158,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"duplex train duplex: --swa-window must be >= 1, not {args.swa_window}")
             return 2
         mcfg.backbone.swa_window = args.swa_window
+    if args.copy_window is not None:
+        if args.copy_window < 0:
+            print(f"duplex train duplex: --copy-window must be >= 0, not {args.copy_window}")
+            return 2
+        mcfg.copy_window = args.copy_window
     model = duplex_lm.DuplexLM(mcfg)
     if args.init is not None:
         try:

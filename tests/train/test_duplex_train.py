@@ -92,3 +92,28 @@ def test_swa_window_override_warm_starts_every_weight(tmp_path):
     # Three small steps moved the marked table a little from where it was loaded.
     assert not emb.equal(start) and (emb - start).abs().max() < 0.5
     assert main([*common, "--out", str(tmp_path / "bad"), "--swa-window", "0"]) == 2
+
+
+def test_copy_window_override_keeps_the_copy_heads_weights(tmp_path):
+    """--copy-window changes how many text frames the copy head points over; its weights
+    (which do not depend on the span) carry over from --init."""
+    from duplex.apps.cli import main
+
+    corpus = tmp_path / "corpus"
+    C.build(corpus, {"pairs": 0.004}, seed=3, shard_minutes=0.25, progress=False)
+    cfg = duplex_lm.DuplexConfig.from_dict(duplex_lm.CONFIGS["tiny"].to_dict())
+    cfg.copy_window = 8
+    base = duplex_lm.DuplexLM(cfg)
+    with torch.no_grad():
+        base.copy.q.weight.add_(5.0)
+    duplex_lm.save(base, tmp_path / "base.safetensors")
+    common = ["train", "duplex", "--corpus", str(corpus), "--config", "tiny"]
+    common += ["--init", str(tmp_path / "base.safetensors"), "--batch-size", "2"]
+    common += ["--seq-len", "48", "--threads", "1", "--steps", "2", "--warmup", "1"]
+    common += ["--no-progress"]
+    run = tmp_path / "run"
+    assert main([*common, "--out", str(run), "--copy-window", "40"]) == 0
+    model = duplex_lm.load(run / "model.safetensors")
+    assert model.cfg.copy_window == 40 and model.copy.window == 40
+    assert (model.copy.q.weight - base.copy.q.weight).abs().max() < 0.5
+    assert main([*common, "--out", str(tmp_path / "bad"), "--copy-window", "-1"]) == 2
