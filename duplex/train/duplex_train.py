@@ -47,7 +47,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "with different --seed)",
     )
     p.add_argument("--out", type=Path, default=Path("runs/talk"), help="run directory")
-    p.add_argument("--config", default="talk", help="model config name (talk, talk-point, small, tiny, ...)")
+    p.add_argument(
+        "--config", default="talk", help="model config name (talk, talk-point, small, tiny, ...)"
+    )
     p.add_argument(
         "--init",
         type=Path,
