@@ -96,10 +96,17 @@ class CopyHead(StreamingModule):
         later = torch.cat([pos[:, 1:], torch.full_like(pos[:, :1], n)], dim=1)
         next_pos = later.flip(1).cummin(dim=1).values.flip(1).clamp(max=n - 1)
         nxt = all_ids.gather(1, next_pos)
+        keys, ranks = all_k, all_rank
+        m = max(1, int((all_rank > 0).sum(1).max()))
+        if m < n:
+            # Only text frames can be pointed at: drop the other columns (most of a long crop).
+            cols = torch.where(all_rank > 0, index, index + n).argsort(dim=1)[:, :m]
+            keys = all_k.gather(1, cols[:, :, None].expand(-1, -1, self.key_dim))
+            nxt, ranks, n = nxt.gather(1, cols), all_rank.gather(1, cols), m
         # valid: [B, T, n] text frames whose successor is seen by t, the last `window` of them
-        r, ct = all_rank[:, None, :], c[:, :, None]
+        r, ct = ranks[:, None, :], c[:, :, None]
         valid = (r > 0) & (r < ct) & (r >= ct - self.window)
-        scores = torch.einsum("btd,bnd->btn", q, all_k.to(q.dtype)) * self.key_dim**-0.5
+        scores = torch.einsum("btd,bnd->btn", q, keys.to(q.dtype)) * self.key_dim**-0.5
         scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
         attn = scores.softmax(-1) * valid
         # p_copy: [B, T, V] attention summed onto the bytes it proposes
