@@ -6,10 +6,11 @@ was heard. Measured through `duplex eval talk`, the shipped models wrote the tem
 wrong first word ("okay, three hundred eighty five." for "eight hundred eighty five"), the rest
 continued by the read from the matched user words. This script isolates that step: on crops of a
 held-out corpus, teacher-forced, the probability the model gives the right first byte of the
-value after each cue, and how often it is the argmax. Only values the user said earlier in the
-same crop count (a crop may start after the question, and the text-to-speech stage says
-answers to no one): those are the ones a model can copy. Guessing from the prior gives about 0.05
-for a name and 0.15 for a number's first letter; copying gives near 1.
+value after each cue, given that a byte is written (PAD left out: when to write is timing), and
+how often it is the argmax. Only values the user said earlier in the same crop count (a crop may
+start after the question, and the text-to-speech stage says answers to no one): those are the
+ones a model can copy. Guessing from the prior gives about 0.03 for a name and 0.15-0.2 for a
+number's first letter; copying gives near 1.
 
     PYTHONPATH=. .venv/bin/python benchmarks/value_copy.py MODEL [MODEL ...] [--corpus DIR]
 
@@ -62,7 +63,11 @@ def probe(path: str, corpus: Path, crops: int, seq_len: int) -> dict:
             batch = {k: v for k, v in data.batch(2000 + s, slice(0, 4)).items() if k != "stage"}
             logits, _ = model(batch)
             # prob: [B, T, Vt]; logits at frame t predict model_text[t]
+            # The byte written, given that one is written now: when to write is timing, which
+            # this does not measure (a model unsure of the frame still writes the right byte).
             prob = logits.text.float().softmax(-1)
+            prob[..., PAD] = 0
+            prob = prob / prob.sum(-1, keepdim=True)
             for r, row in enumerate(batch["model_text"].tolist()):
                 frames = [t for t, x in enumerate(row) if x != PAD and x < 256]
                 text = bytes(row[t] for t in frames).decode("latin-1")
