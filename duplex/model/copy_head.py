@@ -77,6 +77,11 @@ class CopyHead(StreamingModule):
         """h [B, T, d] hidden states, ids [B, T] the frames' merged ids, logits [B, T, V] of the
         text head -> log-probabilities [B, T, V] of the mixture; continues the streaming state.
         The skip id is also the text's PAD (a frame without text writes PAD)."""
+        return self.mix(h, logits, *self.pointer(h, ids))
+
+    def pointer(self, h: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pointer's distribution p_copy [B, T, V] over the bytes it proposes, and [B, T]
+        whether any frame could be pointed at; continues the streaming state."""
         B, T, _ = h.shape
         V = self.vocab
         st = self._stream_state if self.is_streaming else self.init_state(B)
@@ -112,8 +117,17 @@ class CopyHead(StreamingModule):
         # p_copy: [B, T, V] attention summed onto the bytes it proposes
         p_copy = torch.zeros(B, T, V, device=h.device, dtype=attn.dtype)
         p_copy.scatter_add_(2, nxt[:, None, :].expand(B, T, n), attn)
+        if self.is_streaming:
+            self._stream_state = self._next_state(st, all_k, all_ids, all_rank, c[:, -1])
+        return p_copy, valid.any(-1)
+
+    def mix(
+        self, h: torch.Tensor, logits: torch.Tensor, p_copy: torch.Tensor, some: torch.Tensor
+    ) -> torch.Tensor:
+        """The text head's logits [B, T, V] and the pointer's p_copy, mixed by the gate of h
+        [B, T, d] -> log-probabilities [B, T, V]."""
+        V = self.vocab
         g = self.gate(h).squeeze(-1).to(logits.dtype)
-        some = valid.any(-1)
         log_g = torch.where(some, F.logsigmoid(g), torch.full_like(g, float("-inf")))
         log_keep = torch.where(some, F.logsigmoid(-g), torch.zeros_like(g))
         logp = logits.log_softmax(-1)
@@ -125,10 +139,17 @@ class CopyHead(StreamingModule):
             (log_g + log_byte)[..., None] + p_copy.to(logits.dtype).clamp_min(1e-30).log(),
         )
         is_pad = torch.arange(V, device=h.device) == pad
-        out = torch.where(is_pad, logp, out)
-        if self.is_streaming:
-            self._stream_state = self._next_state(st, all_k, all_ids, all_rank, c[:, -1])
-        return out
+        return torch.where(is_pad, logp, out)
+
+    def loss(self, p_copy: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """-log p_copy(target) on the frames whose byte target [B, T] the pointer offers: trains
+        where to look whatever the gate says (a closed gate passes the pointer no gradient, so
+        a pointer not yet sharp would never become so)."""
+        p = p_copy.gather(-1, target[..., None])[..., 0]
+        use = (target != self.skip_id) & (p > 0)
+        if not bool(use.any()):
+            return p_copy.sum() * 0.0
+        return -p[use].log().mean()
 
     def _next_state(
         self,

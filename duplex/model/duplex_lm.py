@@ -76,6 +76,9 @@ class DuplexConfig:
     # Text frames a copy head points over (0: none): the next byte may be the one that followed
     # an earlier byte, so heard values are repeated rather than guessed (duplex/model/copy_head.py).
     copy_window: int = 0
+    # Weight of the pointer's own loss (CopyHead.loss) in training: it learns where to look at
+    # every byte it could copy, not only where the gate already trusts it.
+    copy_loss: float = 0.0
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
     def __post_init__(self) -> None:
@@ -176,7 +179,10 @@ _register(
 _register("talk-copy", copy.deepcopy(CONFIGS["talk"]))
 CONFIGS["talk-copy"].backbone.layers += ("txa", "mlp")
 # `talk` + a pointer over the last 64 text frames mixed into the text head.
-_register("talk-point", dataclasses.replace(copy.deepcopy(CONFIGS["talk"]), copy_window=64))
+_register(
+    "talk-point",
+    dataclasses.replace(copy.deepcopy(CONFIGS["talk"]), copy_window=64, copy_loss=0.2),
+)
 
 
 def delay_audio(a: torch.Tensor, delay: int, pad: int) -> torch.Tensor:
@@ -341,8 +347,11 @@ class DuplexLM(StreamingModule):
         )
         tgt = s["target_audio"]
         logits = self._heads(self.backbone(ids, extra=extra), tgt)
+        loss_copy = torch.zeros((), device=ids.device)
         if self.copy is not None:
-            logits.text = self.copy(logits.hidden, ids, logits.text)
+            p_copy, some = self.copy.pointer(logits.hidden, ids)
+            logits.text = self.copy.mix(logits.hidden, logits.text, p_copy, some)
+            loss_copy = self.copy.loss(p_copy, batch["model_text"])
         w = torch.ones(cfg.text_vocab, device=ids.device, dtype=logits.text.dtype)
         w[PAD] = cfg.text_pad_weight
         loss_text = F.cross_entropy(logits.text.flatten(0, 1), batch["model_text"].flatten(), w)
@@ -357,13 +366,12 @@ class DuplexLM(StreamingModule):
         keep[..., 0] *= cfg.first_codebook_weight
         keep = keep.flatten()
         loss_audio = (loss_audio * keep).sum() / keep.sum().clamp(min=1)
-        total = loss_text + loss_user + cfg.audio_weight * loss_audio
-        return logits, {
-            "loss": total,
-            "loss_text": loss_text,
-            "loss_user_text": loss_user,
-            "loss_audio": loss_audio,
-        }
+        total = loss_text + loss_user + cfg.audio_weight * loss_audio + cfg.copy_loss * loss_copy
+        out = {"loss": total, "loss_text": loss_text, "loss_user_text": loss_user}
+        out["loss_audio"] = loss_audio
+        if self.copy is not None:
+            out["loss_copy"] = loss_copy
+        return logits, out
 
     def step(
         self,

@@ -224,3 +224,58 @@ def test_talk_point_warm_starts_from_talk_with_only_the_copy_head_fresh(tmp_path
     fresh = duplex_lm.warm_start(model, tmp_path / "talk.safetensors")
     assert fresh and all(k.startswith("copy.") for k in fresh)
     assert cfg.copy_window == 64 and duplex_lm.CONFIGS["talk"].copy_window == 0
+
+
+def test_the_pointer_loss_trains_where_to_look_even_with_a_closed_gate():
+    """With the gate shut the mixture passes the pointer no gradient; its own loss does, and
+    counts only frames whose byte the pointer offers."""
+    m = head(gate=-40.0)
+    with torch.no_grad():
+        m.gate.weight.zero_()
+    h, ids, logits = inputs()
+    target = torch.randint(1, V, (2, 40), generator=torch.Generator().manual_seed(7))
+    target[:, ::3] = SKIP
+    m(h, ids, logits)[..., 1:].exp().sum().backward()
+    assert m.q.weight.grad.abs().max() < 1e-12
+    m.zero_grad()
+    p_copy, _ = m.pointer(h, ids)
+    loss = m.loss(p_copy, target)
+    loss.backward()
+    assert m.q.weight.grad.abs().sum() > 0 and m.k.weight.grad.abs().sum() > 0
+    p = p_copy.gather(-1, target[..., None])[..., 0]
+    use = (target != SKIP) & (p > 0)
+    assert 0 < int(use.sum()) < int((target != SKIP).sum())
+    torch.testing.assert_close(loss, -p[use].log().mean())
+
+
+def test_the_duplex_loss_adds_the_pointer_loss_by_its_weight():
+    from duplex.model.backbone import BackboneConfig
+    from duplex.model.duplex_lm import DuplexConfig, DuplexLM
+    from duplex.model.tokenizer import PAD
+
+    def losses(w: float) -> dict:
+        torch.manual_seed(0)
+        cfg = DuplexConfig(
+            num_codebooks=2,
+            codebook_size=16,
+            copy_window=6,
+            copy_loss=w,
+            backbone=BackboneConfig(
+                d_model=32, layers=("gdn", "mlp"), gdn_heads=2, gdn_head_dim=16
+            ),
+        )
+        g = torch.Generator().manual_seed(4)
+        text = torch.randint(0, 40, (2, 30), generator=g)
+        text[torch.rand(2, 30, generator=g) < 0.5] = PAD
+        b = {
+            "user_audio": torch.randint(0, 16, (2, 30, 2), generator=g),
+            "model_audio": torch.randint(0, 16, (2, 30, 2), generator=g),
+            "model_text": text,
+            "user_text": torch.full((2, 30), PAD),
+        }
+        with torch.no_grad():
+            return DuplexLM(cfg).eval()(b)[1]
+
+    a, b = losses(0.0), losses(0.5)
+    assert float(a["loss_copy"]) > 0
+    torch.testing.assert_close(b["loss"], a["loss"] + 0.5 * a["loss_copy"])
