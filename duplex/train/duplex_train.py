@@ -68,6 +68,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="override the copy head's span in text frames (e.g. 1024: values told a minute "
         "before; train on crops that long, --seq-len 3200); the head's weights carry over",
     )
+    p.add_argument(
+        "--train-only",
+        nargs="+",
+        metavar="PREFIX",
+        help="train only the parameters whose names start with one of these (e.g. copy.: a "
+        "copy head added to a trained model; the rest stays as it was, so its speech too)",
+    )
     p.add_argument("--steps", type=int, default=20_000, help="schedule length (20000)")
     p.add_argument("--batch-size", type=int, default=8, help="global batch, crops (8)")
     p.add_argument("--seq-len", type=int, default=400, help="frames per crop (400 = 8 s)")
@@ -173,6 +180,14 @@ def run(args: argparse.Namespace) -> int:
             print(f"duplex train duplex: --init {args.init}: {e}")
             return 2
         print(f"[train] weights from {args.init}; new (initialised) tensors: {fresh or 'none'}")
+    if args.train_only:
+        names = [n for n, _ in model.named_parameters() if n.startswith(tuple(args.train_only))]
+        if not names:
+            print(f"duplex train duplex: --train-only {args.train_only} matches no parameter")
+            return 2
+        for n, p in model.named_parameters():
+            p.requires_grad_(n in names)
+        print(f"[train] training only {len(names)} tensors: {', '.join(names[:6])}")
     cfg = model.cfg
     try:
         data = ConversationBatches(

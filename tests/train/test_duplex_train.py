@@ -117,3 +117,26 @@ def test_copy_window_override_keeps_the_copy_heads_weights(tmp_path):
     assert model.cfg.copy_window == 40 and model.copy.window == 40
     assert (model.copy.q.weight - base.copy.q.weight).abs().max() < 0.5
     assert main([*common, "--out", str(tmp_path / "bad"), "--copy-window", "-1"]) == 2
+
+
+def test_train_only_changes_just_the_named_parameters(tmp_path):
+    """--train-only copy.: a copy head learns on top of a trained model and nothing else of it
+    moves; a prefix matching nothing is an error."""
+    from duplex.apps.cli import main
+
+    corpus = tmp_path / "corpus"
+    C.build(corpus, {"pairs": 0.004}, seed=3, shard_minutes=0.25, progress=False)
+    cfg = duplex_lm.DuplexConfig.from_dict(duplex_lm.CONFIGS["tiny"].to_dict())
+    cfg.copy_window, cfg.copy_loss = 8, 0.5
+    base = duplex_lm.DuplexLM(cfg)
+    duplex_lm.save(base, tmp_path / "base.safetensors")
+    common = ["train", "duplex", "--corpus", str(corpus), "--config", "tiny"]
+    common += ["--init", str(tmp_path / "base.safetensors"), "--batch-size", "2"]
+    common += ["--seq-len", "48", "--threads", "1", "--steps", "3", "--warmup", "1"]
+    common += ["--copy-window", "8", "--no-progress"]
+    run = tmp_path / "run"
+    assert main([*common, "--out", str(run), "--train-only", "copy."]) == 0
+    after = duplex_lm.load(run / "model.safetensors").state_dict()
+    moved = {k for k, v in base.state_dict().items() if not torch.equal(v, after[k])}
+    assert moved and all(k.startswith("copy.") for k in moved)
+    assert main([*common, "--out", str(tmp_path / "bad"), "--train-only", "nothing."]) == 2
