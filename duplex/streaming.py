@@ -41,6 +41,10 @@ class StreamState:
             if isinstance(v, torch.Tensor) and f.name != "exec_mask":
                 yield f.name, v
 
+    def row_bytes(self) -> int:
+        """Bytes one row (one session) of this state holds."""
+        return sum(t[:1].numel() * t.element_size() for _, t in self.tensor_fields())
+
     def clone(self) -> StreamState:
         """A deep copy whose tensors share nothing with this state."""
         out = copy.copy(self)
@@ -137,6 +141,16 @@ def _plain(v: Any) -> bool:
     if isinstance(v, dict):
         return all(isinstance(k, str) and _plain(x) for k, x in v.items())
     return False
+
+
+def newest_slots(valid: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices [B, n] of each row's newest n entries where valid [B, S] is True, oldest first
+    (a row with fewer takes its newest invalid entries, placed before them): what a cache of
+    the last n items keeps."""
+    S = valid.shape[1]
+    order = torch.arange(S, device=valid.device).expand_as(valid)
+    score = torch.where(valid, order, order - S)
+    return score.topk(n, dim=1).indices.sort(dim=1).values
 
 
 def keep_masked(new: torch.Tensor, old: torch.Tensor, exec_mask: torch.Tensor) -> torch.Tensor:

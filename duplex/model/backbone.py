@@ -316,6 +316,5 @@ class Backbone(StreamingModule):
             st = m._stream_state if m.is_streaming else m.init_state(1)
             if st is None:
                 continue
-            for _, t in st.tensor_fields():
-                total += t[:1].numel() * t.element_size()
+            total += st.row_bytes()
         return total

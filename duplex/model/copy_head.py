@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from duplex.streaming import StreamingModule, StreamState, keep_masked
+from duplex.streaming import StreamingModule, StreamState, keep_masked, newest_slots
 
 
 @dataclasses.dataclass
@@ -103,8 +103,9 @@ class CopyHead(StreamingModule):
         nxt = all_ids.gather(1, next_pos)
         keys, ranks = all_k, all_rank
         m = max(1, int((all_rank > 0).sum(1).max()))
-        if m < n:
-            # Only text frames can be pointed at: drop the other columns (most of a long crop).
+        if 2 * m <= n:
+            # Only text frames can be pointed at: drop the other columns (most of a long crop;
+            # not worth a sort in a one-frame step, whose columns are mostly the cache's).
             cols = torch.where(all_rank > 0, index, index + n).argsort(dim=1)[:, :m]
             keys = all_k.gather(1, cols[:, :, None].expand(-1, -1, self.key_dim))
             nxt, ranks, n = nxt.gather(1, cols), all_rank.gather(1, cols), m
@@ -160,10 +161,7 @@ class CopyHead(StreamingModule):
         count: torch.Tensor,
     ) -> CopyState:
         """Keep each row's newest `window + 1` text frames, oldest first."""
-        n = all_rank.shape[1]
-        order = torch.arange(n, device=all_rank.device).expand_as(all_rank)
-        score = torch.where(all_rank > 0, order, order - n)
-        keep = score.topk(self.window + 1, dim=1).indices.sort(dim=1).values
+        keep = newest_slots(all_rank > 0, self.window + 1)
         new_k = all_k.gather(1, keep[:, :, None].expand(-1, -1, self.key_dim))
         new_ids, new_rank = all_ids.gather(1, keep), all_rank.gather(1, keep)
         m = st.exec_mask

@@ -367,11 +367,15 @@ class DuplexLM(StreamingModule):
         keep = keep.flatten()
         loss_audio = (loss_audio * keep).sum() / keep.sum().clamp(min=1)
         total = loss_text + loss_user + cfg.audio_weight * loss_audio + cfg.copy_loss * loss_copy
-        out = {"loss": total, "loss_text": loss_text, "loss_user_text": loss_user}
-        out["loss_audio"] = loss_audio
+        losses = {
+            "loss": total,
+            "loss_text": loss_text,
+            "loss_user_text": loss_user,
+            "loss_audio": loss_audio,
+        }
         if self.copy is not None:
-            out["loss_copy"] = loss_copy
-        return logits, out
+            losses["loss_copy"] = loss_copy
+        return logits, losses
 
     def step(
         self,
@@ -399,11 +403,11 @@ class DuplexLM(StreamingModule):
 
     def state_bytes(self) -> int:
         """Fixed streaming state bytes per session (excludes the host-side id log)."""
-        extra = 0
-        if self.copy is not None:
-            st = self.copy.stream_state if self.copy.is_streaming else self.copy.init_state(1)
-            extra = sum(t[:1].numel() * t.element_size() for _, t in st.tensor_fields())
-        return self.backbone.state_bytes() + extra
+        c = self.copy
+        if c is None:
+            return self.backbone.state_bytes()
+        st = c.stream_state if c.is_streaming else c.init_state(1)
+        return self.backbone.state_bytes() + st.row_bytes()
 
     def host_bytes(self) -> int:
         reader = self.backbone.reader

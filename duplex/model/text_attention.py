@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from duplex.model.backbone import Attention, AttentionState, rope, rope_angles
-from duplex.streaming import keep_masked
+from duplex.streaming import keep_masked, newest_slots
 
 
 class TextAttention(Attention):
@@ -67,12 +67,7 @@ class TextAttention(Attention):
         is_text: torch.Tensor,
     ) -> AttentionState:
         """Keep each row's last `window - 1` text keys, oldest first (empty slots first)."""
-        L = self.window - 1
-        n = all_pos.shape[1]
-        order = torch.arange(n, device=all_pos.device).expand_as(all_pos)
-        # The kept slots: the L highest (valid, index) pairs of each row, back in index order.
-        score = torch.where(all_pos >= 0, order, order - n)
-        keep = score.topk(L, dim=1).indices.sort(dim=1).values
+        keep = newest_slots(all_pos >= 0, self.window - 1)
         gather = keep[:, :, None, None].expand(-1, -1, self.n_heads, self.head_dim)
         new_k, new_v = all_k.gather(1, gather), all_v.gather(1, gather)
         new_p = all_pos.gather(1, keep)

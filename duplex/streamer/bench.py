@@ -186,11 +186,7 @@ def flat_cost(model, codec, minutes: float) -> dict:
                 eng.step({s: f})
                 ts.append(1000 * (time.perf_counter() - t0))
         state = model.state_bytes()
-        codec_state = sum(
-            t[:1].numel() * t.element_size()
-            for st in codec.get_state().values()
-            for _, t in st.tensor_fields()
-        )
+        codec_state = sum(st.row_bytes() for st in codec.get_state().values())
     at_1, at_60 = float(np.median(t_young)), float(np.median(t_old))
     bb = model.cfg.backbone
     hour_tokens = int(minutes * 60 * rate)

@@ -159,7 +159,7 @@ def test_exec_mask_freezes_a_row_and_gradients_reach_the_weights():
 def test_duplex_model_with_a_copy_head_streams_and_saves_its_rows():
     from duplex.model.backbone import BackboneConfig
     from duplex.model.duplex_lm import DuplexConfig, DuplexLM
-    from duplex.model.tokenizer import PAD
+    from tests.model.duplex_streams import assert_steps_equal_forward, random_batch
 
     torch.manual_seed(0)
     cfg = DuplexConfig(
@@ -175,43 +175,11 @@ def test_duplex_model_with_a_copy_head_streams_and_saves_its_rows():
     )
     m = DuplexLM(cfg).double().eval()
     torch.nn.init.constant_(m.copy.gate.bias, 0.0)
-    g = torch.Generator().manual_seed(4)
-    B, T = 2, 24
-    text = torch.randint(0, 40, (B, T), generator=g)
-    text[torch.rand(B, T, generator=g) < 0.6] = PAD
-    user = torch.randint(0, 40, (B, T), generator=g)
-    user[torch.rand(B, T, generator=g) < 0.6] = PAD
-    b = {
-        "user_audio": torch.randint(0, 16, (B, T, 2), generator=g),
-        "model_audio": torch.randint(0, 16, (B, T, 2), generator=g),
-        "model_text": text,
-        "user_text": user,
-    }
-    logits, losses = m(b)
-    assert torch.isfinite(losses["loss"])
-    s = m.shift_inputs(b)
-
-    def step(t: int, rows=slice(None)):
-        return m.step(
-            b["user_audio"][rows, t],
-            s["prev_audio"][rows, t],
-            s["prev_text"][rows, t],
-            s["prev_user_text"][rows, t],
-        )
-
-    with m.streaming(B):
-        first = [step(t) for t in range(10)]
-        saved = m.save_rows(torch.tensor([1]))
-        rest = [step(t) for t in range(10, T)]
+    b = random_batch()
+    assert torch.isfinite(m(b)[1]["loss"])
+    assert_steps_equal_forward(m, b)
+    with m.streaming(2):
         assert m.state_bytes() > m.backbone.state_bytes()
-    got = torch.stack([o.text for o in first + rest], 1)
-    torch.testing.assert_close(got, logits.text, rtol=1e-9, atol=1e-9)
-    with m.streaming(1):
-        m.load_rows(torch.tensor([0]), *saved)
-        again = [step(t, slice(1, 2)) for t in range(10, T)]
-    torch.testing.assert_close(
-        torch.stack([o.text for o in again], 1), logits.text[1:, 10:], rtol=1e-9, atol=1e-9
-    )
 
 
 def test_talk_point_warm_starts_from_talk_with_only_the_copy_head_fresh(tmp_path):

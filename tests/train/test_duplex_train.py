@@ -65,23 +65,28 @@ def test_train_command_learns_and_resumes(tmp_path):
     )
 
 
+def warm_args(tmp_path, base: duplex_lm.DuplexLM, steps: int) -> list[str]:
+    """Arguments of a few `train duplex` steps of config tiny on a tiny corpus, from `base`."""
+    corpus = tmp_path / "corpus"
+    C.build(corpus, {"pairs": 0.004}, seed=3, shard_minutes=0.25, progress=False)
+    duplex_lm.save(base, tmp_path / "base.safetensors")
+    common = ["train", "duplex", "--corpus", str(corpus), "--config", "tiny"]
+    common += ["--init", str(tmp_path / "base.safetensors"), "--batch-size", "2"]
+    common += ["--seq-len", "48", "--threads", "1", "--steps", str(steps), "--warmup", "1"]
+    return [*common, "--no-progress"]
+
+
 def test_swa_window_override_warm_starts_every_weight(tmp_path):
     """--swa-window widens the attention span of a warm-started model: the weights carry over
     (nothing is re-initialised), the saved config keeps the new span, and the span streams."""
     from duplex.apps.cli import main
 
-    corpus = tmp_path / "corpus"
-    C.build(corpus, {"pairs": 0.004}, seed=3, shard_minutes=0.25, progress=False)
     base = duplex_lm.load("tiny")
     with torch.no_grad():
         # A mark no fresh initialisation has: the trained model must start from it.
         base.backbone.embed.weight.add_(5.0)
-    duplex_lm.save(base, tmp_path / "base.safetensors")
     assert base.cfg.backbone.swa_window == 32
-    common = ["train", "duplex", "--corpus", str(corpus), "--config", "tiny"]
-    common += ["--init", str(tmp_path / "base.safetensors"), "--batch-size", "2"]
-    common += ["--seq-len", "48", "--threads", "1", "--steps", "3", "--warmup", "1"]
-    common += ["--no-progress"]
+    common = warm_args(tmp_path, base, steps=3)
     run = tmp_path / "run"
     assert main([*common, "--out", str(run), "--swa-window", "96"]) == 0
     model = duplex_lm.load(run / "model.safetensors")
@@ -99,18 +104,12 @@ def test_copy_window_override_keeps_the_copy_heads_weights(tmp_path):
     (which do not depend on the span) carry over from --init."""
     from duplex.apps.cli import main
 
-    corpus = tmp_path / "corpus"
-    C.build(corpus, {"pairs": 0.004}, seed=3, shard_minutes=0.25, progress=False)
     cfg = duplex_lm.DuplexConfig.from_dict(duplex_lm.CONFIGS["tiny"].to_dict())
     cfg.copy_window = 8
     base = duplex_lm.DuplexLM(cfg)
     with torch.no_grad():
         base.copy.q.weight.add_(5.0)
-    duplex_lm.save(base, tmp_path / "base.safetensors")
-    common = ["train", "duplex", "--corpus", str(corpus), "--config", "tiny"]
-    common += ["--init", str(tmp_path / "base.safetensors"), "--batch-size", "2"]
-    common += ["--seq-len", "48", "--threads", "1", "--steps", "2", "--warmup", "1"]
-    common += ["--no-progress"]
+    common = warm_args(tmp_path, base, steps=2)
     run = tmp_path / "run"
     assert main([*common, "--out", str(run), "--copy-window", "40"]) == 0
     model = duplex_lm.load(run / "model.safetensors")
@@ -124,16 +123,10 @@ def test_train_only_changes_just_the_named_parameters(tmp_path):
     moves; a prefix matching nothing is an error."""
     from duplex.apps.cli import main
 
-    corpus = tmp_path / "corpus"
-    C.build(corpus, {"pairs": 0.004}, seed=3, shard_minutes=0.25, progress=False)
     cfg = duplex_lm.DuplexConfig.from_dict(duplex_lm.CONFIGS["tiny"].to_dict())
     cfg.copy_window, cfg.copy_loss = 8, 0.5
     base = duplex_lm.DuplexLM(cfg)
-    duplex_lm.save(base, tmp_path / "base.safetensors")
-    common = ["train", "duplex", "--corpus", str(corpus), "--config", "tiny"]
-    common += ["--init", str(tmp_path / "base.safetensors"), "--batch-size", "2"]
-    common += ["--seq-len", "48", "--threads", "1", "--steps", "3", "--warmup", "1"]
-    common += ["--copy-window", "8", "--no-progress"]
+    common = [*warm_args(tmp_path, base, steps=3), "--copy-window", "8"]
     run = tmp_path / "run"
     assert main([*common, "--out", str(run), "--train-only", "copy."]) == 0
     after = duplex_lm.load(run / "model.safetensors").state_dict()
