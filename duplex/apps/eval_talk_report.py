@@ -64,8 +64,9 @@ def summarise(
             "correct": _mean(a["ok"] for a in answers),
             "per_intent": per_intent,
             "facts_by_distance": facts,
-            "examples": [
-                {"said": a["said"], "answer": a["answer"], "ok": a["ok"]} for a in answers[:12]
+            "requests": [
+                {k: a[k] for k in ("intent", "request", "heard", "said", "answer", "ok", "spoke")}
+                for a in answers
             ],
         },
         "speaking": {

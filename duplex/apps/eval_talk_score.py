@@ -82,6 +82,7 @@ def score_dialogue(d: G.Dialogue, heard: Heard, part: str) -> dict:
         ok = D.normalize(said) == D.normalize(e["answer"])
         told = e.get("told_at")
         ago = None if told is None or "asks" not in e else e["start"] - told
+        on = np.flatnonzero(voiced[f0:f1])
         r["answers"].append(
             {
                 "part": part,
@@ -91,9 +92,11 @@ def score_dialogue(d: G.Dialogue, heard: Heard, part: str) -> dict:
                 "answer": e["answer"],
                 "ago": ago,
                 "asks": e.get("asks"),
+                "request": e["text"],
+                "heard": decode_ids(heard.user[_frame(e["start"], rate) : f1]),
+                "spoke": bool(len(on)),
             }
         )
-        on = np.flatnonzero(voiced[f0:f1])
         if len(on):
             r["latency"].append((f0 + on[0]) / rate - e["end"])
             r["speaking"].append((e["answer"], f0 + on[0], f0 + on[-1] + 1))

@@ -11,7 +11,10 @@ Each row is a crop of `seq_len` frames from one stage, chosen by the curriculum'
 step (`Curriculum`: the first stages dominate early, whole conversations and full-duplex events
 later, and no stage ever drops below a floor, so earlier skills are not forgotten). A shard is one
 stream of conversations: a crop longer than what is left of its conversation runs on into the
-next one of the same shard.
+next one of the same shard. A share `from_start` of the crops begins where a conversation
+begins: every question in such a crop finds the fact it asks for (if it was told at all) earlier
+in the same crop, so a fact asked a minute after it was told is learnable, and "you have not told
+me" is the truth there rather than a guess about frames before the crop.
 """
 
 from __future__ import annotations
@@ -25,6 +28,11 @@ import torch
 
 from duplex.data.conversations import Shard, read_manifest
 from duplex.data.dialogue import STAGES
+
+# Stages where the model is silent by construction, not by choice: the user's requests go
+# unanswered there, so its own streams would teach it to ignore a request (a model that missed
+# one reply then stayed silent for a whole conversation). Only the user's transcript is trained.
+UNANSWERED_STAGES = ("asr",)
 
 
 @dataclass
@@ -59,6 +67,8 @@ class _Stream:
     model: np.ndarray
     model_text: np.ndarray
     user_text: np.ndarray
+    # Frame where each conversation begins (the first is 0).
+    starts: np.ndarray
 
 
 class ConversationBatches:
@@ -77,6 +87,7 @@ class ConversationBatches:
         stages: list[str] | None = None,
         curriculum: Curriculum | None = None,
         seed: int = 0,
+        from_start: float = 0.0,
     ) -> None:
         dirs = [corpus_dir] if isinstance(corpus_dir, (str, Path)) else list(corpus_dir)
         self.dirs = [Path(d) for d in dirs]
@@ -105,7 +116,9 @@ class ConversationBatches:
             raise ValueError(
                 f"{where}: no {split} shards (make them with `duplex data conversations`)"
             )
-        self.seq_len, self.seed = seq_len, seed
+        if not 0.0 <= from_start <= 1.0:
+            raise ValueError(f"from_start must be a share in [0, 1], not {from_start}")
+        self.seq_len, self.seed, self.from_start = seq_len, seed, from_start
         self.curriculum = curriculum or Curriculum()
         self.streams: dict[str, list[_Stream]] = {}
         for e in entries:
@@ -116,6 +129,7 @@ class ConversationBatches:
                 np.ascontiguousarray(sh.model.T),
                 np.concatenate([t[0] for t in texts]),
                 np.concatenate([t[1] for t in texts]),
+                np.asarray(sh.offsets[:-1], np.int64),
             )
             if len(s.user) >= seq_len:
                 self.streams.setdefault(e["stage"], []).append(s)
@@ -126,7 +140,8 @@ class ConversationBatches:
 
     def batch(self, step: int, rows: slice | None = None, batch_size: int = 8) -> dict:
         """Rows `rows` of the global batch of `step`: user_audio, model_audio [B, T, K] (long),
-        model_text, user_text [B, T] (long), and the stage of each row."""
+        model_text, user_text [B, T] (long), model_rows [B] (0 where the model's own streams
+        teach nothing: `UNANSWERED_STAGES`), and the stage of each row."""
         rows = rows or slice(0, batch_size)
         p = self.curriculum.weights(step, self.stages)
         out = {"user_audio": [], "model_audio": [], "model_text": [], "user_text": []}
@@ -140,11 +155,14 @@ class ConversationBatches:
             sizes = np.array([len(s.user) - T + 1 for s in streams], float)
             s = streams[int(rng.choice(len(streams), p=sizes / sizes.sum()))]
             a = int(rng.integers(len(s.user) - T + 1))
+            if self.from_start > 0 and rng.random() < self.from_start:
+                a = int(rng.choice(s.starts[s.starts <= len(s.user) - T]))
             out["user_audio"].append(s.user[a : a + T])
             out["model_audio"].append(s.model[a : a + T])
             out["model_text"].append(s.model_text[a : a + T])
             out["user_text"].append(s.user_text[a : a + T])
             stages.append(stage)
         batch = {k: torch.from_numpy(np.stack(v).astype(np.int64)) for k, v in out.items()}
+        batch["model_rows"] = torch.tensor([float(s not in UNANSWERED_STAGES) for s in stages])
         batch["stage"] = stages
         return batch

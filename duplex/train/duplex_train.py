@@ -78,6 +78,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=20_000, help="schedule length (20000)")
     p.add_argument("--batch-size", type=int, default=8, help="global batch, crops (8)")
     p.add_argument("--seq-len", type=int, default=400, help="frames per crop (400 = 8 s)")
+    p.add_argument(
+        "--from-start",
+        type=float,
+        default=0.0,
+        help="share of crops that begin where a conversation begins (0): with long crops "
+        "(--seq-len 3000) every question there can find its fact earlier in the crop",
+    )
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--curriculum-steps", type=int, help="steps to reach the final stage mix")
@@ -197,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
             transcript_delay=cfg.transcript_delay,
             curriculum=Curriculum(steps=args.curriculum_steps or args.steps // 2),
             seed=args.seed,
+            from_start=args.from_start,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"duplex train duplex: {e}")

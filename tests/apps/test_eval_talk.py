@@ -57,6 +57,18 @@ def test_silence_and_an_untrained_model_score_near_zero(reports, model):
     assert r["speaking"]["word_accuracy"] < 0.15
 
 
+def test_every_request_is_listed_with_what_was_heard_and_said(reports):
+    oracle = reports["oracle"]["answers"]
+    assert len(oracle["requests"]) == oracle["n"]
+    for q in oracle["requests"]:
+        # The oracle's transcript of the request is the request, and it says the answer.
+        assert q["request"].rstrip("?.") in q["heard"], q
+        assert q["said"].strip() == q["answer"] and q["ok"] and q["spoke"]
+    silent = reports["silent"]["answers"]["requests"]
+    assert silent and all(q["heard"] == "" and q["said"] == "" for q in silent)
+    assert not any(q["spoke"] or q["ok"] for q in silent)
+
+
 def test_silent_model_never_replies(reports):
     t = reports["silent"]["timing"]
     assert t["replied"] == 0.0 and t["reply_latency_p50"] is None

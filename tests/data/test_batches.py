@@ -19,7 +19,7 @@ def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
     C.build(
         out,
-        {"tts": 0.004, "pairs": 0.004, "duplex": 0.006},
+        {"tts": 0.004, "asr": 0.003, "pairs": 0.004, "duplex": 0.006},
         seed=1,
         shard_minutes=0.25,
         max_turns=5,
@@ -74,15 +74,28 @@ def test_the_curriculum_moves_but_keeps_every_stage():
 def test_rows_follow_the_curriculum(corpus):
     c = Curriculum(
         steps=1,
-        start={"tts": 1, "pairs": 1, "duplex": 1},
-        end={"tts": 0, "pairs": 0, "duplex": 1},
+        start={"tts": 1, "asr": 1, "pairs": 1, "duplex": 1},
+        end={"tts": 0, "asr": 0, "pairs": 0, "duplex": 1},
         floor=0.0,
     )
     b = ConversationBatches(corpus, seq_len=100, curriculum=c)
     late = [s for step in range(5, 10) for s in b.batch(step, slice(0, 8))["stage"]]
     assert set(late) == {"duplex"}
     early = {s for s in b.batch(0, slice(0, 64))["stage"]}
-    assert early == {"tts", "pairs", "duplex"}
+    assert early == {"tts", "asr", "pairs", "duplex"}
+
+
+def test_unanswered_stages_train_only_the_transcript(corpus):
+    """In asr crops the user's requests go unanswered by construction: model_rows 0 there."""
+    b = ConversationBatches(corpus, seq_len=100)
+    batch = b.batch(0, slice(0, 32))
+    assert "asr" in batch["stage"] and len(set(batch["stage"])) > 1
+    want = [0.0 if s == "asr" else 1.0 for s in batch["stage"]]
+    assert batch["model_rows"].tolist() == want
+    asr = [r for r, s in enumerate(batch["stage"]) if s == "asr"]
+    # What makes them unanswered: the user speaks, the model writes nothing.
+    assert (batch["user_text"][asr] != PAD).any()
+    assert (batch["model_text"][asr] == PAD).all()
 
 
 def test_a_batch_trains_the_model(corpus):
@@ -127,3 +140,41 @@ def test_several_corpora_pool_their_shards_once(corpus, tmp_path):
     (linked / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="same file"):
         ConversationBatches([corpus, linked], 100)
+
+
+def _crop_starts(b: ConversationBatches, batch: dict) -> list[tuple[int, bool]]:
+    """Where each row was cut: (frame in its stream, whether a conversation begins there)."""
+    T = b.seq_len
+    found = []
+    for r, stage in enumerate(batch["stage"]):
+        codes = batch["user_audio"][r].numpy()
+        hits = [
+            (a, bool(np.isin(a, s.starts)))
+            for s in b.streams[stage]
+            for a in range(len(s.user) - T + 1)
+            if np.array_equal(s.user[a : a + T], codes)
+            and np.array_equal(s.model[a : a + T], batch["model_audio"][r].numpy())
+        ]
+        assert hits, "a row is not a crop of its stage's streams"
+        found.append(hits[0])
+    return found
+
+
+def test_crops_from_the_start_begin_where_conversations_begin(corpus):
+    """from_start=1: every crop begins a conversation, so each question in it sees whatever
+    fact was told before it; by default crops begin anywhere."""
+    starts = ConversationBatches(corpus, seq_len=60, from_start=1.0)
+    assert any(len(s.starts) >= 2 for v in starts.streams.values() for s in v)
+    rows = [x for step in range(4) for x in _crop_starts(starts, starts.batch(step))]
+    assert all(at_start for _, at_start in rows)
+    assert len({a for a, _ in rows}) > 1
+    anywhere = ConversationBatches(corpus, seq_len=60)
+    rows = [x for step in range(4) for x in _crop_starts(anywhere, anywhere.batch(step))]
+    assert sum(at_start for _, at_start in rows) < len(rows) // 2
+    # Half: some rows at a start, and the same step is the same batch again.
+    half = ConversationBatches(corpus, seq_len=60, from_start=0.5)
+    rows = [x for step in range(6) for x in _crop_starts(half, half.batch(step))]
+    assert 0 < sum(at_start for _, at_start in rows) < len(rows)
+    assert half.batch(3)["user_audio"].equal(half.batch(3)["user_audio"])
+    with pytest.raises(ValueError, match="from_start"):
+        ConversationBatches(corpus, 60, from_start=1.5)

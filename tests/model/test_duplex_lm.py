@@ -109,6 +109,31 @@ def test_losses_train() -> None:
     assert set(losses) == {"loss", "loss_text", "loss_user_text", "loss_audio"}
 
 
+def test_rows_at_zero_teach_the_model_streams_nothing() -> None:
+    """model_rows 0 (a stage where the model is silent by construction) leaves that row out of
+    the model's text and audio losses, never out of the user's transcript."""
+    m = _tiny()
+    b = _batch(3, 20)
+    _, plain = m(b)
+    _, ones = m(dict(b, model_rows=torch.ones(3)))
+    for k in plain:
+        assert torch.allclose(plain[k], ones[k], rtol=1e-12, atol=1e-12), k
+    masked = dict(b, model_rows=torch.tensor([0.0, 1.0, 1.0]))
+    _, lm = m(masked)
+    _, rest = m({k: v[1:] for k, v in b.items()})
+    assert torch.allclose(lm["loss_text"], rest["loss_text"], rtol=1e-10)
+    assert torch.allclose(lm["loss_audio"], rest["loss_audio"], rtol=1e-10)
+    assert not torch.allclose(lm["loss_user_text"], rest["loss_user_text"], rtol=1e-6)
+    # The masked row's own streams may change at will: its targets are not learned from.
+    other = dict(masked, model_text=masked["model_text"].clone())
+    other["model_text"][0] = (other["model_text"][0] + 5) % 40
+    other["model_audio"] = masked["model_audio"].clone()
+    other["model_audio"][0] = (other["model_audio"][0] + 3) % 32
+    _, lo = m(other)
+    assert torch.allclose(lo["loss_text"], lm["loss_text"], rtol=1e-10)
+    assert torch.allclose(lo["loss_audio"], lm["loss_audio"], rtol=1e-10)
+
+
 def test_merged_text_prefers_model_then_user() -> None:
     m = _tiny()
     t = torch.tensor([[65, PAD, PAD]])
