@@ -37,6 +37,8 @@ def test_train_command_learns_and_resumes(tmp_path):
         "3e-3",
         "--ckpt-every",
         "10",
+        "--from-start",
+        "0.5",
         "--no-progress",
     ]
     assert main([*common, "--steps", "40"]) == 0
@@ -49,6 +51,7 @@ def test_train_command_learns_and_resumes(tmp_path):
     assert main([*common, "--steps", "60"]) == 0
     hist2 = json.loads((run / "history.json").read_text())
     assert hist2[: len(hist)] == hist and hist2[-1]["step"] == 60
+    assert main([*common, "--steps", "60", "--from-start", "1.5"]) == 2
     assert (
         main(
             [
