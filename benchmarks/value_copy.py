@@ -14,6 +14,10 @@ number's first letter; copying gives near 1.
 
     PYTHONPATH=. .venv/bin/python benchmarks/value_copy.py MODEL [MODEL ...] [--corpus DIR]
 
+Values asked back ("your name is ", "the number was ", "your favorite color is ") were told
+about a minute earlier; to count them, crops must be that long and begin with the conversation:
+`--seq-len 3000 --from-start 1 --crops 96`.
+
 Without --corpus a small held-out corpus (split eval, seed 0) is made in a temporary folder
 (about a minute). Writes benchmarks/results/value_copy.json.
 """
@@ -36,11 +40,13 @@ CUES = {
     "meet you, ": "name told (first byte)",
     "number was ": "number asked back",
     "name is ": "name asked back",
+    "color is ": "colour asked back",
+    "food is ": "food asked back",
     "hundred ": "after 'hundred' (continuation)",
 }
 
 
-def probe(path: str, corpus: Path, crops: int, seq_len: int) -> dict:
+def probe(path: str, corpus: Path, crops: int, seq_len: int, from_start: float = 0.0) -> dict:
     """Teacher-forced first-byte statistics of one model on `crops` crops of `corpus`."""
     from duplex.data.batches import ConversationBatches, Curriculum
     from duplex.model import duplex_lm
@@ -56,6 +62,7 @@ def probe(path: str, corpus: Path, crops: int, seq_len: int) -> dict:
         transcript_delay=cfg.transcript_delay,
         curriculum=Curriculum(steps=1),
         seed=123,
+        from_start=from_start,
     )
     stats = {c: {"n": 0, "argmax": 0, "p": 0.0} for c in CUES}
     with torch.no_grad():
@@ -104,6 +111,14 @@ def main() -> None:
     ap.add_argument("--crops", type=int, default=384)
     ap.add_argument("--seq-len", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--from-start",
+        type=float,
+        default=0.0,
+        help="share of crops that begin a conversation (with --seq-len 3000: values asked "
+        "back a minute after they were told, in the crop)",
+    )
+    ap.add_argument("--json", type=Path, default=OUT / "value_copy.json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory(prefix="duplex-value-copy-") as tmp:
@@ -113,7 +128,9 @@ def main() -> None:
 
             corpus = Path(tmp) / "eval"
             C.build(corpus, {"conversations": 0.3, "duplex": 0.3}, split="eval", workers=2)
-        results = {m: probe(m, corpus, args.crops, args.seq_len) for m in args.models}
+        results = {
+            m: probe(m, corpus, args.crops, args.seq_len, args.from_start) for m in args.models
+        }
     names = list(CUES.values())
     print(f"{'model':40s} " + " ".join(f"{n[:24]:>26s}" for n in names))
     for m, res in results.items():
@@ -121,11 +138,11 @@ def main() -> None:
             f"{res[n]['p']:>9.2f} p {res[n]['argmax']:4.2f} top (n {res[n]['n']:3d})" for n in names
         )
         print(f"{Path(m).parent.name + '/' + Path(m).name if '/' in m else m:40.40s} {cells}")
-    OUT.mkdir(parents=True, exist_ok=True)
-    out = OUT / "value_copy.json"
-    out.write_text(
-        json.dumps({"corpus": str(args.corpus), "crops": args.crops, "models": results}, indent=1)
-    )
+    out = args.json
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cfg = {"corpus": str(args.corpus), "crops": args.crops, "seq_len": args.seq_len}
+    cfg["from_start"] = args.from_start
+    out.write_text(json.dumps({**cfg, "models": results}, indent=1))
     print(f"[value_copy] {out}")
 
 
