@@ -250,8 +250,11 @@ class Scheduler:
                         lane.on_failure("internal server error")
             if self.after_tick is not None:
                 self.after_tick(live)
-            # Behind (a step overran its frame): the frame clock restarts from now.
-            next_t = max(next_t + period, loop.time())
+            # Behind (a step overran its frame): the frame clock restarts from now. Ahead
+            # (steps taken early for a backlog): at most one frame ahead, or a session with one
+            # frame waiting would wait for a clock that a flooding batch-mate ran ahead.
+            now = loop.time()
+            next_t = min(max(next_t + period, now), now + period)
             await self._until_ready(next_t)
 
     async def _until_ready(self, deadline: float) -> None:

@@ -172,6 +172,26 @@ async def test_a_backlog_is_worked_off_without_waiting(parts) -> None:
         await until(lambda: len(a.results) == 3)
 
 
+async def test_a_flood_does_not_run_the_frame_clock_ahead(parts) -> None:
+    """Steps taken early for one session's backlog must not push the frame clock ahead: once
+    the flood is worked off, a single frame waits one frame of clock at most (2 s here), not one
+    frame per early step (it waited about 10 s for this flood of 6, and an honest client beside
+    a flooding one saw its answers pause for a second)."""
+    fs = parts[1].frame_size
+    async with _slow_pair(parts) as (sched, a, la, b, _):
+        loop = asyncio.get_running_loop()
+        await asyncio.sleep(0.1)
+        for i, x in enumerate(_frames(1, 6, fs)):
+            la.push(FrameIn(i, pcm=x))
+        sched.wake()
+        await until(lambda: len(a.results) == 5)
+        t0 = loop.time()
+        # The last frame is alone in the queue (b sends nothing): it waits for the clock.
+        await until(lambda: len(a.results) == 6, timeout=30.0)
+        assert loop.time() - t0 < 3.0, loop.time() - t0
+        assert b.results == []
+
+
 async def test_a_full_queue_drops_its_oldest_frame() -> None:
     lane = Collector().lane(queue_frames=2)
     for i in range(5):
