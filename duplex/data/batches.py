@@ -30,8 +30,9 @@ from duplex.data.conversations import Shard, read_manifest
 from duplex.data.dialogue import STAGES
 
 # Stages where the model is silent by construction, not by choice: the user's requests go
-# unanswered there, so its own streams would teach it to ignore a request (a model that missed
-# one reply then stayed silent for a whole conversation). Only the user's transcript is trained.
+# unanswered there, so its own streams after a request would teach it to ignore one (a model
+# that missed one reply then stayed silent for a whole conversation). Its streams are trained
+# only while the user speaks (silence there is right: it does not talk over the user).
 UNANSWERED_STAGES = ("asr",)
 
 
@@ -69,6 +70,23 @@ class _Stream:
     user_text: np.ndarray
     # Frame where each conversation begins (the first is 0).
     starts: np.ndarray
+    # 1 where the user is speaking and the model's reply is not yet due, else 0 [F].
+    user_speaking: np.ndarray
+
+
+def user_speaking(words: list, frames: int, text_lead: int = 0) -> np.ndarray:
+    """1 on the frames of each user utterance (its first word's first frame to its last word's
+    end, less the `text_lead` frames by which a reply's text would precede its speech), else 0.
+    -> float32 [frames]."""
+    out = np.zeros(frames, np.float32)
+    spans: dict[int, list[int]] = {}
+    for speaker, utt, _, f0, f1 in words:
+        if speaker == 0:
+            span = spans.setdefault(utt, [f0, f1])
+            span[0], span[1] = min(span[0], f0), max(span[1], f1)
+    for f0, f1 in spans.values():
+        out[max(0, f0) : max(0, min(frames, f1 - text_lead))] = 1.0
+    return out
 
 
 class ConversationBatches:
@@ -124,12 +142,17 @@ class ConversationBatches:
         for e in entries:
             sh = Shard(e["path"])
             texts = [sh.text_streams(i, text_lead, transcript_delay) for i in range(len(sh))]
+            sizes = np.diff(sh.offsets)
+            speaking = [
+                user_speaking(sh.record(i)["words"], sizes[i], text_lead) for i in range(len(sh))
+            ]
             s = _Stream(
                 np.ascontiguousarray(sh.user.T),
                 np.ascontiguousarray(sh.model.T),
                 np.concatenate([t[0] for t in texts]),
                 np.concatenate([t[1] for t in texts]),
                 np.asarray(sh.offsets[:-1], np.int64),
+                np.concatenate(speaking),
             )
             if len(s.user) >= seq_len:
                 self.streams.setdefault(e["stage"], []).append(s)
@@ -140,11 +163,13 @@ class ConversationBatches:
 
     def batch(self, step: int, rows: slice | None = None, batch_size: int = 8) -> dict:
         """Rows `rows` of the global batch of `step`: user_audio, model_audio [B, T, K] (long),
-        model_text, user_text [B, T] (long), model_rows [B] (0 where the model's own streams
-        teach nothing: `UNANSWERED_STAGES`), and the stage of each row."""
+        model_text, user_text [B, T] (long), model_weight [B, T] (float; 0 where the model's
+        own streams teach nothing: `UNANSWERED_STAGES` once the user stops), and the stage of
+        each row."""
         rows = rows or slice(0, batch_size)
         p = self.curriculum.weights(step, self.stages)
         out = {"user_audio": [], "model_audio": [], "model_text": [], "user_text": []}
+        weight = []
         stages = []
         T = self.seq_len
         for r in range(rows.start, rows.stop):
@@ -161,8 +186,10 @@ class ConversationBatches:
             out["model_audio"].append(s.model[a : a + T])
             out["model_text"].append(s.model_text[a : a + T])
             out["user_text"].append(s.user_text[a : a + T])
+            unanswered = stage in UNANSWERED_STAGES
+            weight.append(s.user_speaking[a : a + T] if unanswered else np.ones(T, np.float32))
             stages.append(stage)
         batch = {k: torch.from_numpy(np.stack(v).astype(np.int64)) for k, v in out.items()}
-        batch["model_rows"] = torch.tensor([float(s not in UNANSWERED_STAGES) for s in stages])
+        batch["model_weight"] = torch.from_numpy(np.stack(weight))
         batch["stage"] = stages
         return batch

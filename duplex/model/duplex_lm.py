@@ -33,7 +33,7 @@ from torch import nn
 from duplex.model.audio_depth import AudioDepth
 from duplex.model.backbone import Backbone, BackboneConfig, table_offsets
 from duplex.model.copy_head import CopyHead
-from duplex.model.losses import weighted_ce
+from duplex.model.losses import frame_weight, weighted_ce
 from duplex.model.tokenizer import PAD, VOCAB_SIZE
 from duplex.streaming import StreamingModule
 
@@ -339,8 +339,8 @@ class DuplexLM(StreamingModule):
 
         batch: user_audio [B, T, K], model_audio [B, T, K] (frames, not delayed), model_text
         [B, T], user_text [B, T] (already aligned: the transcript lags the speech), and
-        optionally model_rows [B]: 0 for rows whose model streams teach nothing (the model
-        kept silent by construction), left out of the text and audio losses. Returns the
+        optionally model_weight [B] or [B, T]: 0 for rows or frames whose model streams teach
+        nothing (silent by construction), left out of its text and audio losses. Returns the
         logits of every step and the losses per stream (and their weighted sum, "loss").
         """
         cfg = self.cfg
@@ -357,8 +357,8 @@ class DuplexLM(StreamingModule):
             loss_copy = self.copy.loss(p_copy, batch["model_text"])
         w = torch.ones(cfg.text_vocab, device=ids.device, dtype=logits.text.dtype)
         w[PAD] = cfg.text_pad_weight
-        rows = batch.get("model_rows")
-        loss_text = weighted_ce(logits.text, batch["model_text"], w, rows)
+        weight = frame_weight(batch.get("model_weight"), batch["model_text"])
+        loss_text = weighted_ce(logits.text, batch["model_text"], w, weight)
         loss_user = weighted_ce(logits.user_text, batch["user_text"], w, None)
         # Delay gaps hold the pad code, which no head predicts: leave them out of the loss.
         loss_audio = F.cross_entropy(
@@ -368,8 +368,8 @@ class DuplexLM(StreamingModule):
         )
         keep = (tgt != cfg.audio_pad).to(loss_audio.dtype)
         keep[..., 0] *= cfg.first_codebook_weight
-        if rows is not None:
-            keep = keep * rows.to(keep.dtype)[:, None, None]
+        if weight is not None:
+            keep = keep * weight.to(keep.dtype)[:, :, None]
         keep = keep.flatten()
         loss_audio = (loss_audio * keep).sum() / keep.sum().clamp(min=1)
         total = loss_text + loss_user + cfg.audio_weight * loss_audio + cfg.copy_loss * loss_copy

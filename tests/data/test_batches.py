@@ -8,9 +8,10 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from duplex.data import conversations as C
-from duplex.data.batches import ConversationBatches, Curriculum
+from duplex.data.batches import ConversationBatches, Curriculum, user_speaking
 from duplex.model.tokenizer import EOT, PAD
 
 
@@ -85,17 +86,51 @@ def test_rows_follow_the_curriculum(corpus):
     assert early == {"tts", "asr", "pairs", "duplex"}
 
 
-def test_unanswered_stages_train_only_the_transcript(corpus):
-    """In asr crops the user's requests go unanswered by construction: model_rows 0 there."""
-    b = ConversationBatches(corpus, seq_len=100)
+def test_user_speaking_spans_each_utterance_less_the_lead():
+    # speaker, utterance, text, first frame, end frame: user utterance 0 is two words.
+    words = [[0, 0, "hi", 2, 5], [0, 0, "there", 6, 9], [1, 1, "yes", 10, 12], [0, 2, "no", 14, 20]]
+    want = np.zeros(22, np.float32)
+    want[2:9] = 1
+    want[14:20] = 1
+    assert user_speaking(words, 22).tolist() == want.tolist()
+    want[7:9] = 0
+    want[18:20] = 0
+    assert user_speaking(words, 22, text_lead=2).tolist() == want.tolist()
+    # An utterance cut by the end of the conversation stays inside it.
+    assert user_speaking([[0, 0, "hi", 5, 30]], 10).tolist() == [0] * 5 + [1] * 5
+
+
+def test_unanswered_stages_train_the_model_only_while_the_user_speaks(corpus):
+    """In asr crops the user's requests go unanswered by construction: the model's streams are
+    weighted 1 while the user speaks (it must not talk over them) and 0 after each request."""
+    b = ConversationBatches(corpus, seq_len=100, text_lead=2)
     batch = b.batch(0, slice(0, 32))
-    assert "asr" in batch["stage"] and len(set(batch["stage"])) > 1
-    want = [0.0 if s == "asr" else 1.0 for s in batch["stage"]]
-    assert batch["model_rows"].tolist() == want
-    asr = [r for r, s in enumerate(batch["stage"]) if s == "asr"]
+    stages, weight = batch["stage"], batch["model_weight"]
+    assert "asr" in stages and len(set(stages)) > 1
+    assert weight.shape == (32, 100) and weight.dtype == torch.float32
+    asr = [r for r, s in enumerate(stages) if s == "asr"]
+    others = [r for r, s in enumerate(stages) if s != "asr"]
+    assert (weight[others] == 1).all()
+    assert set(weight[asr].unique().tolist()) == {0.0, 1.0}
     # What makes them unanswered: the user speaks, the model writes nothing.
     assert (batch["user_text"][asr] != PAD).any()
     assert (batch["model_text"][asr] == PAD).all()
+    # In place: the utterances of each stored asr conversation, its words' frames.
+    entries = [e for e in C.read_manifest(corpus)["shards"] if e["stage"] == "asr"]
+    for e in entries:
+        sh = C.Shard(corpus / e["file"])
+        (stream,) = [s for s in b.streams["asr"] if np.array_equal(s.user, sh.user.T)]
+        for i in range(len(sh)):
+            lo, hi = sh.offsets[i], sh.offsets[i + 1]
+            span = stream.user_speaking[lo:hi]
+            users = [w for w in sh.record(i)["words"] if w[0] == 0]
+            for w, nxt in zip(users, users[1:] + [None]):
+                # Inside a word: 1, but for the lead before a request ends.
+                assert (span[w[3] : w[4] - 2] == 1).all()
+                if nxt is None or nxt[1] != w[1]:
+                    # After a request, until the next one: the reply nobody gives, 0.
+                    end = len(span) if nxt is None else nxt[3]
+                    assert (span[w[4] - 2 : end] == 0).all()
 
 
 def test_a_batch_trains_the_model(corpus):

@@ -110,20 +110,25 @@ def test_losses_train() -> None:
 
 
 def test_rows_at_zero_teach_the_model_streams_nothing() -> None:
-    """model_rows 0 (a stage where the model is silent by construction) leaves that row out of
-    the model's text and audio losses, never out of the user's transcript."""
+    """model_weight 0 for a row (a stage where the model is silent by construction) leaves that
+    row out of the model's text and audio losses, never out of the user's transcript."""
     m = _tiny()
     b = _batch(3, 20)
     _, plain = m(b)
-    _, ones = m(dict(b, model_rows=torch.ones(3)))
+    _, ones = m(dict(b, model_weight=torch.ones(3)))
+    _, frames = m(dict(b, model_weight=torch.ones(3, 20)))
     for k in plain:
         assert torch.allclose(plain[k], ones[k], rtol=1e-12, atol=1e-12), k
-    masked = dict(b, model_rows=torch.tensor([0.0, 1.0, 1.0]))
+        assert torch.allclose(plain[k], frames[k], rtol=1e-12, atol=1e-12), k
+    masked = dict(b, model_weight=torch.tensor([0.0, 1.0, 1.0]))
+    _, by_frame = m(dict(b, model_weight=torch.tensor([0.0, 1.0, 1.0])[:, None].repeat(1, 20)))
     _, lm = m(masked)
     _, rest = m({k: v[1:] for k, v in b.items()})
     assert torch.allclose(lm["loss_text"], rest["loss_text"], rtol=1e-10)
     assert torch.allclose(lm["loss_audio"], rest["loss_audio"], rtol=1e-10)
     assert not torch.allclose(lm["loss_user_text"], rest["loss_user_text"], rtol=1e-6)
+    for k in lm:
+        assert torch.allclose(lm[k], by_frame[k], rtol=1e-10), k
     # The masked row's own streams may change at will: its targets are not learned from.
     other = dict(masked, model_text=masked["model_text"].clone())
     other["model_text"][0] = (other["model_text"][0] + 5) % 40
@@ -132,6 +137,28 @@ def test_rows_at_zero_teach_the_model_streams_nothing() -> None:
     _, lo = m(other)
     assert torch.allclose(lo["loss_text"], lm["loss_text"], rtol=1e-10)
     assert torch.allclose(lo["loss_audio"], lm["loss_audio"], rtol=1e-10)
+
+
+def test_frames_at_zero_teach_the_model_streams_nothing() -> None:
+    """model_weight [B, T]: frames at 0 (after an unanswered request) leave the model's text and
+    audio losses; their targets may be anything, the other frames still count."""
+    m = _tiny()
+    b = _batch(2, 24)
+    weight = torch.ones(2, 24)
+    weight[0, 10:] = 0
+    _, lm = m(dict(b, model_weight=weight))
+    _, plain = m(b)
+    assert not torch.allclose(lm["loss_text"], plain["loss_text"], rtol=1e-6)
+    other = dict(b, model_text=b["model_text"].clone(), model_audio=b["model_audio"].clone())
+    other["model_text"][0, 10:] = (other["model_text"][0, 10:] + 5) % 40
+    # The audio target of frame t is the code fed at t + 1 (codebooks delayed further later).
+    other["model_audio"][0, 14:] = (other["model_audio"][0, 14:] + 3) % 32
+    _, lo = m(dict(other, model_weight=weight))
+    assert torch.allclose(lo["loss_text"], lm["loss_text"], rtol=1e-10)
+    assert torch.allclose(lo["loss_audio"], lm["loss_audio"], rtol=1e-10)
+    other["model_text"][0, 9] = (other["model_text"][0, 9] + 5) % 40
+    _, moved = m(dict(other, model_weight=weight))
+    assert not torch.allclose(moved["loss_text"], lm["loss_text"], rtol=1e-6)
 
 
 def test_merged_text_prefers_model_then_user() -> None:
