@@ -35,7 +35,7 @@ COMMANDS: list[tuple[str | None, str, str]] = [
     ("train", "codec", "duplex.codecs.train"),
     ("train", "duplex", "duplex.train.duplex_train"),
     ("data", "speech", "duplex.data.speech"),
-    ("data", "conversations", "duplex.data.conversations"),
+    ("data", "conversations", "duplex.data.corpus_command"),
 ]
 
 GROUP_HELP = {

@@ -19,12 +19,10 @@ present on disk) are skipped, a shard is written to a temporary name and renamed
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
 import os
-import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -65,6 +63,7 @@ class ShardSpec:
     max_turns: int = 200
     # Probability that a conversation's microphone goes through a random channel (channel.py).
     channel: float = 0.0
+    barge_stop: tuple[float, float] = G.BARGE_STOP
 
     @property
     def name(self) -> str:
@@ -79,6 +78,7 @@ def plan(
     shard_minutes: float = 20.0,
     max_turns: int = 200,
     channel: float = 0.0,
+    barge_stop: tuple[float, float] = G.BARGE_STOP,
 ) -> list[ShardSpec]:
     """The shards that make `hours` of each stage (each rounded up to whole shards)."""
     specs = []
@@ -89,7 +89,10 @@ def plan(
         for i in range(n):
             minutes = min(shard_minutes, h * 60 - i * shard_minutes)
             seed_i = shard_seed(seed, stage, split, i)
-            specs.append(ShardSpec(stage, split, i, seed_i, minutes, codec, max_turns, channel))
+            stops = (float(barge_stop[0]), float(barge_stop[1]))
+            specs.append(
+                ShardSpec(stage, split, i, seed_i, minutes, codec, max_turns, channel, stops)
+            )
     return specs
 
 
@@ -153,7 +156,9 @@ def make_shard(spec: ShardSpec, out_dir: Path, codec=None) -> dict:
     user_parts, model_parts, records, offsets = [], [], [], [0]
     seconds = 0.0
     while seconds < spec.minutes * 60:
-        d = G.generate(spec.stage, rng, bank, spec.split, spec.max_turns)
+        d = G.generate(
+            spec.stage, rng, bank, spec.split, spec.max_turns, barge_stop=spec.barge_stop
+        )
         ch = Channel.off()
         if spec.channel > 0 and channel_rng.random() < spec.channel:
             ch = Channel.random(channel_rng)
@@ -303,6 +308,7 @@ def build(
     max_turns: int = 200,
     progress: bool = True,
     channel: float = 0.0,
+    barge_stop: tuple[float, float] = G.BARGE_STOP,
 ) -> dict:
     """Make (or finish) a corpus in `out_dir`; returns the manifest."""
     from tqdm import tqdm
@@ -310,10 +316,15 @@ def build(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out)
-    want = {"seed": seed, "codec": codec, "channel": channel}
+    want = {"seed": seed, "codec": codec, "channel": channel, "barge_stop": list(barge_stop)}
     had = {k: manifest.get(k, v) for k, v in want.items()}
-    if manifest.get("shards") and "channel" not in manifest:
-        had["channel"] = 0.0
+    if manifest.get("shards"):
+        # Corpora made before these settings existed.
+        had = {
+            "channel": 0.0,
+            "barge_stop": [0.08, 0.18],
+            **{k: manifest[k] for k in manifest if k in want},
+        }
     for k, v in want.items():
         if had[k] != v:
             raise ValueError(
@@ -322,9 +333,10 @@ def build(
             )
     manifest.update({"version": VERSION, "seed": seed, "codec": codec})
     manifest.update({"channel": channel} if channel > 0 else {})
+    manifest["barge_stop"] = list(barge_stop)
     for p in out.glob(".*.tmp-*"):
         p.unlink()
-    specs = plan(hours, split, seed, codec, shard_minutes, max_turns, channel)
+    specs = plan(hours, split, seed, codec, shard_minutes, max_turns, channel, barge_stop)
     done = {e["file"] for e in manifest["shards"]}
     todo = []
     for s in specs:
@@ -366,135 +378,3 @@ def build(
         }
         write_manifest(out, manifest)
     return manifest
-
-
-def stats(manifest: dict) -> str:
-    """A table of the corpus: per stage and split, shards, conversations, hours, size."""
-    rows: dict[tuple[str, str], list[float]] = {}
-    voices: dict[str, set] = {}
-    for e in manifest["shards"]:
-        r = rows.setdefault((e["stage"], e["split"]), [0, 0, 0.0, 0, 0])
-        r[0] += 1
-        r[1] += e["conversations"]
-        r[2] += e["hours"]
-        r[3] += e["frames"]
-        r[4] += e["bytes"]
-        voices.setdefault(e["split"], set()).update(e["voices"])
-    lines = [
-        f"{'stage':<14}{'split':<7}{'shards':>7}{'convs':>7}{'hours':>8}{'frames':>11}"
-        f"{'MB':>8}{'MB/h':>7}"
-    ]
-    tot = [0, 0, 0.0, 0, 0]
-    for (stage, split), r in sorted(rows.items()):
-        lines.append(
-            f"{stage:<14}{split:<7}{r[0]:>7}{r[1]:>7}{r[2]:>8.2f}{r[3]:>11}"
-            f"{r[4] / 1e6:>8.2f}{r[4] / 1e6 / max(r[2], 1e-9):>7.2f}"
-        )
-        tot = [a + b for a, b in zip(tot, r)]
-    lines.append(
-        f"{'total':<21}{tot[0]:>7}{tot[1]:>7}{tot[2]:>8.2f}{tot[3]:>11}"
-        f"{tot[4] / 1e6:>8.2f}{tot[4] / 1e6 / max(tot[2], 1e-9):>7.2f}"
-    )
-    for split, v in sorted(voices.items()):
-        lines.append(f"{split} voices: {len(v)} (accent+variant)")
-    run = manifest.get("last_run")
-    if run:
-        lines.append(
-            f"last run: {run['hours']:.2f} h in {run['seconds']:.0f} s on {run['workers']} "
-            f"worker(s) = {run['hours_per_cpu_hour']:.1f} h of conversation per CPU-hour"
-        )
-    return "\n".join(lines)
-
-
-HELP = "make the spoken conversation corpus (codec tokens + aligned text) for training"
-DESCRIPTION = """Synthesise spoken conversations in the talk domain and store them as codec tokens.
-
-Stages (a curriculum; --hours sets how much of each):
-  tts            the model voice reads answers aloud (text -> speech); the user is silent
-  asr            users speak requests and other sentences (speech -> text); the model is silent
-  pairs          one or two requests with their answers
-  conversations  2-200 turns: facts told, updated and asked much later, pauses inside requests,
-                 silences, out-of-domain requests
-  duplex         conversations with barge-ins, acknowledgements and minutes of silence
-
-Users: espeak-ng voices (accents x variants), 120-260 wpm, pitch 15-85 with per-utterance changes,
-level changes, white/pink/brown noise (10-40 dB SNR) and synthetic reverberation. The model: one
-fixed voice. The eval split uses held-out voices (another accent and variants), held-out numbers
-and arithmetic problems; training never sees them.
-
-Output: DIR/STAGE-SPLIT-NNNNN.npz shards and DIR/manifest.json (seed, stage, voices, hours,
-frames and bytes of each shard). Re-running the same command resumes: finished shards are kept.
-The same --seed gives the same bytes.
-
-Examples:
-  duplex data conversations --out ~/corpus --workers 2
-  duplex data conversations --out ~/corpus --hours tts=1,duplex=5
-  duplex data conversations --out ~/corpus-eval --split eval --hours pairs=0.2,duplex=0.5
-  duplex data conversations --stats ~/corpus
-"""
-
-
-def parse_hours(text: str) -> dict[str, float]:
-    """ "tts=1,duplex=2.5" -> {"tts": 1.0, "duplex": 2.5}."""
-    out: dict[str, float] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        if "=" not in part:
-            raise argparse.ArgumentTypeError(f"expected STAGE=HOURS, got {part!r}")
-        k, v = part.split("=", 1)
-        if k not in G.STAGES:
-            raise argparse.ArgumentTypeError(f"unknown stage {k!r}: one of {', '.join(G.STAGES)}")
-        try:
-            out[k] = float(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"hours must be a number, got {v!r}") from None
-        if out[k] < 0:
-            raise argparse.ArgumentTypeError("hours must be >= 0")
-    return out
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", type=Path, help="corpus directory (created; resumed if it exists)")
-    p.add_argument(
-        "--hours",
-        type=parse_hours,
-        default=None,
-        help="hours per stage, e.g. tts=2,asr=2,pairs=1,conversations=3,duplex=4 (the default; "
-        "stages not named are not made)",
-    )
-    p.add_argument("--split", choices=["train", "eval"], default="train", help="voices and values")
-    p.add_argument("--seed", type=int, default=0, help="corpus seed (default 0)")
-    p.add_argument("--codec", default="default", help="codec name or .safetensors (default)")
-    p.add_argument("--workers", type=int, default=1, help="processes (one core each)")
-    p.add_argument("--shard-minutes", type=float, default=20.0, help="audio per shard (20)")
-    p.add_argument("--max-turns", type=int, default=200, help="longest conversation (200)")
-    p.add_argument("--channel", type=float, default=0.0, help="share through a random mic (0)")
-    p.add_argument("--stats", type=Path, metavar="DIR", help="print a corpus's table and exit")
-
-
-def run(args: argparse.Namespace) -> int:
-    if args.stats is not None:
-        if not (args.stats / "manifest.json").exists():
-            print(f"duplex data conversations: no manifest.json in {args.stats}", file=sys.stderr)
-            return 2
-        print(stats(read_manifest(args.stats)))
-        return 0
-    if args.out is None:
-        print("duplex data conversations: --out DIR is required (or --stats DIR)", file=sys.stderr)
-        return 2
-    try:
-        manifest = build(
-            args.out,
-            args.hours or DEFAULT_HOURS,
-            args.split,
-            args.seed,
-            args.codec,
-            args.workers,
-            args.shard_minutes,
-            args.max_turns,
-            channel=args.channel,
-        )
-    except (ValueError, RuntimeError) as e:
-        print(f"duplex data conversations: {e}", file=sys.stderr)
-        return 2
-    print(stats(manifest))
-    return 0

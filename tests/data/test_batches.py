@@ -124,7 +124,7 @@ def test_unanswered_stages_train_the_model_only_while_the_user_speaks(corpus):
             lo, hi = sh.offsets[i], sh.offsets[i + 1]
             span = stream.user_speaking[lo:hi]
             users = [w for w in sh.record(i)["words"] if w[0] == 0]
-            for w, nxt in zip(users, users[1:] + [None]):
+            for w, nxt in zip(users, [*users[1:], None]):
                 # Inside a word: 1, but for the lead before a request ends.
                 assert (span[w[3] : w[4] - 2] == 1).all()
                 if nxt is None or nxt[1] != w[1]:

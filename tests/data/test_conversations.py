@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 
 from duplex import codecs
 from duplex.data import conversations as C
+from duplex.data import corpus_command
 from duplex.data import dialogue as G
 from duplex.data import speech as S
 from duplex.model.tokenizer import EOT, PAD
@@ -64,7 +66,7 @@ def test_manifest_lists_every_shard_and_stats_add_up(corpus):
         assert e["bytes"] == (corpus / e["file"]).stat().st_size
         assert abs(e["hours"] - e["frames"] / 50 / 3600) < 1e-9
         assert e["voices"]
-    table = C.stats(manifest)
+    table = corpus_command.stats(manifest)
     total = sum(e["hours"] for e in manifest["shards"])
     assert f"{total:.2f}" in table.splitlines()[-3 if "last run" in table else -2]
 
@@ -170,3 +172,42 @@ def test_cli_makes_and_describes_a_corpus(tmp_path, capsys):
     assert main(["data", "conversations", "--stats", str(tmp_path / "none")]) == 2
     with pytest.raises(SystemExit):
         main(["data", "conversations", "--out", str(tmp_path), "--hours", "nope=1"])
+    for bad in ("0.1", "0.2,0.1", "a,b"):
+        with pytest.raises(SystemExit):
+            main(["data", "conversations", "--out", str(tmp_path), "--barge-stop", bad])
+    assert "--barge-stop" in capsys.readouterr().err
+    # The corpus keeps its barge-in stops: another range is refused, nothing is lost.
+    before = (tmp_path / "manifest.json").read_text()
+    assert json.loads(before)["barge_stop"] == list(G.BARGE_STOP)
+    args = ["data", "conversations", "--out", str(tmp_path), "--split", "eval"]
+    assert main([*args, "--hours", "pairs=0.003", "--barge-stop", "0.1,0.2"]) == 2
+    assert "barge_stop" in capsys.readouterr().err
+    assert (tmp_path / "manifest.json").read_text() == before
+
+
+def test_a_corpus_made_before_the_setting_keeps_its_old_stops(tmp_path):
+    """A manifest without `barge_stop` was made with (0.08, 0.18): resuming it with those is
+    allowed, the new default is refused."""
+    hours, kw = {"pairs": 0.003}, {"split": "eval", "shard_minutes": 0.2, "progress": False}
+    C.build(tmp_path, hours, barge_stop=(0.08, 0.18), **kw)
+    m = json.loads((tmp_path / "manifest.json").read_text())
+    del m["barge_stop"]
+    (tmp_path / "manifest.json").write_text(json.dumps(m))
+    C.build(tmp_path, hours, barge_stop=(0.08, 0.18), **kw)
+    with pytest.raises(ValueError, match="barge_stop"):
+        C.build(tmp_path, hours, **kw)
+
+
+def test_shards_are_made_with_the_corpus_barge_in_stops(tmp_path):
+    spec = C.plan({"duplex": 1.5 / 60}, "train", 3, "default", shard_minutes=1.5)[0]
+    spec = dataclasses.replace(spec, barge_stop=(0.15, 0.15))
+    C.make_shard(spec, tmp_path)
+    sh = C.Shard(tmp_path / spec.name)
+    gaps = []
+    for i in range(len(sh)):
+        ev = sh.record(i)["events"]
+        for e in ev:
+            if "cut_at" in e:
+                barge = [x for x in ev if x.get("barge_in") and x["start"] <= e["cut_at"]][-1]
+                gaps.append(e["cut_at"] - barge["start"])
+    assert gaps and np.allclose(gaps, 0.15)

@@ -93,7 +93,10 @@ def test_barge_in_silences_the_model_within_200_ms(duplex_dialogue):
     assert cuts
     for e in cuts:
         barge = [x for x in d.events if x.get("barge_in") and x["start"] <= e["cut_at"]][-1]
-        assert 0.08 <= e["cut_at"] - barge["start"] <= 0.18 + 1e-9
+        lo, hi = G.BARGE_STOP
+        assert lo - 1e-9 <= e["cut_at"] - barge["start"] <= hi + 1e-9
+        # The output lags a frame (20 ms) and fades 10 ms: still inside the domain's 200 ms.
+        assert hi + 0.03 <= 0.2
         after = d.model[int((e["cut_at"] + 0.011) * SR) : int(barge["end"] * SR)]
         assert np.abs(after).max(initial=0) == 0.0
         # Its text stops with the last word begun before the cut.
@@ -102,6 +105,25 @@ def test_barge_in_silences_the_model_within_200_ms(duplex_dialogue):
             for w in d.words
             if w.speaker == "model" and e["reply_start"] <= w.start < barge["end"]
         )
+
+
+def test_the_barge_in_stop_is_a_setting(bank):
+    """The same seed with another `barge_stop` moves only where the model's audio stops."""
+    fixed, default = [], []
+    for stops, out in (((0.15, 0.15), fixed), (G.BARGE_STOP, default)):
+        rng = np.random.default_rng(7)
+        while not out:
+            d = G.generate("duplex", rng, bank, max_turns=30, barge_stop=stops)
+            out += [
+                e["cut_at"]
+                - [x for x in d.events if x.get("barge_in") and x["start"] <= e["cut_at"]][-1][
+                    "start"
+                ]
+                for e in d.events
+                if "cut_at" in e
+            ]
+    assert np.allclose(fixed, 0.15) and len(fixed) == len(default)
+    assert not np.allclose(default, 0.15)
 
 
 def test_pauses_fall_only_where_the_request_is_unfinished(bank):
