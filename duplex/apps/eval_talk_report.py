@@ -27,6 +27,17 @@ def _mean(xs: Iterable[float]) -> float | None:
     return float(np.mean(xs)) if xs else None
 
 
+# A request is "overlapped" when the model's voice sounded during this share of it or more.
+OVERLAPPED = 0.2
+
+
+def _heard(answers: list[dict]) -> dict:
+    """Word error rate of the transcripts of these requests alone."""
+    errors = sum(a["heard_errors"][0] for a in answers)
+    words = sum(a["heard_errors"][1] for a in answers)
+    return {"n": len(answers), "words": words, "wer": errors / words if words else None}
+
+
 def summarise(
     cfg: EvalConfig,
     results: list[dict],
@@ -58,7 +69,14 @@ def summarise(
     return {
         "model": cfg.model,
         "codec": cfg.codec,
-        "listening": {"wer": wer_e / max(1, wer_n), "words": wer_n},
+        "listening": {
+            "wer": wer_e / max(1, wer_n),
+            "words": wer_n,
+            "requests": {
+                "clear": _heard([a for a in answers if a["overlap"] < OVERLAPPED]),
+                "overlapped": _heard([a for a in answers if a["overlap"] >= OVERLAPPED]),
+            },
+        },
         "answers": {
             "n": len(answers),
             "correct": _mean(a["ok"] for a in answers),
@@ -66,6 +84,7 @@ def summarise(
             "facts_by_distance": facts,
             "requests": [
                 {k: a[k] for k in ("intent", "request", "heard", "said", "answer", "ok", "spoke")}
+                | {"overlap": round(a["overlap"], 3)}
                 for a in answers
             ],
         },
@@ -108,6 +127,10 @@ def table(report: dict) -> str:
     a, t, s = report["answers"], report["timing"], report["speaking"]
     rows = [
         ("user transcript WER", _fmt(report["listening"]["wer"], pct=True)),
+    ]
+    for k, v in report["listening"]["requests"].items():
+        rows.append((f"  requests, {k}", f"{_fmt(v['wer'], pct=True)} of {v['n']}"))
+    rows += [
         ("answers correct (text)", f"{_fmt(a['correct'], pct=True)} of {a['n']}"),
     ]
     for k, v in a["facts_by_distance"].items():

@@ -32,6 +32,10 @@ if TYPE_CHECKING:
 Spoken = tuple[str, str, int | None, int | None]
 
 
+# How long after a request's end its transcript may still be written (it lags the speech).
+HEARD_TAIL_S = 0.5
+
+
 def _frame(t: float, rate: float) -> int:
     return math.floor(t * rate)
 
@@ -83,6 +87,9 @@ def score_dialogue(d: G.Dialogue, heard: Heard, part: str) -> dict:
         told = e.get("told_at")
         ago = None if told is None or "asks" not in e else e["start"] - told
         on = np.flatnonzero(voiced[f0:f1])
+        q0, q1 = _frame(e["start"], rate), _frame(e["end"], rate)
+        ref = D.normalize(e["text"]).split()
+        hyp = D.normalize(decode_ids(heard.user[q0 : q1 + round(HEARD_TAIL_S * rate)])).split()
         r["answers"].append(
             {
                 "part": part,
@@ -95,6 +102,10 @@ def score_dialogue(d: G.Dialogue, heard: Heard, part: str) -> dict:
                 "request": e["text"],
                 "heard": decode_ids(heard.user[_frame(e["start"], rate) : f1]),
                 "spoke": bool(len(on)),
+                # Share of the request during which the model's own voice sounded, and what
+                # the transcript got wrong of it: does the model hear while it speaks?
+                "overlap": float(voiced[q0:q1].mean()) if q1 > q0 else 0.0,
+                "heard_errors": (word_errors(ref, hyp), len(ref)),
             }
         )
         if len(on):

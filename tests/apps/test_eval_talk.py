@@ -69,6 +69,23 @@ def test_every_request_is_listed_with_what_was_heard_and_said(reports):
     assert not any(q["spoke"] or q["ok"] for q in silent)
 
 
+def test_the_transcript_is_scored_apart_where_the_model_spoke_over_the_user(reports):
+    """Requests are split by how much of them the model's own voice covered: the oracle answers
+    after each one (all clear, heard exactly), silence covers none (heard as nothing), and the
+    untrained model, sounding all the time, covers most."""
+    for name in ("oracle", "silent", "tiny"):
+        heard = reports[name]["listening"]["requests"]
+        assert heard["clear"]["n"] + heard["overlapped"]["n"] == reports[name]["answers"]["n"]
+    oracle = reports["oracle"]["listening"]["requests"]
+    assert oracle["overlapped"]["n"] == 0 and oracle["clear"]["wer"] < 0.05
+    silent = reports["silent"]["listening"]["requests"]
+    assert silent["overlapped"]["n"] == 0 and silent["clear"]["wer"] == 1.0
+    tiny = reports["tiny"]["listening"]["requests"]
+    assert tiny["overlapped"]["n"] > tiny["clear"]["n"]
+    assert all(0 <= q["overlap"] <= 1 for q in reports["tiny"]["answers"]["requests"])
+    assert "requests, overlapped" in E.table(reports["tiny"])
+
+
 def test_silent_model_never_replies(reports):
     t = reports["silent"]["timing"]
     assert t["replied"] == 0.0 and t["reply_latency_p50"] is None
