@@ -84,7 +84,11 @@ def summarise(
             "facts_by_distance": facts,
             "requests": [
                 {k: a[k] for k in ("intent", "request", "heard", "said", "answer", "ok", "spoke")}
-                | {"overlap": round(a["overlap"], 3)}
+                | {
+                    "part": a["part"],
+                    "start": round(a["start"], 2),
+                    "overlap": round(a["overlap"], 3),
+                }
                 for a in answers
             ],
         },

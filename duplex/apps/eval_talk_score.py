@@ -100,6 +100,7 @@ def score_dialogue(d: G.Dialogue, heard: Heard, part: str) -> dict:
                 "ago": ago,
                 "asks": e.get("asks"),
                 "request": e["text"],
+                "start": e["start"],
                 "heard": decode_ids(heard.user[_frame(e["start"], rate) : f1]),
                 "spoke": bool(len(on)),
                 # Share of the request during which the model's own voice sounded, and what

@@ -83,6 +83,11 @@ def test_the_transcript_is_scored_apart_where_the_model_spoke_over_the_user(repo
     tiny = reports["tiny"]["listening"]["requests"]
     assert tiny["overlapped"]["n"] > tiny["clear"]["n"]
     assert all(0 <= q["overlap"] <= 1 for q in reports["tiny"]["answers"]["requests"])
+    # Where each request sits: its dialogue and second, in order within a dialogue.
+    requests = reports["oracle"]["answers"]["requests"]
+    for a, b in zip(requests, requests[1:]):
+        assert a["part"] != b["part"] or a["start"] < b["start"]
+    assert {q["part"] for q in requests} >= {"conversation0", "facts"}
     assert "requests, overlapped" in E.table(reports["tiny"])
 
 
