@@ -64,6 +64,8 @@ class ShardSpec:
     # Probability that a conversation's microphone goes through a random channel (channel.py).
     channel: float = 0.0
     barge_stop: tuple[float, float] = G.BARGE_STOP
+    # Each conversation's user voice plays at a speed drawn from [1 - warp, 1 + warp].
+    warp: float = 0.0
 
     @property
     def name(self) -> str:
@@ -79,6 +81,7 @@ def plan(
     max_turns: int = 200,
     channel: float = 0.0,
     barge_stop: tuple[float, float] = G.BARGE_STOP,
+    warp: float = 0.0,
 ) -> list[ShardSpec]:
     """The shards that make `hours` of each stage (each rounded up to whole shards)."""
     specs = []
@@ -91,7 +94,7 @@ def plan(
             seed_i = shard_seed(seed, stage, split, i)
             stops = (float(barge_stop[0]), float(barge_stop[1]))
             specs.append(
-                ShardSpec(stage, split, i, seed_i, minutes, codec, max_turns, channel, stops)
+                ShardSpec(stage, split, i, seed_i, minutes, codec, max_turns, channel, stops, warp)
             )
     return specs
 
@@ -152,12 +155,20 @@ def make_shard(spec: ShardSpec, out_dir: Path, codec=None) -> dict:
     rng = np.random.default_rng(spec.seed)
     # Channels draw from their own generator: a corpus without them is as it was before.
     channel_rng = np.random.default_rng([spec.seed, 1])
+    warp_rng = np.random.default_rng([spec.seed, 2])
     bank = G.WordBank(codec.sample_rate)
     user_parts, model_parts, records, offsets = [], [], [], [0]
     seconds = 0.0
     while seconds < spec.minutes * 60:
+        speed = float(warp_rng.uniform(1 - spec.warp, 1 + spec.warp)) if spec.warp else 1.0
         d = G.generate(
-            spec.stage, rng, bank, spec.split, spec.max_turns, barge_stop=spec.barge_stop
+            spec.stage,
+            rng,
+            bank,
+            spec.split,
+            spec.max_turns,
+            barge_stop=spec.barge_stop,
+            warp=speed,
         )
         ch = Channel.off()
         if spec.channel > 0 and channel_rng.random() < spec.channel:
@@ -309,6 +320,7 @@ def build(
     progress: bool = True,
     channel: float = 0.0,
     barge_stop: tuple[float, float] = G.BARGE_STOP,
+    warp: float = 0.0,
 ) -> dict:
     """Make (or finish) a corpus in `out_dir`; returns the manifest."""
     from tqdm import tqdm
@@ -317,12 +329,14 @@ def build(
     out.mkdir(parents=True, exist_ok=True)
     manifest = read_manifest(out)
     want = {"seed": seed, "codec": codec, "channel": channel, "barge_stop": list(barge_stop)}
+    want["warp"] = warp
     had = {k: manifest.get(k, v) for k, v in want.items()}
     if manifest.get("shards"):
         # Corpora made before these settings existed.
         had = {
             "channel": 0.0,
             "barge_stop": [0.08, 0.18],
+            "warp": 0.0,
             **{k: manifest[k] for k in manifest if k in want},
         }
     for k, v in want.items():
@@ -333,10 +347,10 @@ def build(
             )
     manifest.update({"version": VERSION, "seed": seed, "codec": codec})
     manifest.update({"channel": channel} if channel > 0 else {})
-    manifest["barge_stop"] = list(barge_stop)
+    manifest.update(barge_stop=list(barge_stop), warp=warp)
     for p in out.glob(".*.tmp-*"):
         p.unlink()
-    specs = plan(hours, split, seed, codec, shard_minutes, max_turns, channel, barge_stop)
+    specs = plan(hours, split, seed, codec, shard_minutes, max_turns, channel, barge_stop, warp)
     done = {e["file"] for e in manifest["shards"]}
     todo = []
     for s in specs:

@@ -127,6 +127,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-turns", type=int, default=200, help="longest conversation (200)")
     p.add_argument("--channel", type=float, default=0.0, help="share through a random mic (0)")
     p.add_argument(
+        "--warp",
+        type=float,
+        default=0.0,
+        help="each conversation's user voice plays at a speed in [1 - W, 1 + W] (0: off; e.g. "
+        "0.12): pitch and formants move with it, new speakers from the same voices",
+    )
+    p.add_argument(
         "--barge-stop",
         type=_seconds_range,
         default=G.BARGE_STOP,
@@ -144,6 +151,12 @@ def run(args: argparse.Namespace) -> int:
             return 2
         print(stats(read_manifest(args.stats)))
         return 0
+    if not 0 <= args.warp < 0.5:
+        print(
+            f"duplex data conversations: --warp must be in [0, 0.5), not {args.warp}",
+            file=sys.stderr,
+        )
+        return 2
     if args.out is None:
         print("duplex data conversations: --out DIR is required (or --stats DIR)", file=sys.stderr)
         return 2
@@ -159,6 +172,7 @@ def run(args: argparse.Namespace) -> int:
             args.max_turns,
             channel=args.channel,
             barge_stop=args.barge_stop,
+            warp=args.warp,
         )
     except (ValueError, RuntimeError) as e:
         print(f"duplex data conversations: {e}", file=sys.stderr)

@@ -23,6 +23,7 @@ span holds its audio and the gaps do not.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -78,7 +79,7 @@ class WordBank:
         spoken = "".join(c for c in word if c.isalnum() or c == "'")
         key = (voice, spoken)
         if key not in self._cache:
-            a = S._trim(S._to_rate(S._run_espeak(spoken, voice), self.sample_rate))
+            a = S._trim(S._to_rate(S._run_espeak(spoken, voice), self.sample_rate, voice.warp))
             if len(a) == 0:
                 raise RuntimeError(f"espeak-ng produced no audio for {spoken!r}")
             self._cache[key] = a
@@ -205,7 +206,7 @@ class Timeline:
     def user_says(self, words: list[str], start: float, pause_before: int | None = None):
         """Place a user utterance at `start`; returns (end, pause span or None)."""
         pitch = self.voice.pitch + int(self.rng.choice((-5, 0, 5)))
-        voice = S.Voice(self.voice.accent, self.voice.variant, self.voice.rate, pitch)
+        voice = dataclasses.replace(self.voice, pitch=pitch)
         gain = 10 ** (float(self.rng.uniform(-1, 1)) * self.augment.jitter_db / 20)
         utt, self._utt = self._utt, self._utt + 1
         pieces, t, pause = [], start, None
@@ -394,6 +395,7 @@ def generate(
     rates: dict[str, float] | None = None,
     min_turns: int = 2,
     barge_stop: tuple[float, float] = BARGE_STOP,
+    warp: float = 1.0,
 ) -> Dialogue:
     """One random dialogue of a curriculum stage:
 
@@ -405,11 +407,12 @@ def generate(
     - duplex: conversations with barge-ins, acknowledgements and long silences as well
 
     `rates` overrides the per-turn probabilities of the conversation stages: "pause", "barge",
-    "ack", "silence"; `barge_stop` the range of seconds from a barge-in to the model's silence.
+    "ack", "silence"; `barge_stop` the range of seconds from a barge-in to the model's silence;
+    `warp` the user voice's speed factor (`speech.Voice.warp`).
     """
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}: one of {STAGES}")
-    voice = user_voice(rng, split)
+    voice = dataclasses.replace(user_voice(rng, split), warp=warp)
     tl = Timeline(bank, rng, voice, split, stage, Augment.random(rng, split), barge_stop)
     if stage == "tts":
         memory = D.Memory(

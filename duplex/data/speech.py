@@ -57,12 +57,15 @@ _NUMBERS: list[str] = _TABLES["numbers"]
 
 @dataclass(frozen=True)
 class Voice:
-    """One espeak-ng speaker: accent+variant, speaking rate (words per minute) and base pitch."""
+    """One espeak-ng speaker: accent+variant, speaking rate (words per minute) and base pitch;
+    `warp` plays the synthesised audio warp times faster (pitch and formants up by warp: a
+    shorter or longer vocal tract, a new speaker from the same voice; speed perturbation)."""
 
     accent: str
     variant: str = ""
     rate: int = 165
     pitch: int = 50
+    warp: float = 1.0
 
     @property
     def espeak_name(self) -> str:
@@ -187,11 +190,15 @@ def _run_espeak(text: str, voice: Voice) -> np.ndarray:
     return audio
 
 
-def _to_rate(audio: np.ndarray, sample_rate: int) -> np.ndarray:
-    if sample_rate == ESPEAK_RATE:
+def _to_rate(audio: np.ndarray, sample_rate: int, speed: float = 1.0) -> np.ndarray:
+    """espeak-ng's audio at `sample_rate`, played `speed` times faster (pitch and formants up by
+    `speed`, length down by it; quantised to 1/441 steps): one resampling either way."""
+    # Read as if recorded at `speed` times espeak-ng's rate (50 Hz steps: 22050 = 441 * 50).
+    from_rate = ESPEAK_RATE if speed == 1.0 else round(speed * 441) * 50
+    if sample_rate == from_rate:
         return audio.astype(np.float32)
     # [T] -> [1, T] -> resampled [1, T'] -> [T']
-    t = resample(torch.from_numpy(audio)[None], ESPEAK_RATE, sample_rate)
+    t = resample(torch.from_numpy(audio)[None], from_rate, sample_rate)
     return t[0].numpy().astype(np.float32)
 
 
@@ -209,7 +216,7 @@ def _trim(audio: np.ndarray, rel_threshold: float = 0.02) -> np.ndarray:
 
 def synthesize(text: str, voice: Voice, sample_rate: int = 16000) -> Utterance:
     """Speak a whole sentence (natural prosody, no word timing)."""
-    audio = _to_rate(_run_espeak(text, voice), sample_rate)
+    audio = _to_rate(_run_espeak(text, voice), sample_rate, voice.warp)
     return Utterance(text=text, voice=voice, audio=audio, sample_rate=sample_rate)
 
 
@@ -235,7 +242,7 @@ def synthesize_words(
     pos = len(pieces[0])
     timings: list[WordTiming] = []
     for i, w in enumerate(words):
-        a = _trim(_to_rate(_run_espeak(w, voice), sample_rate))
+        a = _trim(_to_rate(_run_espeak(w, voice), sample_rate, voice.warp))
         timings.append(WordTiming(w, pos / sample_rate, (pos + len(a)) / sample_rate))
         pieces.append(a)
         pos += len(a)

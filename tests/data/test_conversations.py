@@ -172,6 +172,8 @@ def test_cli_makes_and_describes_a_corpus(tmp_path, capsys):
     assert main(["data", "conversations", "--stats", str(tmp_path / "none")]) == 2
     with pytest.raises(SystemExit):
         main(["data", "conversations", "--out", str(tmp_path), "--hours", "nope=1"])
+    assert main(["data", "conversations", "--out", str(tmp_path), "--warp", "0.7"]) == 2
+    assert "--warp" in capsys.readouterr().err
     for bad in ("0.1", "0.2,0.1", "a,b"):
         with pytest.raises(SystemExit):
             main(["data", "conversations", "--out", str(tmp_path), "--barge-stop", bad])
@@ -196,6 +198,23 @@ def test_a_corpus_made_before_the_setting_keeps_its_old_stops(tmp_path):
     C.build(tmp_path, hours, barge_stop=(0.08, 0.18), **kw)
     with pytest.raises(ValueError, match="barge_stop"):
         C.build(tmp_path, hours, **kw)
+
+
+def test_warp_gives_each_conversation_its_own_speed(tmp_path):
+    """--warp W: every conversation's user voice plays at a speed in [1 - W, 1 + W], recorded
+    with the voice; without it every voice plays as synthesised and the shard is as before."""
+    spec = C.plan({"asr": 0.6 / 60}, "train", 4, "default", shard_minutes=0.6)[0]
+    C.make_shard(dataclasses.replace(spec, warp=0.15), tmp_path / "w")
+    C.make_shard(spec, tmp_path / "plain")
+    warped, plain = C.Shard(tmp_path / "w" / spec.name), C.Shard(tmp_path / "plain" / spec.name)
+    speeds = [warped.record(i)["voice"]["warp"] for i in range(len(warped))]
+    assert len(set(speeds)) == len(speeds) > 1 and all(0.85 <= x <= 1.15 for x in speeds)
+    assert all(plain.record(i)["voice"]["warp"] == 1.0 for i in range(len(plain)))
+    # The same dialogues (own generator for the speeds): same words, other audio.
+    assert [r["words"][0][2] for r in warped.meta["conversations"]][:1] == [
+        r["words"][0][2] for r in plain.meta["conversations"]
+    ][:1]
+    assert not np.array_equal(warped.user[:, :50], plain.user[:, :50])
 
 
 def test_shards_are_made_with_the_corpus_barge_in_stops(tmp_path):

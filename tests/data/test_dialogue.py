@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 import numpy as np
@@ -35,11 +36,14 @@ def _rms(x: np.ndarray) -> float:
     return float(np.sqrt(np.mean(np.square(x)))) if len(x) else 0.0
 
 
-def test_every_word_sits_inside_its_audio(bank):
+@pytest.mark.parametrize("warp", [1.0, 0.87, 1.13])
+def test_every_word_sits_inside_its_audio(bank, warp):
     """Each word's span holds speech and the gaps between words of one speaker are silent: the
-    timing comes from where the word's audio was placed, so text and sound agree exactly."""
+    timing comes from where the word's audio was placed, so text and sound agree exactly (a
+    warped voice too: its words are shorter or longer, and placed as they are)."""
     rng = np.random.default_rng(3)
-    tl = G.Timeline(bank, rng, G.user_voice(rng, "train"), "train", "asr", G.Augment())
+    voice = dataclasses.replace(G.user_voice(rng, "train"), warp=warp)
+    tl = G.Timeline(bank, rng, voice, "train", "asr", G.Augment())
     for _ in range(4):
         tl.request(tl._intent(), pause_p=0.5)
     d = tl.render()
@@ -105,6 +109,26 @@ def test_barge_in_silences_the_model_within_200_ms(duplex_dialogue):
             for w in d.words
             if w.speaker == "model" and e["reply_start"] <= w.start < barge["end"]
         )
+
+
+def test_a_warped_voice_is_the_same_words_faster_and_higher(bank):
+    """warp 1.12 plays the voice 1.12 times faster: each word 1/1.12 as long, its pitch up by
+    the same factor (the strongest autocorrelation lag of its voiced middle, 60-400 Hz)."""
+    voice = G.user_voice(np.random.default_rng(0), "train")
+    fast = dataclasses.replace(voice, warp=1.12)
+
+    def pitch(a: np.ndarray) -> float:
+        mid = a[len(a) // 4 : 3 * len(a) // 4].astype(np.float64)
+        ac = np.correlate(mid, mid, "full")[len(mid) - 1 :]
+        lo, hi = SR // 400, SR // 60
+        return SR / (lo + int(np.argmax(ac[lo:hi])))
+
+    for word in ("hello", "remember", "morning"):
+        a, b = bank.word(voice, word), bank.word(fast, word)
+        assert abs(len(a) / len(b) - 1.12) < 0.04, word
+        assert 1.06 < pitch(b) / pitch(a) < 1.18, (word, pitch(a), pitch(b))
+    d = G.generate("asr", np.random.default_rng(5), bank, warp=0.9)
+    assert d.user_voice.warp == 0.9
 
 
 def test_the_barge_in_stop_is_a_setting(bank):
