@@ -33,6 +33,7 @@ from torch import nn
 from duplex.model.audio_depth import AudioDepth
 from duplex.model.backbone import Backbone, BackboneConfig, table_offsets
 from duplex.model.copy_head import CopyHead
+from duplex.model.exposure import TRANSCRIPT_BYTES, corrupt
 from duplex.model.losses import frame_weight, weighted_ce
 from duplex.model.tokenizer import PAD, VOCAB_SIZE
 from duplex.streaming import StreamingModule
@@ -71,9 +72,10 @@ class DuplexConfig:
     # Weight of codebook 0 (the first, most informative one) in the audio loss, against 1 for
     # each acoustic codebook.
     first_codebook_weight: float = 1.0
-    # Training only: the fraction of the model's own fed-back audio codes replaced by random
-    # codes, so it learns to continue from inputs that are not the corpus's (exposure bias).
+    # Training only: the share of the model's fed-back audio codes, and of the bytes of its
+    # transcript of the user, replaced by random ones (exposure bias: duplex/model/exposure.py).
     audio_input_noise: float = 0.0
+    transcript_input_noise: float = 0.0
     # Text frames a copy head points over (0: none): the next byte may be the one that followed
     # an earlier byte, so heard values are repeated rather than guessed (duplex/model/copy_head.py).
     copy_window: int = 0
@@ -96,8 +98,9 @@ class DuplexConfig:
             raise ValueError("delays must be >= 0")
         if self.copy_window < 0:
             raise ValueError("copy_window must be >= 0")
-        if self.depth_hidden < 0 or not 0.0 <= self.audio_input_noise < 1.0:
-            raise ValueError("depth_hidden must be >= 0 and audio_input_noise in [0, 1)")
+        noise = (self.audio_input_noise, self.transcript_input_noise)
+        if self.depth_hidden < 0 or not all(0.0 <= x < 1.0 for x in noise):
+            raise ValueError("depth_hidden must be >= 0 and input noise in [0, 1)")
 
     @property
     def audio_pad(self) -> int:
@@ -319,19 +322,20 @@ class DuplexLM(StreamingModule):
         ad = delay_audio(batch["model_audio"], cfg.acoustic_delay, cfg.audio_pad)
 
         def prev(x: torch.Tensor, pad: int) -> torch.Tensor:
-            first = torch.full_like(x[:, :1], pad)
-            return torch.cat([first, x[:, :-1]], dim=1)
+            return torch.cat([torch.full_like(x[:, :1], pad), x[:, :-1]], dim=1)
 
         prev_audio = prev(ad, cfg.audio_pad)
-        if self.training and cfg.audio_input_noise > 0:
-            noise = torch.randint_like(prev_audio, cfg.codebook_size)
-            hit = torch.rand(prev_audio.shape, device=prev_audio.device) < cfg.audio_input_noise
-            prev_audio = torch.where(hit & (prev_audio != cfg.audio_pad), noise, prev_audio)
+        prev_user = prev(batch["user_text"], PAD)
+        if self.training:
+            prev_audio = corrupt(
+                prev_audio, cfg.audio_input_noise, cfg.codebook_size, cfg.audio_pad
+            )
+            prev_user = corrupt(prev_user, cfg.transcript_input_noise, TRANSCRIPT_BYTES, PAD)
         return {
             "target_audio": ad,
             "prev_audio": prev_audio,
             "prev_text": prev(batch["model_text"], PAD),
-            "prev_user_text": prev(batch["user_text"], PAD),
+            "prev_user_text": prev_user,
         }
 
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[StepLogits, dict[str, torch.Tensor]]:

@@ -69,6 +69,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "before; train on crops that long, --seq-len 3200); the head's weights carry over",
     )
     p.add_argument(
+        "--transcript-noise",
+        type=float,
+        help="share of the fed-back transcript's bytes replaced by random letters in training "
+        "(e.g. 0.1: the listener learns to recover from its own misheard bytes; the config's "
+        "transcript_input_noise)",
+    )
+    p.add_argument(
         "--train-only",
         nargs="+",
         metavar="PREFIX",
@@ -179,6 +186,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"duplex train duplex: --copy-window must be >= 0, not {args.copy_window}")
             return 2
         mcfg.copy_window = args.copy_window
+    if args.transcript_noise is not None:
+        if not 0 <= args.transcript_noise < 1:
+            print(f"duplex train duplex: --transcript-noise {args.transcript_noise}: not in [0, 1)")
+            return 2
+        mcfg.transcript_input_noise = args.transcript_noise
     model = duplex_lm.DuplexLM(mcfg)
     if args.init is not None:
         try:

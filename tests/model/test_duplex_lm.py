@@ -291,6 +291,32 @@ def test_audio_input_noise_only_in_training() -> None:
     assert torch.equal(noisy == m.cfg.audio_pad, clean == m.cfg.audio_pad)
 
 
+def test_transcript_input_noise_only_in_training_and_only_on_bytes() -> None:
+    """A share of the fed-back transcript's bytes become random letters in training; PAD (no
+    byte), the targets and the other streams are untouched, and evaluation sees the truth."""
+    m = _tiny()
+    m.cfg.transcript_input_noise = 0.3
+    b = _batch(2, 200)
+    b["user_text"][:, 1::4] = PAD
+    m.eval()
+    clean = m.shift_inputs(b)
+    m.train()
+    noisy = m.shift_inputs(b)
+    assert torch.equal(noisy["prev_text"], clean["prev_text"])
+    assert torch.equal(noisy["target_audio"], clean["target_audio"])
+    was, now = clean["prev_user_text"], noisy["prev_user_text"]
+    assert torch.equal(now == PAD, was == PAD)
+    changed = now != was
+    frac = changed.double().sum() / (was != PAD).sum()
+    assert 0.15 < frac < 0.35
+    allowed = set(range(ord("a"), ord("z") + 1)) | {ord(" "), ord("'")}
+    assert set(now[changed].tolist()) <= allowed
+    m.cfg.transcript_input_noise = 0.0
+    assert torch.equal(m.shift_inputs(b)["prev_user_text"], was)
+    with pytest.raises(ValueError, match="input noise"):
+        DuplexConfig.from_dict({**m.cfg.to_dict(), "transcript_input_noise": 1.0})
+
+
 def test_window_speaker_keeps_who_said_it_and_matches_across_speakers() -> None:
     m = _tiny()
     cfg = DuplexConfig.from_dict(

@@ -1,0 +1,32 @@
+"""Input noise against exposure bias.
+
+In training every fed-back stream is the corpus's (teacher forcing); in a session it is the
+model's own: its audio codes drawn at a temperature, its transcript of the user written byte by
+byte. A model that never saw a wrong input in training trusts its inputs completely, so one
+misheard letter derails the rest of the word ("my name is rosa" -> "right water in remembered")
+although the audio said otherwise. Replacing a share of the fed-back tokens by random ones in
+training teaches it to continue from inputs that are not the corpus's and to check them against
+what it hears.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Bytes a misheard transcript holds: lowercase letters, the space, the apostrophe.
+TRANSCRIPT_BYTES = torch.tensor([*range(ord("a"), ord("z") + 1), ord(" "), ord("'")])
+
+
+def corrupt(x: torch.Tensor, share: float, choices: int | torch.Tensor, keep: int) -> torch.Tensor:
+    """x (any shape, long) with about `share` of its entries replaced by random ones: codes in
+    [0, choices) when `choices` is an int, else entries of the tensor `choices`. Entries equal
+    to `keep` (padding: nothing was said there) are never touched."""
+    if share <= 0:
+        return x
+    if isinstance(choices, int):
+        noise = torch.randint_like(x, choices)
+    else:
+        choices = choices.to(x.device)
+        noise = choices[torch.randint(len(choices), x.shape, device=x.device)]
+    hit = torch.rand(x.shape, device=x.device) < share
+    return torch.where(hit & (x != keep), noise, x)
