@@ -1,0 +1,122 @@
+"""Is the listener limited by what it hears or by its own fed-back transcript (exposure bias)?
+
+The model writes its transcript of the user one byte per frame and reads each byte back at the
+next frame. In training the byte read back is always the corpus's (teacher forcing); in a
+session it is the model's own, and one misheard byte may derail the rest of a word. This script
+runs the same held-out crops both ways and compares the word error rates of the transcript:
+
+- teacher-forced: every frame reads the true previous byte (the parallel training form), and
+  the byte scored is its best guess at each frame where the corpus writes one;
+- free-running: every frame reads the byte the model itself wrote at the frame before (argmax),
+  through the streaming form, while the model's own text and audio stay the corpus's, so only
+  the transcript's feedback differs.
+
+A free-running WER far above the teacher-forced one says the errors feed themselves (what
+`--transcript-noise` trains against); two close ones say the listener mishears the audio itself.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/listener.py MODEL [MODEL ...] --corpus DIR
+
+Writes benchmarks/results/listener.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+OUT = Path(__file__).resolve().parent / "results"
+
+
+def words(ids: list[int]) -> list[str]:
+    from duplex.apps.eval_talk_loop import decode_ids
+    from duplex.data import domain as D
+
+    return D.normalize(decode_ids(ids)).split()
+
+
+def probe(path: str, corpus: Path, crops: int, seq_len: int, rows: int = 8) -> dict:
+    """Word errors of the transcript of `crops` held-out crops, teacher-forced and free-running."""
+    from duplex.data.asr import word_errors
+    from duplex.data.batches import ConversationBatches, Curriculum
+    from duplex.model import duplex_lm
+    from duplex.model.tokenizer import PAD
+
+    model = duplex_lm.load(path).eval()
+    cfg = model.cfg
+    data = ConversationBatches(
+        corpus,
+        seq_len,
+        split="eval",
+        text_lead=cfg.text_lead,
+        transcript_delay=cfg.transcript_delay,
+        curriculum=Curriculum(steps=1),
+        seed=321,
+    )
+    n = {"words": 0, "teacher_forced": 0, "free_running": 0}
+    with torch.no_grad():
+        for s in range(0, crops, rows):
+            batch = {k: v for k, v in data.batch(s, slice(0, rows)).items() if k != "stage"}
+            logits, _ = model(batch)
+            # Teacher-forced, the byte it writes where the corpus writes one (its best non-PAD
+            # byte): what it recognises given the true past, timing set aside (an argmax of
+            # every frame would count a byte written a frame early twice).
+            scores = logits.user_text.clone()
+            scores[..., PAD] = float("-inf")
+            truth = batch["user_text"]
+            forced = torch.where(truth != PAD, scores.argmax(-1), truth)
+            inputs = model.shift_inputs(batch)
+            B, T = batch["user_text"].shape
+            own = torch.empty(B, T, dtype=torch.long)
+            prev = torch.full((B,), PAD, dtype=torch.long)
+            with model.streaming(B):
+                for t in range(T):
+                    out = model.step(
+                        batch["user_audio"][:, t],
+                        inputs["prev_audio"][:, t],
+                        inputs["prev_text"][:, t],
+                        prev,
+                    )
+                    prev = out.user_text.argmax(-1)
+                    own[:, t] = prev
+            for r in range(B):
+                ref = words(batch["user_text"][r].tolist())
+                n["words"] += len(ref)
+                n["teacher_forced"] += word_errors(ref, words(forced[r].tolist()))
+                n["free_running"] += word_errors(ref, words(own[r].tolist()))
+    w = max(n["words"], 1)
+    return {
+        "words": n["words"],
+        "wer_teacher_forced": n["teacher_forced"] / w,
+        "wer_free_running": n["free_running"] / w,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("models", nargs="+", help="model names or .safetensors files")
+    ap.add_argument("--corpus", type=Path, required=True, help="held-out corpus (split eval)")
+    ap.add_argument("--crops", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=1000)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", type=Path, default=OUT / "listener.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    results = {m: probe(m, args.corpus, args.crops, args.seq_len) for m in args.models}
+    print(f"{'model':44s} {'words':>6s} {'WER teacher-forced':>19s} {'WER free-running':>17s}")
+    for m, r in results.items():
+        name = f"{Path(m).parent.name}/{Path(m).name}" if "/" in m else m
+        print(
+            f"{name:44.44s} {r['words']:6d} {100 * r['wer_teacher_forced']:18.1f}% "
+            f"{100 * r['wer_free_running']:16.1f}%"
+        )
+    cfg = {"corpus": str(args.corpus), "crops": args.crops, "seq_len": args.seq_len}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({**cfg, "models": results}, indent=1))
+    print(f"[listener] {args.json}")
+
+
+if __name__ == "__main__":
+    main()
