@@ -123,6 +123,9 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
             score_dialogue(d, h, "facts" if name == "facts" else "chat")
             for (name, d), h in zip(dialogues, heard, strict=True)
         ]
+        for (name, _), r in zip(dialogues, results, strict=True):
+            for a in r["answers"]:
+                a["dialogue"] = name
         timing = {name: {"audio_s": d.duration} for name, d in dialogues}
         loop_s = heard[0].seconds if heard else 0.0
         state_answers = []

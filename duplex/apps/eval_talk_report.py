@@ -85,7 +85,7 @@ def summarise(
             "requests": [
                 {k: a[k] for k in ("intent", "request", "heard", "said", "answer", "ok", "spoke")}
                 | {
-                    "part": a["part"],
+                    "dialogue": a.get("dialogue"),
                     "start": round(a["start"], 2),
                     "overlap": round(a["overlap"], 3),
                 }

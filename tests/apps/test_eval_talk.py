@@ -4,6 +4,7 @@ fact asked 20 s after it was told, and the saved-state check."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -85,9 +86,9 @@ def test_the_transcript_is_scored_apart_where_the_model_spoke_over_the_user(repo
     assert all(0 <= q["overlap"] <= 1 for q in reports["tiny"]["answers"]["requests"])
     # Where each request sits: its dialogue and second, in order within a dialogue.
     requests = reports["oracle"]["answers"]["requests"]
-    for a, b in zip(requests, requests[1:]):
-        assert a["part"] != b["part"] or a["start"] < b["start"]
-    assert {q["part"] for q in requests} >= {"conversation0", "facts"}
+    for a, b in itertools.pairwise(requests):
+        assert a["dialogue"] != b["dialogue"] or a["start"] < b["start"]
+    assert {q["dialogue"] for q in requests} == {"conversation0", "facts"}
     assert "requests, overlapped" in E.table(reports["tiny"])
 
 
