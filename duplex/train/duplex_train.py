@@ -92,6 +92,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="share of crops that begin where a conversation begins (0): with long crops "
         "(--seq-len 3000) every question there can find its fact earlier in the crop",
     )
+    p.add_argument(
+        "--crosstalk",
+        type=float,
+        default=0.0,
+        help="share of transcription (asr) crops with the model's own voice laid over the "
+        "user's for 1-4 s, the model's losses off there (0): the listener practises hearing "
+        "a request it talks over",
+    )
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--curriculum-steps", type=int, help="steps to reach the final stage mix")
@@ -217,6 +225,7 @@ def run(args: argparse.Namespace) -> int:
             curriculum=Curriculum(steps=args.curriculum_steps or args.steps // 2),
             seed=args.seed,
             from_start=args.from_start,
+            crosstalk=args.crosstalk,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"duplex train duplex: {e}")

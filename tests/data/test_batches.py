@@ -213,3 +213,50 @@ def test_crops_from_the_start_begin_where_conversations_begin(corpus):
     assert half.batch(3)["user_audio"].equal(half.batch(3)["user_audio"])
     with pytest.raises(ValueError, match="from_start"):
         ConversationBatches(corpus, 60, from_start=1.5)
+
+
+def test_crosstalk_lays_the_models_reading_over_the_user_with_its_losses_off(corpus):
+    """crosstalk=1: every asr crop where the user speaks gets a 1-4 s stretch of a tts crop (the
+    model's codes and text together) on the model's streams, weighted 0 there; the user's
+    streams, the other rows and the frames outside the stretch are the plain batch's."""
+    plain = ConversationBatches(corpus, seq_len=250, text_lead=2)
+    over = ConversationBatches(corpus, seq_len=250, text_lead=2, crosstalk=1.0)
+    tts = over.streams["tts"]
+    laid = 0
+    for step in range(6):
+        a, b = plain.batch(step, slice(0, 8)), over.batch(step, slice(0, 8))
+        assert a["stage"] == b["stage"]
+        for k in ("user_audio", "user_text"):
+            assert a[k].equal(b[k])
+        for r, stage in enumerate(b["stage"]):
+            changed = (a["model_audio"][r] != b["model_audio"][r]).any(-1) | (
+                a["model_weight"][r] != b["model_weight"][r]
+            )
+            if stage != "asr" or not (a["model_weight"][r] > 0).any():
+                assert not changed.any()
+                continue
+            off = np.flatnonzero((b["model_weight"][r] == 0) & (a["model_weight"][r] > 0))
+            assert len(off) > 0
+            # One stretch, 1-4 s, over frames where the user speaks, the rest untouched.
+            lo, hi = int(np.flatnonzero(changed)[0]), int(np.flatnonzero(changed)[-1]) + 1
+            assert 50 <= hi - lo <= 200 or hi - lo == 250
+            assert (b["model_weight"][r][lo:hi] == 0).all()
+            assert torch.equal(b["model_weight"][r][:lo], a["model_weight"][r][:lo])
+            assert torch.equal(b["model_weight"][r][hi:], a["model_weight"][r][hi:])
+            codes = b["model_audio"][r][lo:hi].numpy()
+            text = b["model_text"][r][lo:hi].numpy()
+            n = hi - lo
+            src = [
+                s
+                for s in tts
+                for j in range(len(s.model) - n + 1)
+                if np.array_equal(s.model[j : j + n], codes)
+                and np.array_equal(s.model_text[j : j + n], text)
+            ]
+            assert src, "the stretch is not a tts crop (codes and text at the same frames)"
+            laid += 1
+    assert laid >= 3
+    with pytest.raises(ValueError, match="crosstalk"):
+        ConversationBatches(corpus, 250, crosstalk=1.5)
+    with pytest.raises(ValueError, match="no tts stage"):
+        ConversationBatches(corpus, 250, stages=["asr"], crosstalk=0.5)
