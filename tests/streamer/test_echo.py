@@ -296,7 +296,7 @@ def test_on_the_null_sink_echo_goes_user_stays_delay_jump_recovers(pulse_sink, v
     assert kept >= 0.9, f"user's speech kept only at correlation {kept:.3f}; {track}"
     # After the jump: 2 s to re-converge, then the echo is down by 25 dB again.
     after = [round(w, 1) for w in res.erle_windows_db(12.5, 14.0)]
-    assert np.median(after) >= 25.0, f"ERLE {after} dB 2 s after the delay jump"
+    assert np.median(after) >= 25.0, f"ERLE {after} dB 2 s after the delay jump; {track}"
     measured = [s["delay_ms"] for s in res.status if s["delay_source"] == "measured"]
     assert measured and max(measured) - min(measured) >= 40.0, measured
 
