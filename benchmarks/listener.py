@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 
 import torch
+from held_out import model_and_crops
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -40,21 +41,9 @@ def words(ids: list[int]) -> list[str]:
 def probe(path: str, corpus: Path, crops: int, seq_len: int, rows: int = 8) -> dict:
     """Word errors of the transcript of `crops` held-out crops, teacher-forced and free-running."""
     from duplex.data.asr import word_errors
-    from duplex.data.batches import ConversationBatches, Curriculum
-    from duplex.model import duplex_lm
     from duplex.model.tokenizer import PAD
 
-    model = duplex_lm.load(path).eval()
-    cfg = model.cfg
-    data = ConversationBatches(
-        corpus,
-        seq_len,
-        split="eval",
-        text_lead=cfg.text_lead,
-        transcript_delay=cfg.transcript_delay,
-        curriculum=Curriculum(steps=1),
-        seed=321,
-    )
+    model, data = model_and_crops(path, corpus, seq_len, seed=321)
     n = {"words": 0, "teacher_forced": 0, "free_running": 0}
     with torch.no_grad():
         for s in range(0, crops, rows):

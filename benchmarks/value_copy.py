@@ -31,6 +31,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from held_out import model_and_crops
 
 OUT = Path(__file__).resolve().parent / "results"
 
@@ -48,22 +49,9 @@ CUES = {
 
 def probe(path: str, corpus: Path, crops: int, seq_len: int, from_start: float = 0.0) -> dict:
     """Teacher-forced first-byte statistics of one model on `crops` crops of `corpus`."""
-    from duplex.data.batches import ConversationBatches, Curriculum
-    from duplex.model import duplex_lm
     from duplex.model.tokenizer import PAD
 
-    model = duplex_lm.load(path).eval()
-    cfg = model.cfg
-    data = ConversationBatches(
-        corpus,
-        seq_len,
-        split="eval",
-        text_lead=cfg.text_lead,
-        transcript_delay=cfg.transcript_delay,
-        curriculum=Curriculum(steps=1),
-        seed=123,
-        from_start=from_start,
-    )
+    model, data = model_and_crops(path, corpus, seq_len, seed=123, from_start=from_start)
     stats = {c: {"n": 0, "argmax": 0, "p": 0.0} for c in CUES}
     with torch.no_grad():
         for s in range(0, crops, 4):
