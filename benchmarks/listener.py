@@ -9,10 +9,14 @@ runs the same held-out crops both ways and compares the word error rates of the 
   the byte scored is its best guess at each frame where the corpus writes one;
 - free-running: every frame reads the byte the model itself wrote at the frame before (argmax),
   through the streaming form, while the model's own text and audio stay the corpus's, so only
-  the transcript's feedback differs.
+  the transcript's feedback differs;
+- own bytes, corpus timing: free-running, but a byte is written exactly where the corpus writes
+  one (the model's best non-PAD byte there, PAD elsewhere) and read back.
 
 A free-running WER far above the teacher-forced one says the errors feed themselves (what
 `--transcript-noise` trains against); two close ones say the listener mishears the audio itself.
+The third figure splits the gap: near teacher-forced, the free-running errors are timing (when
+to write, how many bytes); near free-running, they are its own misheard bytes read back.
 
     PYTHONPATH=. .venv/bin/python benchmarks/listener.py MODEL [MODEL ...] --corpus DIR
 
@@ -44,7 +48,7 @@ def probe(path: str, corpus: Path, crops: int, seq_len: int, rows: int = 8) -> d
     from duplex.model.tokenizer import PAD
 
     model, data = model_and_crops(path, corpus, seq_len, seed=321)
-    n = {"words": 0, "teacher_forced": 0, "free_running": 0}
+    n = {"words": 0, "teacher_forced": 0, "free_running": 0, "own_bytes_corpus_timing": 0}
     with torch.no_grad():
         for s in range(0, crops, rows):
             batch = {k: v for k, v in data.batch(s, slice(0, rows)).items() if k != "stage"}
@@ -58,28 +62,33 @@ def probe(path: str, corpus: Path, crops: int, seq_len: int, rows: int = 8) -> d
             forced = torch.where(truth != PAD, scores.argmax(-1), truth)
             inputs = model.shift_inputs(batch)
             B, T = batch["user_text"].shape
-            own = torch.empty(B, T, dtype=torch.long)
-            prev = torch.full((B,), PAD, dtype=torch.long)
-            with model.streaming(B):
+            # Rows 0..B-1 run free, rows B..2B-1 write their own bytes at the corpus's frames.
+            two = {k: torch.cat([v, v]) for k, v in inputs.items()}
+            audio = torch.cat([batch["user_audio"], batch["user_audio"]])
+            own = torch.empty(2 * B, T, dtype=torch.long)
+            prev = torch.full((2 * B,), PAD, dtype=torch.long)
+            with model.streaming(2 * B):
                 for t in range(T):
                     out = model.step(
-                        batch["user_audio"][:, t],
-                        inputs["prev_audio"][:, t],
-                        inputs["prev_text"][:, t],
-                        prev,
+                        audio[:, t], two["prev_audio"][:, t], two["prev_text"][:, t], prev
                     )
-                    prev = out.user_text.argmax(-1)
+                    best = out.user_text.clone()
+                    best[:, PAD] = float("-inf")
+                    timed = torch.where(truth[:, t] != PAD, best[B:].argmax(-1), PAD)
+                    prev = torch.cat([out.user_text[:B].argmax(-1), timed])
                     own[:, t] = prev
             for r in range(B):
                 ref = words(batch["user_text"][r].tolist())
                 n["words"] += len(ref)
                 n["teacher_forced"] += word_errors(ref, words(forced[r].tolist()))
                 n["free_running"] += word_errors(ref, words(own[r].tolist()))
+                n["own_bytes_corpus_timing"] += word_errors(ref, words(own[B + r].tolist()))
     w = max(n["words"], 1)
     return {
         "words": n["words"],
         "wer_teacher_forced": n["teacher_forced"] / w,
         "wer_free_running": n["free_running"] / w,
+        "wer_own_bytes_corpus_timing": n["own_bytes_corpus_timing"] / w,
     }
 
 
@@ -94,12 +103,13 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results = {m: probe(m, args.corpus, args.crops, args.seq_len) for m in args.models}
-    print(f"{'model':44s} {'words':>6s} {'WER teacher-forced':>19s} {'WER free-running':>17s}")
+    head = f"{'model':44s} {'words':>6s} {'WER teacher-forced':>19s} {'WER free-running':>17s}"
+    print(f"{head} {'own bytes, corpus timing':>25s}")
     for m, r in results.items():
         name = f"{Path(m).parent.name}/{Path(m).name}" if "/" in m else m
         print(
             f"{name:44.44s} {r['words']:6d} {100 * r['wer_teacher_forced']:18.1f}% "
-            f"{100 * r['wer_free_running']:16.1f}%"
+            f"{100 * r['wer_free_running']:16.1f}% {100 * r['wer_own_bytes_corpus_timing']:24.1f}%"
         )
     cfg = {"corpus": str(args.corpus), "crops": args.crops, "seq_len": args.seq_len}
     args.json.parent.mkdir(parents=True, exist_ok=True)
