@@ -33,7 +33,7 @@ from torch import nn
 from duplex.model.audio_depth import AudioDepth
 from duplex.model.backbone import Backbone, BackboneConfig, table_offsets
 from duplex.model.copy_head import CopyHead
-from duplex.model.exposure import TRANSCRIPT_BYTES, corrupt
+from duplex.model.exposure import TRANSCRIPT_BYTES, corrupt, read_back_own
 from duplex.model.losses import frame_weight, weighted_ce
 from duplex.model.tokenizer import PAD, VOCAB_SIZE
 from duplex.streaming import StreamingModule
@@ -76,6 +76,8 @@ class DuplexConfig:
     # transcript of the user, replaced by random ones (exposure bias: duplex/model/exposure.py).
     audio_input_noise: float = 0.0
     transcript_input_noise: float = 0.0
+    # Training only: the share of transcript frames that read back the model's own byte.
+    transcript_sampling: float = 0.0
     # Text frames a copy head points over (0: none): the next byte may be the one that followed
     # an earlier byte, so heard values are repeated rather than guessed (duplex/model/copy_head.py).
     copy_window: int = 0
@@ -98,7 +100,7 @@ class DuplexConfig:
             raise ValueError("delays must be >= 0")
         if self.copy_window < 0:
             raise ValueError("copy_window must be >= 0")
-        noise = (self.audio_input_noise, self.transcript_input_noise)
+        noise = (self.audio_input_noise, self.transcript_input_noise, self.transcript_sampling)
         if self.depth_hidden < 0 or not all(0.0 <= x < 1.0 for x in noise):
             raise ValueError("depth_hidden must be >= 0 and input noise in [0, 1)")
 
@@ -122,70 +124,54 @@ class DuplexConfig:
 
 
 CONFIGS: dict[str, DuplexConfig] = {}
-
-
-def _register(name: str, cfg: DuplexConfig) -> None:
-    CONFIGS[name] = cfg
-
-
-_register(
-    "tiny",
-    DuplexConfig(
-        backbone=BackboneConfig(
-            d_model=128,
-            layers=("gdn", "mlp", "gwa", "mlp", "gdn", "mlp", "swa", "mlp"),
-            gdn_heads=2,
-            gdn_head_dim=64,
-            gwa_heads=2,
-            gwa_head_dim=32,
-            attn_heads=2,
-            attn_head_dim=32,
-            swa_window=32,
-        )
-    ),
+CONFIGS["tiny"] = DuplexConfig(
+    backbone=BackboneConfig(
+        d_model=128,
+        layers=("gdn", "mlp", "gwa", "mlp", "gdn", "mlp", "swa", "mlp"),
+        gdn_heads=2,
+        gdn_head_dim=64,
+        gwa_heads=2,
+        gwa_head_dim=32,
+        attn_heads=2,
+        attn_head_dim=32,
+        swa_window=32,
+    )
 )
-_register(
-    "small",
-    DuplexConfig(
-        backbone=BackboneConfig(
-            d_model=256,
-            layers=("gdn", "mlp", "gdn", "mlp", "gwa", "mlp", "gdn", "mlp", "swa", "mlp"),
-            gdn_heads=4,
-            gdn_head_dim=64,
-            gwa_heads=4,
-            gwa_head_dim=32,
-            attn_heads=4,
-            attn_head_dim=32,
-            swa_window=64,
-        )
-    ),
+CONFIGS["small"] = DuplexConfig(
+    backbone=BackboneConfig(
+        d_model=256,
+        layers=("gdn", "mlp", "gdn", "mlp", "gwa", "mlp", "gdn", "mlp", "swa", "mlp"),
+        gdn_heads=4,
+        gdn_head_dim=64,
+        gwa_heads=4,
+        gwa_head_dim=32,
+        attn_heads=4,
+        attn_head_dim=32,
+        swa_window=64,
+    )
 )
 
 
 # The talking model: `small`'s backbone with the layout the conversation corpus trains.
-_register(
-    "talk",
-    DuplexConfig(
-        text_pad_weight=0.25,
-        text_lead=2,
-        shared_text_ids=True,
-        window_speaker=True,
-        log_text_only=True,
-        depth_hidden=256,
-        first_codebook_weight=3.0,
-        audio_input_noise=0.1,
-        backbone=copy.deepcopy(CONFIGS["small"].backbone),
-    ),
+CONFIGS["talk"] = DuplexConfig(
+    text_pad_weight=0.25,
+    text_lead=2,
+    shared_text_ids=True,
+    window_speaker=True,
+    log_text_only=True,
+    depth_hidden=256,
+    first_codebook_weight=3.0,
+    audio_input_noise=0.1,
+    backbone=copy.deepcopy(CONFIGS["small"].backbone),
 )
 
 
 # `talk` + a copy path appended (attention over 64 text frames): `talk` warm-starts it.
-_register("talk-copy", copy.deepcopy(CONFIGS["talk"]))
+CONFIGS["talk-copy"] = copy.deepcopy(CONFIGS["talk"])
 CONFIGS["talk-copy"].backbone.layers += ("txa", "mlp")
 # `talk` + a pointer over the last 64 text frames mixed into the text head.
-_register(
-    "talk-point",
-    dataclasses.replace(copy.deepcopy(CONFIGS["talk"]), copy_window=64, copy_loss=0.2),
+CONFIGS["talk-point"] = dataclasses.replace(
+    copy.deepcopy(CONFIGS["talk"]), copy_window=64, copy_loss=0.2
 )
 
 
@@ -349,6 +335,8 @@ class DuplexLM(StreamingModule):
         """
         cfg = self.cfg
         s = self.shift_inputs(batch)
+        share = cfg.transcript_sampling if self.training else 0.0
+        s["prev_user_text"] = read_back_own(self, batch["user_audio"], s, share)
         ids, extra = self._inputs(
             batch["user_audio"], s["prev_audio"], s["prev_text"], s["prev_user_text"]
         )

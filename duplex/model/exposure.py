@@ -11,6 +11,8 @@ what it hears.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 # Bytes a misheard transcript holds: lowercase letters, the space, the apostrophe.
@@ -30,3 +32,28 @@ def corrupt(x: torch.Tensor, share: float, choices: int | torch.Tensor, keep: in
         noise = choices[torch.randint(len(choices), x.shape, device=x.device)]
     hit = torch.rand(x.shape, device=x.device) < share
     return torch.where(hit & (x != keep), noise, x)
+
+
+def read_back_own(model, user_audio: torch.Tensor, inputs: dict, share: float) -> torch.Tensor:
+    """The fed-back transcript `inputs["prev_user_text"]` [B, T] with about `share` of its
+    frames replaced by what `model` itself wrote at the frame before (parallel scheduled
+    sampling: one teacher-forced pass without gradients, its argmax byte or PAD per frame, as a
+    session decides it). Random letters (`corrupt`) teach it to doubt a wrong byte; its own
+    bytes are the wrong bytes, the doubled ones and the ones written a frame early or late that
+    it meets when running free, which is where its transcript loses half its words."""
+    from duplex.model.tokenizer import PAD
+
+    cfg = model.cfg
+    prev = inputs["prev_user_text"]
+    if share <= 0:
+        return prev
+    with torch.no_grad():
+        ids, extra = model._inputs(user_audio, inputs["prev_audio"], inputs["prev_text"], prev)
+        # scores: [B, T, V] for the byte of each frame, PAD calibrated as in `step`
+        scores = model.user_text_head(model.backbone(ids, extra=extra)).float()
+        if cfg.calibrate_pad and cfg.text_pad_weight != 1.0:
+            scores[..., PAD] -= math.log(cfg.text_pad_weight)
+        wrote = scores.argmax(-1)
+    own = torch.cat([torch.full_like(wrote[:, :1], PAD), wrote[:, :-1]], dim=1)
+    hit = torch.rand(prev.shape, device=prev.device) < share
+    return torch.where(hit, own, prev)

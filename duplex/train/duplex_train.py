@@ -76,6 +76,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "transcript_input_noise)",
     )
     p.add_argument(
+        "--transcript-sampling",
+        type=float,
+        help="share of the fed-back transcript's frames that read back the model's own byte "
+        "of the frame before (parallel scheduled sampling: a pass without gradients first, "
+        "about a third more time per step; the config's transcript_sampling)",
+    )
+    p.add_argument(
         "--train-only",
         nargs="+",
         metavar="PREFIX",
@@ -194,11 +201,15 @@ def run(args: argparse.Namespace) -> int:
             print(f"duplex train duplex: --copy-window must be >= 0, not {args.copy_window}")
             return 2
         mcfg.copy_window = args.copy_window
-    if args.transcript_noise is not None:
-        if not 0 <= args.transcript_noise < 1:
-            print(f"duplex train duplex: --transcript-noise {args.transcript_noise}: not in [0, 1)")
+    shares = {"transcript_noise": "transcript_input_noise", "transcript_sampling": None}
+    for flag, name in shares.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        if not 0 <= value < 1:
+            print(f"duplex train duplex: --{flag.replace('_', '-')} {value}: not in [0, 1)")
             return 2
-        mcfg.transcript_input_noise = args.transcript_noise
+        setattr(mcfg, name or flag, value)
     model = duplex_lm.DuplexLM(mcfg)
     if args.init is not None:
         try:

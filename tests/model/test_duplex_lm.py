@@ -317,6 +317,47 @@ def test_transcript_input_noise_only_in_training_and_only_on_bytes() -> None:
         DuplexConfig.from_dict({**m.cfg.to_dict(), "transcript_input_noise": 1.0})
 
 
+def test_transcript_sampling_reads_back_the_bytes_a_session_would_have_written() -> None:
+    """With transcript_sampling = 1 every fed-back transcript frame is the byte the model wrote
+    at the frame before, as a streaming session decides it (argmax of the calibrated step given
+    the true past); with a share, about that share; in evaluation and at 0, the truth."""
+    from duplex.model.exposure import read_back_own
+
+    m = _tiny()
+    m.cfg.text_pad_weight = 0.25
+    m.cfg.calibrate_pad = True
+    b = _batch(2, 60)
+    m.eval()
+    with torch.no_grad():
+        wrote = torch.stack([o.user_text.argmax(-1) for o in _stream(m, b)], dim=1)
+    s = m.shift_inputs(b)
+    own = read_back_own(m, b["user_audio"], s, 1.0)
+    assert own[:, 0].eq(PAD).all()
+    assert torch.equal(own[:, 1:], wrote[:, :-1])
+    assert not torch.equal(own, s["prev_user_text"])
+    assert read_back_own(m, b["user_audio"], s, 0.0) is s["prev_user_text"]
+    torch.manual_seed(3)
+    half = read_back_own(m, b["user_audio"], s, 0.5)
+    differ = own != s["prev_user_text"]
+    took = (half == own) & differ
+    assert 0.3 < took.sum() / differ.sum() < 0.7
+    assert ((half == own) | (half == s["prev_user_text"])).all()
+    # The loss sees it in training only; the targets stay the corpus's.
+    m.cfg.transcript_sampling = 0.9
+    with torch.no_grad():
+        m.eval()
+        ev = m(b)[1]["loss_user_text"]
+        m.cfg.transcript_sampling = 0.0
+        assert torch.equal(m(b)[1]["loss_user_text"], ev)
+        m.train()
+        m.cfg.transcript_sampling = 0.9
+        sampled = m(b)[1]["loss_user_text"]
+        m.cfg.transcript_sampling = 0.0
+        assert not torch.equal(sampled, m(b)[1]["loss_user_text"])
+    with pytest.raises(ValueError, match="input noise"):
+        DuplexConfig.from_dict({**m.cfg.to_dict(), "transcript_sampling": 1.0})
+
+
 def test_window_speaker_keeps_who_said_it_and_matches_across_speakers() -> None:
     m = _tiny()
     cfg = DuplexConfig.from_dict(

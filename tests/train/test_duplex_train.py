@@ -41,6 +41,8 @@ def test_train_command_learns_and_resumes(tmp_path):
         "0.5",
         "--transcript-noise",
         "0.1",
+        "--transcript-sampling",
+        "0.2",
         "--no-progress",
     ]
     assert main([*common, "--steps", "40"]) == 0
@@ -49,13 +51,14 @@ def test_train_command_learns_and_resumes(tmp_path):
     model = duplex_lm.load(run / "model.safetensors")
     saved = json.loads((run / "model_config.json").read_text())
     assert json.loads(json.dumps(model.cfg.to_dict())) == saved
-    assert saved["transcript_input_noise"] == 0.1
+    assert saved["transcript_input_noise"] == 0.1 and saved["transcript_sampling"] == 0.2
     # The same command with more steps continues from the checkpoint (history grows, no restart).
     assert main([*common, "--steps", "60"]) == 0
     hist2 = json.loads((run / "history.json").read_text())
     assert hist2[: len(hist)] == hist and hist2[-1]["step"] == 60
     assert main([*common, "--steps", "60", "--from-start", "1.5"]) == 2
     assert main([*common, "--steps", "60", "--transcript-noise", "1"]) == 2
+    assert main([*common, "--steps", "60", "--transcript-sampling", "1"]) == 2
     assert (
         main(
             [
