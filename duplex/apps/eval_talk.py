@@ -80,6 +80,8 @@ class EvalConfig:
     judge_max: int = 48
     state_prompt: bool = True
     temperature: float | None = None
+    transcript_temperature: float = 0.0
+    speak_temperature: float | None = 1.0
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
@@ -97,7 +99,11 @@ def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
     model = ScriptedLM() if scripted else duplex_lm.load(cfg.model)
     # The engine streams its codec; scripts and the ceiling need one of their own.
     offline = codecs.load(cfg.codec)
-    sampling = SamplingConfig(seed=cfg.seed)
+    sampling = SamplingConfig(
+        seed=cfg.seed,
+        transcript_temperature=cfg.transcript_temperature,
+        speak_temperature=cfg.speak_temperature,
+    )
     if cfg.temperature is not None:
         sampling.temperature = sampling.text_temperature = cfg.temperature
     bank = G.WordBank(codec.sample_rate)
@@ -196,6 +202,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--judge-max", type=int, default=48, help="spoken answers judged (48)")
     p.add_argument("--no-state", action="store_true", help="skip the saved-state check")
     p.add_argument("--temperature", type=float, help="sampling temperature (text and audio)")
+    p.add_argument(
+        "--transcript-temperature",
+        type=float,
+        default=0.0,
+        help="temperature of the model's transcript of the user (0: greedy, as talk and serve)",
+    )
+    p.add_argument(
+        "--speak-temperature",
+        type=float,
+        default=1.0,
+        help="temperature of the choice whether to write a text byte at all (1: the model's "
+        "own odds); a negative value draws PAD among the bytes at the text temperature, as "
+        "sessions did before",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
     p.add_argument("--json", type=Path, help="write the report here (default under benchmarks/)")
     p.add_argument("--png", type=Path, help="write the bar chart here")
@@ -218,6 +238,8 @@ def run(args: argparse.Namespace) -> int:
         args.judge_max,
         not args.no_state,
         args.temperature,
+        args.transcript_temperature,
+        None if args.speak_temperature < 0 else args.speak_temperature,
     )
     try:
         report = evaluate(cfg)

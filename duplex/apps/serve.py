@@ -182,6 +182,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=50, help="audio top-k (default 50)")
     p.add_argument("--text-temperature", type=float, default=0.7, help="text temperature")
     p.add_argument("--text-top-k", type=int, default=25, help="text top-k (default 25)")
+    p.add_argument(
+        "--transcript-temperature",
+        type=float,
+        default=0.0,
+        help="temperature of the transcript of the user (default 0: greedy; a byte drawn at "
+        "random is read back and derails its word)",
+    )
+    p.add_argument(
+        "--speak-temperature",
+        type=float,
+        default=1.0,
+        help="temperature of the choice whether to write a text byte at all (default 1: the "
+        "model's own odds of speaking, the byte itself at --text-temperature)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument(
         "--no-codec-thread",
@@ -234,6 +248,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             "text_temperature": args.text_temperature,
             "text_top_k": args.text_top_k,
             "seed": args.seed,
+            "transcript_temperature": args.transcript_temperature,
+            "speak_temperature": args.speak_temperature,
         },
     )
 

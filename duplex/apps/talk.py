@@ -73,6 +73,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=50, help="audio top-k (default 50)")
     p.add_argument("--text-temperature", type=float, default=0.7, help="text temperature")
     p.add_argument("--text-top-k", type=int, default=25, help="text top-k (default 25)")
+    p.add_argument(
+        "--transcript-temperature",
+        type=float,
+        default=0.0,
+        help="temperature of the transcript of the user (default 0: greedy; a byte drawn at "
+        "random is read back and derails its word)",
+    )
+    p.add_argument(
+        "--speak-temperature",
+        type=float,
+        default=1.0,
+        help="temperature of the choice whether to write a text byte at all (default 1: the "
+        "model's own odds of speaking, the byte itself at --text-temperature)",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     from duplex.streamer.echo import add_arguments as add_echo_arguments
 
@@ -115,7 +129,13 @@ def run(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(max(1, args.threads))
     sampling = SamplingConfig(
-        args.temperature, args.top_k, args.text_temperature, args.text_top_k, args.seed
+        args.temperature,
+        args.top_k,
+        args.text_temperature,
+        args.text_top_k,
+        args.seed,
+        args.transcript_temperature,
+        args.speak_temperature,
     )
     cfg = ConversationConfig(args.model, args.codec, sampling, args.state)
     try:

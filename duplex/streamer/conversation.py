@@ -33,7 +33,7 @@ class ConversationConfig:
         if self.sampling is None:
             self.sampling = SamplingConfig()
         elif isinstance(self.sampling, dict):
-            self.sampling = SamplingConfig(**self.sampling)
+            self.sampling = SamplingConfig.from_saved(self.sampling)
 
 
 def load_parts(cfg: ConversationConfig):

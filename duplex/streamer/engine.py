@@ -28,11 +28,11 @@ import numpy as np
 import torch
 
 from duplex.model.duplex_lm import DuplexLM
-from duplex.model.tokenizer import ByteTokenizer
+from duplex.model.tokenizer import PAD, ByteTokenizer
 from duplex.streamer import engine_step
 from duplex.streamer.engine_step import quantize16
 from duplex.streamer.recording import Recorder, recording_header
-from duplex.streamer.sampling import SamplingConfig, sample
+from duplex.streamer.sampling import SamplingConfig, sample, sample_text
 from duplex.streamer.session import FrameResult, Session
 from duplex.streamer.state_check import CheckedState, StateLimits, safe
 from duplex.streamer.statefile import (
@@ -244,6 +244,18 @@ class Engine:
         t_temp = torch.tensor([x.text_temperature for x in sp])
         t_k = torch.tensor([x.text_top_k for x in sp])
         texts = sample(logits.text[rows], t_temp, t_k, u[:, :vt])
+        # Sessions with a speak temperature decide PAD apart, on one more draw of their own.
+        two = [x.speak_temperature is not None for x in sp]
+        if any(two):
+            speak = torch.tensor([x.speak_temperature or 0.0 for x in sp])
+            decide = torch.stack(
+                [
+                    torch.rand(1, generator=s.generator)[0] if t else torch.zeros(())
+                    for s, t in zip(stepping, two)
+                ]
+            )
+            split = sample_text(logits.text[rows], PAD, t_temp, t_k, speak, u[:, :vt], decide)
+            texts = torch.where(torch.tensor(two), split, texts)
         ua = u[:, vt : vt + K * card].reshape(-1, K, card)
         a_temp = torch.tensor([x.temperature for x in sp])
         a_k = torch.tensor([x.top_k for x in sp])
@@ -257,7 +269,8 @@ class Engine:
         else:
             # Codebook by codebook: a depth model conditions each on the ones drawn before it.
             audio = self.model.sample_audio(logits.hidden[rows], draw)
-        users = sample(logits.user_text[rows], t_temp, t_k, u[:, vt + K * card :])
+        u_temp = torch.tensor([x.transcript_temperature for x in sp])
+        users = sample(logits.user_text[rows], u_temp, t_k, u[:, vt + K * card :])
         return texts, audio, users
 
     def state_bytes(self, session: Session) -> bytes:

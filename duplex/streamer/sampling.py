@@ -18,13 +18,34 @@ from duplex.model.tensor_cache import constant
 
 @dataclass
 class SamplingConfig:
-    """How a session samples its tokens; temperature 0 means greedy."""
+    """How a session samples its tokens; temperature 0 means greedy.
+
+    The transcript of the user is a recognition, not a choice: it is greedy by default, since a
+    byte drawn at random is read back at the next frame and derails the rest of its word.
+    Sessions saved before it had its own setting drew it at the text's temperature
+    (`from_saved` keeps that, so their recordings replay exactly)."""
 
     temperature: float = 0.8
     top_k: int = 50
     text_temperature: float = 0.7
     text_top_k: int = 25
     seed: int = 0
+    transcript_temperature: float = 0.0
+    # Temperature of the choice whether to write a text byte at all this frame (PAD or not),
+    # apart from which byte: 1 keeps the model's own odds of speaking while the byte is drawn
+    # at `text_temperature`. None draws PAD among the bytes at `text_temperature`, as sessions
+    # saved before did: a cooler draw then also silences a reply whose first byte is uncertain.
+    speak_temperature: float | None = 1.0
+
+    @classmethod
+    def from_saved(cls, d: dict[str, Any]) -> SamplingConfig:
+        """A config saved by any version: one without `transcript_temperature` drew the
+        transcript at `text_temperature`, one without `speak_temperature` drew PAD among the
+        bytes."""
+        d = dict(d)
+        d.setdefault("transcript_temperature", d.get("text_temperature", 0.7))
+        d.setdefault("speak_temperature", None)
+        return cls(**d)
 
 
 def sample(
@@ -48,6 +69,27 @@ def sample(
     scores.masked_fill_(_arange(n, k.device)[None, :] >= k[:, None], -torch.inf)
     choice = torch.where(temperature > 0, scores.argmax(-1), 0)
     return idx.gather(-1, choice[:, None])[:, 0]
+
+
+def sample_text(
+    logits: torch.Tensor,
+    pad: int,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    speak: torch.Tensor,
+    uniform: torch.Tensor,
+    decide: torch.Tensor,
+) -> torch.Tensor:
+    """One text id per row of logits [N, V] in two choices: write a byte or PAD, with the
+    log-odds of writing (logsumexp of the bytes against PAD) at temperature speak[n] (0: write
+    iff more likely than not) against the uniform decide[n]; then which byte, drawn from the
+    bytes alone as `sample` draws (temperature[n], top_k[n], `uniform` [N, V])."""
+    lg = logits.float()
+    odds = torch.cat([lg[:, :pad], lg[:, pad + 1 :]], dim=-1).logsumexp(-1) - lg[:, pad]
+    p_write = torch.sigmoid(odds / speak.clamp(min=1e-6))
+    write = torch.where(speak > 0, decide < p_write, odds > 0)
+    byte = sample(lg.index_fill(-1, torch.tensor([pad]), -torch.inf), temperature, top_k, uniform)
+    return torch.where(write, byte, torch.full_like(byte, pad))
 
 
 def _sample_one(
@@ -81,10 +123,16 @@ def check_sampling(x: Any, bad: Callable[[str], Exception]) -> SamplingConfig:
     """A saved sampling config (from an untrusted state file), every field of the right type
     and in range; anything else is `bad(why)`."""
     names = {f.name for f in fields(SamplingConfig)}
-    if not isinstance(x, dict) or set(x) != names:
-        raise bad(f"sampling must be an object with exactly the fields {sorted(names)}")
-    for key in ("temperature", "text_temperature"):
+    later = {"transcript_temperature", "speak_temperature"}
+    if not isinstance(x, dict) or not names - later <= set(x) <= names:
+        raise bad(f"sampling must be an object with the fields {sorted(names)}")
+    x = dict(x)
+    x.setdefault("transcript_temperature", x["text_temperature"])
+    x.setdefault("speak_temperature", None)
+    for key in ("temperature", "text_temperature", "transcript_temperature", "speak_temperature"):
         v = x[key]
+        if key == "speak_temperature" and v is None:
+            continue
         if not isinstance(v, int | float) or isinstance(v, bool) or not 0.0 <= v <= 100.0:
             raise bad(f"sampling {key} must be a number in [0, 100]")
     for key in ("top_k", "text_top_k"):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import numpy as np
 import pytest
 import torch
@@ -228,3 +230,140 @@ def test_sampler_matches_softmax_and_respects_top_k() -> None:
     # top_k <= 0 keeps everything: the least likely entry shows up at temperature 1.
     anyk = sample(logits, torch.ones(n), torch.zeros(n, dtype=torch.long), u)
     assert (anyk == 4).any()
+
+
+def test_text_decides_pad_apart_at_its_own_temperature() -> None:
+    """sample_text: write a byte with the model's own odds (speak temperature 1), whatever the
+    byte's temperature; the byte from the bytes alone at that temperature and top-k. The single
+    draw at 0.7 would speak far less often than the model's 40%."""
+    from duplex.streamer.sampling import sample, sample_text
+
+    pad, n = 4, 40000
+    # PAD 0.6 (id 4 here), four bytes 0.4 together, and id 5 near impossible.
+    p = torch.tensor([0.16, 0.12, 0.08, 0.04, 0.6, 1e-9])
+    logits = p.log().repeat(n, 1)
+    g = torch.Generator().manual_seed(0)
+    u, decide = torch.rand(n, 6, generator=g), torch.rand(n, generator=g)
+    temp, k = torch.full((n,), 0.7), torch.full((n,), 3, dtype=torch.long)
+    got = sample_text(logits, pad, temp, k, torch.ones(n), u, decide)
+    wrote = got != pad
+    assert abs(float(wrote.float().mean()) - 0.4) < 0.01
+    old = sample(logits, temp, torch.full((n,), 5, dtype=torch.long), u)
+    assert float((old != pad).float().mean()) < 0.3
+    # The byte: from the top 3 bytes at the byte temperature, never PAD or beyond k.
+    freq = torch.bincount(got[wrote], minlength=6).float() / int(wrote.sum())
+    assert freq[3:].sum() == 0
+    torch.testing.assert_close(freq[:3], torch.softmax(p[:3].log() / 0.7, 0), atol=0.015, rtol=0)
+    # Speak temperature 0: write iff writing is more likely than not; cooler, less often.
+    assert (sample_text(logits, pad, temp, k, torch.zeros(n), u, decide) == pad).all()
+    flip = torch.tensor([0.2, 0.2, 0.2, 0.2, 0.2, 1e-9]).log().repeat(n, 1)
+    assert (sample_text(flip, pad, temp, k, torch.zeros(n), u, decide) != pad).all()
+    cool = sample_text(logits, pad, temp, k, torch.full((n,), 0.5), u, decide)
+    assert 0.05 < float((cool != pad).float().mean()) < 0.35
+
+
+def test_sessions_decide_pad_apart_unless_saved_before(parts) -> None:
+    """A session with a speak temperature draws its text by `sample_text` (one more uniform of
+    its own per step); one restored from an older config (None) draws as before, so two of
+    those with one seed match token for token whatever their batch-mates do."""
+    model, codec = parts
+    frames = _audio(6, 20)
+    old = SamplingConfig.from_saved(
+        {"temperature": 0.8, "top_k": 50, "text_temperature": 0.7, "text_top_k": 25, "seed": 9}
+    )
+    assert old.speak_temperature is None and SamplingConfig().speak_temperature == 1.0
+    calls = []
+    with Engine(model, codec, slots=3) as eng:
+        import duplex.streamer.engine as E
+
+        inner = E.sample_text
+
+        def spy(*a):
+            calls.append(inner(*a))
+            return calls[-1]
+
+        drawn = []
+        outer = eng._sample
+
+        def spy_sample(stepping, logits):
+            out = outer(stepping, logits)
+            drawn.append((out[0], [s.id for s in stepping]))
+            return out
+
+        E.sample_text, eng._sample = spy, spy_sample
+        try:
+            a = eng.join(old)
+            b = eng.join(SamplingConfig(seed=9))
+            c = eng.join(SamplingConfig.from_saved(asdict(old)))
+            out = {a: [], b: [], c: []}
+            for f in frames:
+                res = eng.step({a: f, b: f, c: f})
+                for s in out:
+                    out[s].append(res[s].tokens_out)
+        finally:
+            E.sample_text = inner
+    # b's text is the two-choice draw, every step; a's and c's are not.
+    assert len(calls) == len(drawn) == len(frames)
+    for split, (texts, ids) in zip(calls, drawn):
+        assert texts[ids.index(b.id)] == split[ids.index(b.id)]
+    assert any(
+        texts[ids.index(a.id)] != split[ids.index(a.id)]
+        for split, (texts, ids) in zip(calls, drawn)
+    )
+    assert out[a] == out[c]
+    assert out[a] != out[b]
+    alone = []
+    with Engine(model, codec, slots=1) as eng:
+        s = eng.join(old)
+        for f in frames:
+            alone.append(eng.step({s: f})[s].tokens_out)
+    assert alone == out[a]
+
+
+def test_the_transcript_is_greedy_unless_asked_and_per_session(parts) -> None:
+    """The user's transcript byte is the argmax of its logits by default (a recognition: a byte
+    drawn at random is read back and derails its word); a session asking for a temperature
+    draws it, each row of a batch by its own setting."""
+    model, codec = parts
+    seen = []
+    with Engine(model, codec, slots=2) as eng:
+        inner = eng._sample
+
+        def spy(stepping, logits):
+            texts, audio, users = inner(stepping, logits)
+            rows = torch.tensor([s.slot for s in stepping])
+            seen.append((logits.user_text[rows].argmax(-1), users, [s.id for s in stepping]))
+            return texts, audio, users
+
+        eng._sample = spy
+        greedy = eng.join(SamplingConfig(seed=3))
+        drawn = eng.join(SamplingConfig(seed=3, transcript_temperature=5.0))
+        assert greedy.sampling.transcript_temperature == 0.0
+        for f in _audio(4, 30):
+            eng.step({greedy: f, drawn: f})
+    assert len(seen) == 30
+    ids = seen[0][2]
+    g, d = ids.index(greedy.id), ids.index(drawn.id)
+    assert all(torch.equal(best[g], users[g]) for best, users, _ in seen)
+    assert sum(int(best[d] != users[d]) for best, users, _ in seen) >= 10
+
+
+def test_saved_sampling_without_a_transcript_temperature_keeps_drawing_it() -> None:
+    """Configs saved before the transcript had its own temperature drew it at the text's: read
+    back, they keep doing so (recordings replay exactly); a bad value is refused."""
+    from duplex.streamer.conversation import ConversationConfig
+    from duplex.streamer.sampling import check_sampling
+
+    old = {"temperature": 0.8, "top_k": 50, "text_temperature": 0.6, "text_top_k": 25, "seed": 1}
+    assert SamplingConfig.from_saved(old).transcript_temperature == 0.6
+    assert ConversationConfig(sampling=old).sampling.transcript_temperature == 0.6
+
+    def bad(why: str) -> Exception:
+        return ValueError(why)
+
+    assert check_sampling(old, bad).transcript_temperature == 0.6
+    assert check_sampling({**old, "transcript_temperature": 0.0}, bad).transcript_temperature == 0
+    with pytest.raises(ValueError, match="transcript_temperature"):
+        check_sampling({**old, "transcript_temperature": -1}, bad)
+    with pytest.raises(ValueError, match="fields"):
+        check_sampling({**old, "other": 1}, bad)
