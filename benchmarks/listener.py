@@ -11,7 +11,10 @@ runs the same held-out crops both ways and compares the word error rates of the 
   through the streaming form, while the model's own text and audio stay the corpus's, so only
   the transcript's feedback differs;
 - own bytes, corpus timing: free-running, but a byte is written exactly where the corpus writes
-  one (the model's best non-PAD byte there, PAD elsewhere) and read back.
+  one (the model's best non-PAD byte there, PAD elsewhere) and read back;
+- free-running, PAD apart: a byte is written where writing one is more likely than not (the
+  bytes' summed probability against PAD), then the best byte; plain argmax writes only where
+  the single best byte beats PAD, so an uncertain letter is written late or not at all.
 
 A free-running WER far above the teacher-forced one says the errors feed themselves (what
 `--transcript-noise` trains against); two close ones say the listener mishears the audio itself.
@@ -48,7 +51,8 @@ def probe(path: str, corpus: Path, crops: int, seq_len: int, rows: int = 8) -> d
     from duplex.model.tokenizer import PAD
 
     model, data = model_and_crops(path, corpus, seq_len, seed=321)
-    n = {"words": 0, "teacher_forced": 0, "free_running": 0, "own_bytes_corpus_timing": 0}
+    n = {k: 0 for k in ("words", "teacher_forced", "free_running", "own_bytes_corpus_timing")}
+    n["pad_apart"] = 0
     with torch.no_grad():
         for s in range(0, crops, rows):
             batch = {k: v for k, v in data.batch(s, slice(0, rows)).items() if k != "stage"}
@@ -62,20 +66,24 @@ def probe(path: str, corpus: Path, crops: int, seq_len: int, rows: int = 8) -> d
             forced = torch.where(truth != PAD, scores.argmax(-1), truth)
             inputs = model.shift_inputs(batch)
             B, T = batch["user_text"].shape
-            # Rows 0..B-1 run free, rows B..2B-1 write their own bytes at the corpus's frames.
-            two = {k: torch.cat([v, v]) for k, v in inputs.items()}
-            audio = torch.cat([batch["user_audio"], batch["user_audio"]])
-            own = torch.empty(2 * B, T, dtype=torch.long)
-            prev = torch.full((2 * B,), PAD, dtype=torch.long)
-            with model.streaming(2 * B):
+            # Rows 0..B-1 run free, B..2B-1 write their own bytes at the corpus's frames,
+            # 2B..3B-1 run free deciding PAD apart.
+            two = {k: torch.cat([v, v, v]) for k, v in inputs.items()}
+            audio = torch.cat([batch["user_audio"]] * 3)
+            own = torch.empty(3 * B, T, dtype=torch.long)
+            prev = torch.full((3 * B,), PAD, dtype=torch.long)
+            with model.streaming(3 * B):
                 for t in range(T):
                     out = model.step(
                         audio[:, t], two["prev_audio"][:, t], two["prev_text"][:, t], prev
                     )
                     best = out.user_text.clone()
                     best[:, PAD] = float("-inf")
-                    timed = torch.where(truth[:, t] != PAD, best[B:].argmax(-1), PAD)
-                    prev = torch.cat([out.user_text[:B].argmax(-1), timed])
+                    timed = torch.where(truth[:, t] != PAD, best[B : 2 * B].argmax(-1), PAD)
+                    lg = out.user_text[2 * B :]
+                    write = best[2 * B :].logsumexp(-1) > lg[:, PAD]
+                    apart = torch.where(write, best[2 * B :].argmax(-1), PAD)
+                    prev = torch.cat([out.user_text[:B].argmax(-1), timed, apart])
                     own[:, t] = prev
             for r in range(B):
                 ref = words(batch["user_text"][r].tolist())
@@ -83,12 +91,14 @@ def probe(path: str, corpus: Path, crops: int, seq_len: int, rows: int = 8) -> d
                 n["teacher_forced"] += word_errors(ref, words(forced[r].tolist()))
                 n["free_running"] += word_errors(ref, words(own[r].tolist()))
                 n["own_bytes_corpus_timing"] += word_errors(ref, words(own[B + r].tolist()))
+                n["pad_apart"] += word_errors(ref, words(own[2 * B + r].tolist()))
     w = max(n["words"], 1)
     return {
         "words": n["words"],
         "wer_teacher_forced": n["teacher_forced"] / w,
         "wer_free_running": n["free_running"] / w,
         "wer_own_bytes_corpus_timing": n["own_bytes_corpus_timing"] / w,
+        "wer_free_running_pad_apart": n["pad_apart"] / w,
     }
 
 
@@ -104,12 +114,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = {m: probe(m, args.corpus, args.crops, args.seq_len) for m in args.models}
     head = f"{'model':44s} {'words':>6s} {'WER teacher-forced':>19s} {'WER free-running':>17s}"
-    print(f"{head} {'own bytes, corpus timing':>25s}")
+    print(f"{head} {'own bytes, corpus timing':>25s} {'free-running, PAD apart':>24s}")
     for m, r in results.items():
         name = f"{Path(m).parent.name}/{Path(m).name}" if "/" in m else m
         print(
             f"{name:44.44s} {r['words']:6d} {100 * r['wer_teacher_forced']:18.1f}% "
             f"{100 * r['wer_free_running']:16.1f}% {100 * r['wer_own_bytes_corpus_timing']:24.1f}%"
+            f" {100 * r['wer_free_running_pad_apart']:23.1f}%"
         )
     cfg = {"corpus": str(args.corpus), "crops": args.crops, "seq_len": args.seq_len}
     args.json.parent.mkdir(parents=True, exist_ok=True)
