@@ -81,7 +81,7 @@ class EvalConfig:
     state_prompt: bool = True
     temperature: float | None = None
     transcript_temperature: float = 0.0
-    speak_temperature: float | None = 1.0
+    speak_temperature: float | None = 0.7
 
 
 def evaluate(cfg: EvalConfig, progress: bool = True) -> dict:
@@ -211,10 +211,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--speak-temperature",
         type=float,
-        default=1.0,
-        help="temperature of the choice whether to write a text byte at all (1: the model's "
-        "own odds); a negative value draws PAD among the bytes at the text temperature, as "
-        "sessions did before",
+        default=0.7,
+        help="temperature of the choice whether to write a text byte at all (0.7, as talk and "
+        "serve; 1: the model's own odds); a negative value draws PAD among the bytes at the "
+        "text temperature, as sessions did before",
     )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
     p.add_argument("--json", type=Path, help="write the report here (default under benchmarks/)")

@@ -192,9 +192,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--speak-temperature",
         type=float,
-        default=1.0,
-        help="temperature of the choice whether to write a text byte at all (default 1: the "
-        "model's own odds of speaking, the byte itself at --text-temperature)",
+        default=0.7,
+        help="temperature of the choice whether to write a text byte at all (default 0.7; 1: "
+        "the model's own odds of speaking), the byte itself at --text-temperature",
     )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument(

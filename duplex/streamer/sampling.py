@@ -32,10 +32,11 @@ class SamplingConfig:
     seed: int = 0
     transcript_temperature: float = 0.0
     # Temperature of the choice whether to write a text byte at all this frame (PAD or not),
-    # apart from which byte: 1 keeps the model's own odds of speaking while the byte is drawn
-    # at `text_temperature`. None draws PAD among the bytes at `text_temperature`, as sessions
-    # saved before did: a cooler draw then also silences a reply whose first byte is uncertain.
-    speak_temperature: float | None = 1.0
+    # apart from which byte (drawn at `text_temperature`): 1 keeps the model's own odds of
+    # speaking; 0.7, the default, the shipped model's best (at 1 it spoke into silences). None
+    # draws PAD among the bytes at `text_temperature`, as sessions saved before did: then a
+    # reply whose first byte is uncertain is silenced by the sharpening toward PAD.
+    speak_temperature: float | None = 0.7
 
     @classmethod
     def from_saved(cls, d: dict[str, Any]) -> SamplingConfig:

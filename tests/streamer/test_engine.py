@@ -271,7 +271,7 @@ def test_sessions_decide_pad_apart_unless_saved_before(parts) -> None:
     old = SamplingConfig.from_saved(
         {"temperature": 0.8, "top_k": 50, "text_temperature": 0.7, "text_top_k": 25, "seed": 9}
     )
-    assert old.speak_temperature is None and SamplingConfig().speak_temperature == 1.0
+    assert old.speak_temperature is None and SamplingConfig().speak_temperature == 0.7
     calls = []
     with Engine(model, codec, slots=3) as eng:
         import duplex.streamer.engine as E

@@ -158,7 +158,7 @@ def test_record_writes_the_one_header_and_the_starting_state(parts, tmp_path) ->
             "text_top_k": 25,
             "seed": 4,
             "transcript_temperature": 0.0,
-            "speak_temperature": 1.0,
+            "speak_temperature": 0.7,
         },
         "state": None,
     }
