@@ -178,24 +178,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--certfile", help="TLS certificate (PEM); enables wss://")
     p.add_argument("--keyfile", help="TLS private key (PEM)")
     p.add_argument("--seed", type=int, default=0, help="default sampling seed (?seed= overrides)")
-    p.add_argument("--temperature", type=float, default=0.8, help="audio sampling temperature")
-    p.add_argument("--top-k", type=int, default=50, help="audio top-k (default 50)")
-    p.add_argument("--text-temperature", type=float, default=0.7, help="text temperature")
-    p.add_argument("--text-top-k", type=int, default=25, help="text top-k (default 25)")
-    p.add_argument(
-        "--transcript-temperature",
-        type=float,
-        default=0.0,
-        help="temperature of the transcript of the user (default 0: greedy; a byte drawn at "
-        "random is read back and derails its word)",
-    )
-    p.add_argument(
-        "--speak-temperature",
-        type=float,
-        default=0.7,
-        help="temperature of the choice whether to write a text byte at all (default 0.7; 1: "
-        "the model's own odds of speaking), the byte itself at --text-temperature",
-    )
+    from duplex.streamer.sampling import add_arguments as add_sampling_arguments
+
+    add_sampling_arguments(p)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     p.add_argument(
         "--no-codec-thread",
@@ -208,6 +193,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     """The ServeConfig the command line describes (token from the environment if not given)."""
+    from dataclasses import asdict
+
+    from duplex.streamer.sampling import from_args as sampling_from_args
+
     token = args.token
     if getattr(args, "token_file", None):
         token = Path(args.token_file).read_text(encoding="utf-8").strip()
@@ -242,15 +231,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         keyfile=args.keyfile,
         model_name=args.model,
         codec_name=args.codec,
-        sampling={
-            "temperature": args.temperature,
-            "top_k": args.top_k,
-            "text_temperature": args.text_temperature,
-            "text_top_k": args.text_top_k,
-            "seed": args.seed,
-            "transcript_temperature": args.transcript_temperature,
-            "speak_temperature": args.speak_temperature,
-        },
+        sampling=asdict(sampling_from_args(args)),
     )
 
 

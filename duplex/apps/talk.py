@@ -69,24 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tail", type=float, default=1.0, help="seconds of silence after --input")
     p.add_argument("--max-seconds", type=float, help="stop after this many seconds of audio")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--temperature", type=float, default=0.8, help="audio sampling temperature")
-    p.add_argument("--top-k", type=int, default=50, help="audio top-k (default 50)")
-    p.add_argument("--text-temperature", type=float, default=0.7, help="text temperature")
-    p.add_argument("--text-top-k", type=int, default=25, help="text top-k (default 25)")
-    p.add_argument(
-        "--transcript-temperature",
-        type=float,
-        default=0.0,
-        help="temperature of the transcript of the user (default 0: greedy; a byte drawn at "
-        "random is read back and derails its word)",
-    )
-    p.add_argument(
-        "--speak-temperature",
-        type=float,
-        default=0.7,
-        help="temperature of the choice whether to write a text byte at all (default 0.7; 1: "
-        "the model's own odds of speaking), the byte itself at --text-temperature",
-    )
+    from duplex.streamer.sampling import add_arguments as add_sampling_arguments
+
+    add_sampling_arguments(p)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
     from duplex.streamer.echo import add_arguments as add_echo_arguments
 
@@ -124,19 +109,12 @@ def run(args: argparse.Namespace) -> int:
         load_parts,
         open_session,
     )
-    from duplex.streamer.engine import Engine, SamplingConfig
+    from duplex.streamer.engine import Engine
+    from duplex.streamer.sampling import from_args as sampling_from_args
     from duplex.streamer.statefile import StateFileError
 
     torch.set_num_threads(max(1, args.threads))
-    sampling = SamplingConfig(
-        args.temperature,
-        args.top_k,
-        args.text_temperature,
-        args.text_top_k,
-        args.seed,
-        args.transcript_temperature,
-        args.speak_temperature,
-    )
+    sampling = sampling_from_args(args)
     cfg = ConversationConfig(args.model, args.codec, sampling, args.state)
     try:
         model, codec = load_parts(cfg)

@@ -49,6 +49,49 @@ class SamplingConfig:
         return cls(**d)
 
 
+def add_arguments(p: Any) -> None:
+    """The sampling flags of `talk` and `serve` (all but --seed, whose meaning differs), with
+    the defaults of `SamplingConfig`."""
+    d = SamplingConfig()
+    p.add_argument(
+        "--temperature", type=float, default=d.temperature, help="audio sampling temperature"
+    )
+    p.add_argument("--top-k", type=int, default=d.top_k, help=f"audio top-k (default {d.top_k})")
+    p.add_argument(
+        "--text-temperature", type=float, default=d.text_temperature, help="text temperature"
+    )
+    p.add_argument(
+        "--text-top-k", type=int, default=d.text_top_k, help=f"text top-k (default {d.text_top_k})"
+    )
+    p.add_argument(
+        "--transcript-temperature",
+        type=float,
+        default=d.transcript_temperature,
+        help="temperature of the transcript of the user (default 0: greedy; a byte drawn at "
+        "random is read back and derails its word)",
+    )
+    p.add_argument(
+        "--speak-temperature",
+        type=float,
+        default=d.speak_temperature,
+        help="temperature of the choice whether to write a text byte at all (default 0.7; 1: "
+        "the model's own odds of speaking), the byte itself at --text-temperature",
+    )
+
+
+def from_args(args: Any) -> SamplingConfig:
+    """The `SamplingConfig` of parsed `add_arguments` flags and --seed."""
+    return SamplingConfig(
+        args.temperature,
+        args.top_k,
+        args.text_temperature,
+        args.text_top_k,
+        args.seed,
+        args.transcript_temperature,
+        args.speak_temperature,
+    )
+
+
 def sample(
     logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, uniform: torch.Tensor
 ) -> torch.Tensor:
@@ -89,7 +132,9 @@ def sample_text(
     odds = torch.cat([lg[:, :pad], lg[:, pad + 1 :]], dim=-1).logsumexp(-1) - lg[:, pad]
     p_write = torch.sigmoid(odds / speak.clamp(min=1e-6))
     write = torch.where(speak > 0, decide < p_write, odds > 0)
-    byte = sample(lg.index_fill(-1, torch.tensor([pad]), -torch.inf), temperature, top_k, uniform)
+    bytes_only = lg.clone()
+    bytes_only[:, pad] = -torch.inf
+    byte = sample(bytes_only, temperature, top_k, uniform)
     return torch.where(write, byte, torch.full_like(byte, pad))
 
 
