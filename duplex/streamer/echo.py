@@ -287,6 +287,8 @@ class EchoCanceller:
         if self.hold is not None:
             self.hold.reset()
         self._candidate: int | None = None
+        # The correlation measured at the delay in use (echo_delay.DelayEstimator.moved).
+        self._pattern: np.ndarray | None = None
         self.delay_changes = 0
         self.chunks = 0
 
@@ -356,6 +358,7 @@ class EchoCanceller:
         tolerance = round(0.002 * self.sample_rate)
         # Two estimates in a row must agree before the alignment moves: one double-talk burst
         # or one periodic sound must not throw away a converged filter.
+        curve = self.estimator.curve
         agreed = self._candidate is not None and abs(delay - self._candidate) <= tolerance
         self._candidate = delay
         if not agreed:
@@ -363,13 +366,20 @@ class EchoCanceller:
         if self.delay_source != "measured" or abs(delay - self.delay) > 2 * tolerance:
             if self.delay_source == "measured":
                 self.delay_changes += 1
+                if self._pattern is not None:
+                    delay = self.estimator.moved(self._pattern, self.delay, curve, delay)
             # The filter is kept: realignment restores the residual path it learnt (the margin
             # plus the room). Measured offline (notes/issue15.md, follow-up), restarting speex's
             # filter on each move cost about a second of re-convergence after a 50 ms jump and
             # 15-20 dB of final attenuation, and on the first measurement it gained nothing.
             self.delay = delay
+            self._pattern = None if curve is None else curve.copy()
             if self.hold is not None:
                 self.hold.realigned()
+        elif self._pattern is not None and curve is not None:
+            # The same path measured again: averaged, so no single estimate's noise decides
+            # the next move.
+            self._pattern = 0.5 * (self._pattern + curve)
         self.delay_source = "measured"
         self._excess = self.delay - self._seed
 

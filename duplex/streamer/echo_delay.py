@@ -79,6 +79,7 @@ class DelayEstimator:
         window_s: float = 1.0,
         min_prominence: float = 10.0,
         max_ahead_s: float = 0.5,
+        pattern_s: float = 0.01,
     ) -> None:
         self.decim = max(1, round(sample_rate / 8000))
         self.rate = sample_rate / self.decim
@@ -86,6 +87,9 @@ class DelayEstimator:
         self.ahead = int(max_ahead_s * self.rate)
         self.window = int(window_s * self.rate)
         self.min_prominence = min_prominence
+        self.pattern_s = pattern_s
+        # The correlation (lag index k: delay (max_lag - k) * decim) of the last estimate found.
+        self.curve: np.ndarray | None = None
         n = self.window + self.max_lag + self.ahead
         self.nfft = 1 << (2 * n - 1).bit_length()
         freqs = np.fft.rfftfreq(self.nfft, 1.0 / self.rate)
@@ -116,4 +120,30 @@ class DelayEstimator:
         prominence = float(cc[k] - np.mean(cc)) / spread
         if prominence < self.min_prominence:
             return None
+        self.curve = cc
         return (self.max_lag - k) * d, prominence
+
+    def moved(self, reference: np.ndarray, delay: int, curve: np.ndarray, found: int) -> int:
+        """The new delay after a route change: `delay` plus how far the room's whole pattern
+        (`reference`, the correlation measured at `delay`) moved in `curve`, searched within
+        `pattern_s` of `found` (the new curve's peak).
+
+        A room answers with several peaks of nearly equal height (the direct path and early
+        reflections), and which one is highest changes from one estimate to the next: the
+        canceller locked at one and, after a 50 ms jump, realigned to the other, 2.7 ms off
+        the path it had learnt, and its filter had to start again. The pattern's shift is the
+        route change itself, whichever peak leads."""
+        d = self.decim
+        w = round(self.pattern_s * self.rate)
+        k0 = self.max_lag - delay // d
+        kf = self.max_lag - found // d
+        if k0 - w < 0 or k0 + w >= reference.size:
+            return found
+        template = reference[k0 - w : k0 + w + 1]
+        lo, hi = max(kf - w, w), min(kf + w, curve.size - w - 1)
+        if hi < lo:
+            return found
+        # match[j]: the template centred at lag index lo + j of the new curve.
+        match = np.correlate(curve[lo - w : hi + w + 1], template, mode="valid")
+        k = lo + int(np.argmax(match))
+        return delay - (k - k0) * d

@@ -108,6 +108,8 @@ def test_a_restart_starts_from_the_delay_measured_before() -> None:
     found = iter([1600, 1600])
 
     class Script:
+        curve = None
+
         def estimate(self, far, near, end):
             return next(found), 20.0
 
