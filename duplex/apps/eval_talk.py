@@ -210,15 +210,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--speak-temperature",
-        type=float,
+        type=speak_temperature,
         default=0.7,
         help="temperature of the choice whether to write a text byte at all (0.7, as talk and "
-        "serve; 1: the model's own odds); a negative value draws PAD among the bytes at the "
-        "text temperature, as sessions did before",
+        "serve; 1: the model's own odds); 'joint' draws PAD among the bytes at the text "
+        "temperature, as sessions did before",
     )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (1)")
     p.add_argument("--json", type=Path, help="write the report here (default under benchmarks/)")
     p.add_argument("--png", type=Path, help="write the bar chart here")
+
+
+def speak_temperature(value: str) -> float | None:
+    """--speak-temperature: a temperature >= 0, or 'joint' (None: the draw before the split)."""
+    if value.strip().lower() == "joint":
+        return None
+    try:
+        t = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a temperature >= 0 or 'joint', not {value!r}") from None
+    if t < 0:
+        raise argparse.ArgumentTypeError(f"a temperature >= 0 or 'joint', not {value!r}")
+    return t
 
 
 def run(args: argparse.Namespace) -> int:
@@ -239,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
         not args.no_state,
         args.temperature,
         args.transcript_temperature,
-        None if args.speak_temperature < 0 else args.speak_temperature,
+        args.speak_temperature,
     )
     try:
         report = evaluate(cfg)

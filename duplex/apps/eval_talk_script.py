@@ -17,7 +17,8 @@ import torch
 
 from duplex.data import dialogue as G
 from duplex.data.conversations import text_stream
-from duplex.model.duplex_lm import CONFIGS, DuplexConfig, DuplexLM, StepLogits, delay_audio
+from duplex.model.audio_layout import delay_audio
+from duplex.model.duplex_lm import CONFIGS, DuplexConfig, DuplexLM, StepLogits
 from duplex.model.tokenizer import PAD
 
 if TYPE_CHECKING:

@@ -79,8 +79,9 @@ class _Stream:
     user_text: np.ndarray
     # Frame where each conversation begins (the first is 0).
     starts: np.ndarray
-    # 1 where the user is speaking and the model's reply is not yet due, else 0 [F].
-    user_speaking: np.ndarray
+    # 1 where the user is speaking and the model's reply is not yet due, else 0 [F]; only for
+    # `UNANSWERED_STAGES` (None elsewhere: every frame teaches the model there).
+    user_speaking: np.ndarray | None
 
 
 def user_speaking(words: list, frames: int, text_lead: int = 0) -> np.ndarray:
@@ -153,16 +154,19 @@ class ConversationBatches:
             sh = Shard(e["path"])
             texts = [sh.text_streams(i, text_lead, transcript_delay) for i in range(len(sh))]
             sizes = np.diff(sh.offsets)
-            speaking = [
-                user_speaking(sh.record(i)["words"], sizes[i], text_lead) for i in range(len(sh))
-            ]
+            speaking = None
+            if e["stage"] in UNANSWERED_STAGES:
+                words = [sh.record(i)["words"] for i in range(len(sh))]
+                speaking = np.concatenate(
+                    [user_speaking(w, n, text_lead) for w, n in zip(words, sizes, strict=True)]
+                )
             s = _Stream(
                 np.ascontiguousarray(sh.user.T),
                 np.ascontiguousarray(sh.model.T),
                 np.concatenate([t[0] for t in texts]),
                 np.concatenate([t[1] for t in texts]),
                 np.asarray(sh.offsets[:-1], np.int64),
-                np.concatenate(speaking),
+                speaking,
             )
             if len(s.user) >= seq_len:
                 self.streams.setdefault(e["stage"], []).append(s)

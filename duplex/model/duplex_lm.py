@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from duplex.model.audio_depth import AudioDepth
+from duplex.model.audio_layout import delay_audio
 from duplex.model.backbone import Backbone, BackboneConfig, table_offsets
 from duplex.model.copy_head import CopyHead
 from duplex.model.exposure import TRANSCRIPT_BYTES, corrupt, read_back_own
@@ -173,23 +174,6 @@ CONFIGS["talk-copy"].backbone.layers += ("txa", "mlp")
 CONFIGS["talk-point"] = dataclasses.replace(
     copy.deepcopy(CONFIGS["talk"]), copy_window=64, copy_loss=0.2
 )
-
-
-def delay_audio(a: torch.Tensor, delay: int, pad: int) -> torch.Tensor:
-    """a [B, T, K] -> delayed layout: codebooks k >= 1 shifted `delay` frames later."""
-    if delay == 0:
-        return a
-    out = a.clone()
-    out[:, :, 1:] = pad
-    out[:, delay:, 1:] = a[:, :-delay, 1:]
-    return out
-
-
-def undelay_audio(ad: torch.Tensor, delay: int) -> torch.Tensor:
-    """Delayed layout [B, T, K] -> frames [B, T - delay, K] whose codebooks are all known."""
-    if delay == 0:
-        return ad
-    return torch.cat([ad[:, :-delay, :1], ad[:, delay:, 1:]], dim=-1)
 
 
 @dataclass
@@ -393,11 +377,30 @@ class DuplexLM(StreamingModule):
         out = self._heads(h[:, 0], None)
         if self.copy is not None:
             out.text = self.copy(h, ids, out.text[:, None])[:, 0]
-        if self.cfg.calibrate_pad and self.cfg.text_pad_weight != 1.0:
-            shift = -math.log(self.cfg.text_pad_weight)
-            out.text[:, PAD] += shift
-            out.user_text[:, PAD] += shift
+        out.text[:, PAD] += self.pad_shift()
+        out.user_text[:, PAD] += self.pad_shift()
         return out
+
+    def pad_shift(self) -> float:
+        """What decoding adds to PAD's logit: the loss weighted PAD by text_pad_weight, and
+        `calibrate_pad` takes that back so PAD is written as often as the corpus writes it."""
+        if self.cfg.calibrate_pad and self.cfg.text_pad_weight != 1.0:
+            return -math.log(self.cfg.text_pad_weight)
+        return 0.0
+
+    def transcript_logits(
+        self,
+        user_audio: torch.Tensor,
+        prev_audio: torch.Tensor,
+        prev_text: torch.Tensor,
+        prev_user_text: torch.Tensor,
+    ) -> torch.Tensor:
+        """The transcript's logits [B, T, V] of every frame at once (inputs as `step`'s, with a
+        time axis), PAD calibrated as `step` gives them: what a session would write."""
+        ids, extra = self._inputs(user_audio, prev_audio, prev_text, prev_user_text)
+        logits = self.user_text_head(self.backbone(ids, extra=extra)).float()
+        logits[..., PAD] += self.pad_shift()
+        return logits
 
     def state_bytes(self) -> int:
         """Fixed streaming state bytes per session (excludes the host-side id log)."""

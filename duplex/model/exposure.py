@@ -11,8 +11,6 @@ what it hears.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 # Bytes a misheard transcript holds: lowercase letters, the space, the apostrophe.
@@ -43,17 +41,13 @@ def read_back_own(model, user_audio: torch.Tensor, inputs: dict, share: float) -
     it meets when running free, which is where its transcript loses half its words."""
     from duplex.model.tokenizer import PAD
 
-    cfg = model.cfg
     prev = inputs["prev_user_text"]
     if share <= 0:
         return prev
     with torch.no_grad():
-        ids, extra = model._inputs(user_audio, inputs["prev_audio"], inputs["prev_text"], prev)
-        # scores: [B, T, V] for the byte of each frame, PAD calibrated as in `step`
-        scores = model.user_text_head(model.backbone(ids, extra=extra)).float()
-        if cfg.calibrate_pad and cfg.text_pad_weight != 1.0:
-            scores[..., PAD] -= math.log(cfg.text_pad_weight)
-        wrote = scores.argmax(-1)
+        wrote = model.transcript_logits(
+            user_audio, inputs["prev_audio"], inputs["prev_text"], prev
+        ).argmax(-1)
     own = torch.cat([torch.full_like(wrote[:, :1], PAD), wrote[:, :-1]], dim=1)
     hit = torch.rand(prev.shape, device=prev.device) < share
     return torch.where(hit, own, prev)

@@ -155,3 +155,14 @@ def test_cli_writes_table_json_and_png(tmp_path, capsys):
     assert json.loads(out.read_text())["model"] == "silent"
     assert out.with_suffix(".png").stat().st_size > 1000
     assert main(["eval", "talk", "--model", "nope"]) == 2
+
+
+def test_speak_temperature_flag_takes_a_temperature_or_joint(capsys):
+    """'joint' is the draw before the split (None in SamplingConfig); a negative number is an
+    error, not a hidden switch."""
+    from duplex.apps.cli import main
+
+    assert E.speak_temperature("0.5") == 0.5 and E.speak_temperature("JOINT") is None
+    with pytest.raises(SystemExit):
+        main(["eval", "talk", "--speak-temperature", "-1", "--model", "silent"])
+    assert "a temperature >= 0 or 'joint'" in capsys.readouterr().err

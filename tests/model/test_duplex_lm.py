@@ -5,16 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from duplex.model.audio_layout import delay_audio, undelay_audio
 from duplex.model.backbone import BackboneConfig
-from duplex.model.duplex_lm import (
-    DuplexConfig,
-    DuplexLM,
-    delay_audio,
-    load,
-    save,
-    undelay_audio,
-    warm_start,
-)
+from duplex.model.duplex_lm import DuplexConfig, DuplexLM, load, save, warm_start
 from duplex.model.tokenizer import PAD, ByteTokenizer
 
 
