@@ -79,6 +79,8 @@ class DuplexConfig:
     transcript_input_noise: float = 0.0
     # Training only: the share of transcript frames that read back the model's own byte.
     transcript_sampling: float = 0.0
+    # Passes of that read-back (exposure.read_back_own): more is nearer a free-running session.
+    transcript_sampling_passes: int = 1
     # Text frames a copy head points over (0: none): the next byte may be the one that followed
     # an earlier byte, so heard values are repeated rather than guessed (duplex/model/copy_head.py).
     copy_window: int = 0
@@ -99,8 +101,8 @@ class DuplexConfig:
             self.backbone.read.key_modulo = self.text_vocab
         if self.acoustic_delay < 0 or self.transcript_delay < 0 or self.text_lead < 0:
             raise ValueError("delays must be >= 0")
-        if self.copy_window < 0:
-            raise ValueError("copy_window must be >= 0")
+        if self.copy_window < 0 or self.transcript_sampling_passes < 1:
+            raise ValueError("copy_window must be >= 0 and transcript_sampling_passes >= 1")
         noise = (self.audio_input_noise, self.transcript_input_noise, self.transcript_sampling)
         if self.depth_hidden < 0 or not all(0.0 <= x < 1.0 for x in noise):
             raise ValueError("depth_hidden must be >= 0 and input noise in [0, 1)")
@@ -320,7 +322,9 @@ class DuplexLM(StreamingModule):
         cfg = self.cfg
         s = self.shift_inputs(batch)
         share = cfg.transcript_sampling if self.training else 0.0
-        s["prev_user_text"] = read_back_own(self, batch["user_audio"], s, share)
+        s["prev_user_text"] = read_back_own(
+            self, batch["user_audio"], s, share, cfg.transcript_sampling_passes
+        )
         ids, extra = self._inputs(
             batch["user_audio"], s["prev_audio"], s["prev_text"], s["prev_user_text"]
         )

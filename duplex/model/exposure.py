@@ -32,22 +32,34 @@ def corrupt(x: torch.Tensor, share: float, choices: int | torch.Tensor, keep: in
     return torch.where(hit & (x != keep), noise, x)
 
 
-def read_back_own(model, user_audio: torch.Tensor, inputs: dict, share: float) -> torch.Tensor:
+def read_back_own(
+    model, user_audio: torch.Tensor, inputs: dict, share: float, passes: int = 1
+) -> torch.Tensor:
     """The fed-back transcript `inputs["prev_user_text"]` [B, T] with about `share` of its
     frames replaced by what `model` itself wrote at the frame before (parallel scheduled
-    sampling: one teacher-forced pass without gradients, its argmax byte or PAD per frame, as a
+    sampling: teacher-forced passes without gradients, the argmax byte or PAD per frame, as a
     session decides it). Random letters (`corrupt`) teach it to doubt a wrong byte; its own
     bytes are the wrong bytes, the doubled ones and the ones written a frame early or late that
-    it meets when running free, which is where its transcript loses half its words."""
+    it meets when running free, which is where its transcript loses half its words.
+
+    One pass writes each frame from the true past, so its errors never compound. Each further
+    pass writes from the last pass's read-back, one more frame of its own errors deep: with
+    `share` 1, after `passes` passes the first `passes` frames are exactly a free-running
+    session's."""
     from duplex.model.tokenizer import PAD
 
     prev = inputs["prev_user_text"]
     if share <= 0:
         return prev
-    with torch.no_grad():
-        wrote = model.transcript_logits(
-            user_audio, inputs["prev_audio"], inputs["prev_text"], prev
-        ).argmax(-1)
-    own = torch.cat([torch.full_like(wrote[:, :1], PAD), wrote[:, :-1]], dim=1)
-    hit = torch.rand(prev.shape, device=prev.device) < share
-    return torch.where(hit, own, prev)
+    hit = None
+    fed = prev
+    for _ in range(max(1, passes)):
+        with torch.no_grad():
+            wrote = model.transcript_logits(
+                user_audio, inputs["prev_audio"], inputs["prev_text"], fed
+            ).argmax(-1)
+        own = torch.cat([torch.full_like(wrote[:, :1], PAD), wrote[:, :-1]], dim=1)
+        if hit is None:
+            hit = torch.rand(prev.shape, device=prev.device) < share
+        fed = torch.where(hit, own, prev)
+    return fed

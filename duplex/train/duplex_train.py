@@ -83,6 +83,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "about a third more time per step; the config's transcript_sampling)",
     )
     p.add_argument(
+        "--transcript-sampling-passes",
+        type=int,
+        help="passes of that read-back (1): each further pass writes from the last one's "
+        "bytes, so its errors compound as a free-running session's do; one more pass without "
+        "gradients each",
+    )
+    p.add_argument(
         "--train-only",
         nargs="+",
         metavar="PREFIX",
@@ -210,6 +217,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"duplex train duplex: --{flag.replace('_', '-')} {value}: not in [0, 1)")
             return 2
         setattr(mcfg, name or flag, value)
+    if args.transcript_sampling_passes is not None:
+        if args.transcript_sampling_passes < 1:
+            print("duplex train duplex: --transcript-sampling-passes must be >= 1")
+            return 2
+        mcfg.transcript_sampling_passes = args.transcript_sampling_passes
     model = duplex_lm.DuplexLM(mcfg)
     if args.init is not None:
         try:

@@ -310,6 +310,32 @@ def test_transcript_input_noise_only_in_training_and_only_on_bytes() -> None:
         DuplexConfig.from_dict({**m.cfg.to_dict(), "transcript_input_noise": 1.0})
 
 
+def test_transcript_sampling_passes_compound_to_a_free_running_session() -> None:
+    """With share 1, `passes` passes read back exactly what a free-running session (its own
+    greedy transcript fed back) wrote over the first `passes` frames; one pass does not."""
+    from duplex.model.exposure import read_back_own
+
+    m = _tiny()
+    m.cfg.text_pad_weight = 0.25
+    m.cfg.calibrate_pad = True
+    b = _batch(2, 12)
+    m.eval()
+    s = m.shift_inputs(b)
+    B, T = b["user_text"].shape
+    fed = torch.full((B,), PAD)
+    free = []
+    with torch.no_grad(), m.streaming(B):
+        for t in range(T):
+            out = m.step(b["user_audio"][:, t], s["prev_audio"][:, t], s["prev_text"][:, t], fed)
+            fed = out.user_text.argmax(-1)
+            free.append(fed)
+    session = torch.cat([torch.full((B, 1), PAD), torch.stack(free, 1)[:, :-1]], dim=1)
+    assert torch.equal(read_back_own(m, b["user_audio"], s, 1.0, passes=T), session)
+    five = read_back_own(m, b["user_audio"], s, 1.0, passes=5)
+    assert torch.equal(five[:, :5], session[:, :5])
+    assert not torch.equal(read_back_own(m, b["user_audio"], s, 1.0, passes=1), session)
+
+
 def test_transcript_sampling_reads_back_the_bytes_a_session_would_have_written() -> None:
     """With transcript_sampling = 1 every fed-back transcript frame is the byte the model wrote
     at the frame before, as a streaming session decides it (argmax of the calibrated step given

@@ -43,6 +43,8 @@ def test_train_command_learns_and_resumes(tmp_path):
         "0.1",
         "--transcript-sampling",
         "0.2",
+        "--transcript-sampling-passes",
+        "2",
         "--no-progress",
     ]
     assert main([*common, "--steps", "40"]) == 0
@@ -52,6 +54,7 @@ def test_train_command_learns_and_resumes(tmp_path):
     saved = json.loads((run / "model_config.json").read_text())
     assert json.loads(json.dumps(model.cfg.to_dict())) == saved
     assert saved["transcript_input_noise"] == 0.1 and saved["transcript_sampling"] == 0.2
+    assert saved["transcript_sampling_passes"] == 2
     # The same command with more steps continues from the checkpoint (history grows, no restart).
     assert main([*common, "--steps", "60"]) == 0
     hist2 = json.loads((run / "history.json").read_text())
@@ -59,6 +62,7 @@ def test_train_command_learns_and_resumes(tmp_path):
     assert main([*common, "--steps", "60", "--from-start", "1.5"]) == 2
     assert main([*common, "--steps", "60", "--transcript-noise", "1"]) == 2
     assert main([*common, "--steps", "60", "--transcript-sampling", "1"]) == 2
+    assert main([*common, "--steps", "60", "--transcript-sampling-passes", "0"]) == 2
     assert (
         main(
             [
