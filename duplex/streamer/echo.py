@@ -369,9 +369,9 @@ class EchoCanceller:
                 if self._pattern is not None:
                     delay = self.estimator.moved(self._pattern, self.delay, curve, delay)
             # The filter is kept: realignment restores the residual path it learnt (the margin
-            # plus the room). Measured offline (notes/issue15.md, follow-up), restarting speex's
-            # filter on each move cost about a second of re-convergence after a 50 ms jump and
-            # 15-20 dB of final attenuation, and on the first measurement it gained nothing.
+            # plus the room). Measured offline, restarting speex's filter on each move cost about
+            # a second of re-convergence after a 50 ms jump and 15-20 dB of final attenuation,
+            # and on the first measurement it gained nothing.
             self.delay = delay
             self._pattern = None if curve is None else curve.copy()
             if self.hold is not None:

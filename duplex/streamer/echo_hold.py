@@ -5,7 +5,7 @@ reported latencies until cross-correlation has measured it (about 1.5 s of the f
 and its filter then needs a fraction of a second more to learn the room. Everything the model
 says in that time comes back nearly as loud as it left, and the model hears its own first reply
 as the user's words (measured in the closed loop: the first reply of a session leaked at 1 and
-9 dB of attenuation and the transcript diverged from there; notes/issue15.md).
+9 dB of attenuation and the transcript diverged from there; docs/echo.md).
 
 `ConvergenceHold` is the fallback a speakerphone uses: half duplex until the canceller is shown
 to work. While the canceller has not converged and the far end is playing something whose echo
