@@ -34,7 +34,7 @@ from duplex.model.audio_depth import AudioDepth
 from duplex.model.audio_layout import delay_audio
 from duplex.model.backbone import Backbone, BackboneConfig, table_offsets
 from duplex.model.copy_head import CopyHead
-from duplex.model.exposure import TRANSCRIPT_BYTES, corrupt, read_back_own
+from duplex.model.exposure import TRANSCRIPT_BYTES, corrupt, read_back_own, written_early
 from duplex.model.losses import frame_weight, weighted_ce
 from duplex.model.tokenizer import PAD, VOCAB_SIZE
 from duplex.streaming import StreamingModule
@@ -339,7 +339,11 @@ class DuplexLM(StreamingModule):
         w[PAD] = cfg.text_pad_weight
         weight = frame_weight(batch.get("model_weight"), batch["model_text"])
         loss_text = weighted_ce(logits.text, batch["model_text"], w, weight)
-        loss_user = weighted_ce(logits.user_text, batch["user_text"], w, None)
+        user_target = batch["user_text"]
+        if share > 0:
+            early = written_early(user_target, s["prev_user_text"])
+            user_target = user_target.masked_fill(early, PAD)
+        loss_user = weighted_ce(logits.user_text, user_target, w, None)
         # Delay gaps hold the pad code, which no head predicts: leave them out of the loss.
         loss_audio = F.cross_entropy(
             logits.audio.flatten(0, 2),

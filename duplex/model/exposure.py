@@ -63,3 +63,39 @@ def read_back_own(
             hit = torch.rand(prev.shape, device=prev.device) < share
         fed = torch.where(hit, own, prev)
     return fed
+
+
+def written_early(target: torch.Tensor, fed: torch.Tensor, reach: int = 4) -> torch.Tensor:
+    """[B, T] bool: frames where the corpus writes a byte that the fed-back transcript shows
+    already written, at most `reach` frames before, with nothing written in between by either.
+
+    A free-running transcript writes a word's first letter a frame or two early as often as on
+    time; it then reads its own letter back, and the corpus (timed by the words' onsets) still
+    writes that letter at its own frame. Kept as the target, that lesson is "write it again":
+    "nnick", "ttell", "ffood", half the misheard requests of talk12's held-out suites. The
+    read-back frame already holds the byte, so the consistent target there is PAD.
+
+    target: the corpus's transcript [B, T] (byte written at t); fed: the transcript read back at
+    each frame [B, T] (fed[t]: the byte written at t - 1), as `read_back_own` returns it."""
+    from duplex.model.tokenizer import PAD
+
+    def back(x: torch.Tensor, s: int, fill) -> torch.Tensor:
+        # x[:, t - s], `fill` before the crop
+        if s == 0:
+            return x
+        return torch.cat([torch.full_like(x[:, :s], fill), x[:, :-s]], dim=1)
+
+    written = target != PAD
+    quiet_t = ~written
+    quiet_f = fed == PAD
+    early = torch.zeros_like(written)
+    target_quiet = torch.ones_like(written)
+    fed_quiet = torch.ones_like(written)
+    for k in range(1, reach + 1):
+        # The corpus wrote nothing at t - k .. t - 1; the read-back wrote nothing at t - k + 1
+        # .. t - 1 (fed[t - k + 2 .. t]), and wrote this frame's byte at t - k (fed[t - k + 1]).
+        target_quiet = target_quiet & back(quiet_t, k, False)
+        if k >= 2:
+            fed_quiet = fed_quiet & back(quiet_f, k - 2, True)
+        early |= written & target_quiet & fed_quiet & (back(fed, k - 1, PAD) == target)
+    return early

@@ -310,6 +310,70 @@ def test_transcript_input_noise_only_in_training_and_only_on_bytes() -> None:
         DuplexConfig.from_dict({**m.cfg.to_dict(), "transcript_input_noise": 1.0})
 
 
+def test_a_byte_read_back_early_is_not_written_again() -> None:
+    """The corpus writes "nick" at frames 3, 5, 7, 9. A read-back that wrote the 'n' one or
+    two frames early already holds it: the corpus's 'n' frame becomes PAD, nothing else moves.
+    On time, late, from the truth, across a byte written between, beyond `reach`, or a word's
+    real double letter: unchanged."""
+    from duplex.model.exposure import written_early
+
+    def row(frames: dict[int, str], T: int = 12) -> list[int]:
+        out = [PAD] * T
+        for t, ch in frames.items():
+            out[t] = ord(ch)
+        return out
+
+    target = torch.tensor([row({3: "n", 5: "i", 7: "c", 9: "k"})])
+
+    def fed_of(writes: dict[int, str]) -> torch.Tensor:
+        # fed[t] is the byte written at t - 1
+        return torch.tensor([row({t + 1: ch for t, ch in writes.items()})])
+
+    def fired(writes: dict[int, str], reach: int = 4) -> list[int]:
+        return written_early(target, fed_of(writes), reach)[0].nonzero().flatten().tolist()
+
+    assert fired({2: "n", 5: "i"}) == [3]
+    assert fired({1: "n", 5: "i"}) == [3]
+    assert fired({1: "n"}, reach=1) == []
+    assert fired({3: "n", 5: "i", 7: "c", 9: "k"}) == []
+    assert fired({4: "n"}) == []
+    assert fired({1: "n", 2: "x"}) == []
+    assert fired({2: "m"}) == []
+    assert fired({4: "i"}) == [5]
+    double = torch.tensor([row({3: "l", 6: "l"})])
+    truth = torch.cat([torch.full((1, 1), PAD), double[:, :-1]], dim=1)
+    assert not written_early(double, truth).any()
+    assert written_early(double, torch.tensor([row({3: "l"})])).nonzero().tolist() == [[0, 3]]
+
+
+def test_training_with_read_back_takes_early_bytes_out_of_the_targets(monkeypatch) -> None:
+    """forward's transcript loss uses `written_early`'s PAD targets when it reads back its own
+    bytes (training with transcript_sampling), never otherwise."""
+    from duplex.model import duplex_lm
+
+    m = _tiny()
+    b = _batch(2, 40)
+    m.train()
+    calls = []
+
+    def every_byte(target, fed):
+        calls.append(1)
+        return target != PAD
+
+    def loss(share: float) -> torch.Tensor:
+        m.cfg.transcript_sampling = share
+        torch.manual_seed(5)
+        return m(b)[1]["loss_user_text"]
+
+    plain = loss(0.5)
+    monkeypatch.setattr(duplex_lm, "written_early", every_byte)
+    assert not torch.allclose(loss(0.5), plain) and calls
+    calls.clear()
+    off = loss(0.0)
+    monkeypatch.undo()
+    assert not calls and torch.equal(off, loss(0.0))
+
+
 def test_transcript_sampling_passes_compound_to_a_free_running_session() -> None:
     """With share 1, `passes` passes read back exactly what a free-running session (its own
     greedy transcript fed back) wrote over the first `passes` frames; one pass does not."""
