@@ -14,7 +14,10 @@ runs the same held-out crops both ways and compares the word error rates of the 
   one (the model's best non-PAD byte there, PAD elsewhere) and read back;
 - free-running, PAD apart: a byte is written where writing one is more likely than not (the
   bytes' summed probability against PAD), then the best byte; plain argmax writes only where
-  the single best byte beats PAD, so an uncertain letter is written late or not at all.
+  the single best byte beats PAD, so an uncertain letter is written late or not at all;
+- doubled first letters: words of the free-running transcript that begin with the same letter
+  twice ("nnick"), per 100 reference words (the references' own count beside it): a letter
+  written early, read back, and written again at the corpus's frame.
 
 A free-running WER far above the teacher-forced one says the errors feed themselves (what
 `--transcript-noise` trains against); two close ones say the listener mishears the audio itself.
@@ -52,7 +55,7 @@ def probe(path: str, corpus: Path, crops: int, seq_len: int, rows: int = 8) -> d
 
     model, data = model_and_crops(path, corpus, seq_len, seed=321)
     n = {k: 0 for k in ("words", "teacher_forced", "free_running", "own_bytes_corpus_timing")}
-    n["pad_apart"] = 0
+    n["pad_apart"] = n["doubled"] = n["doubled_ref"] = 0
     with torch.no_grad():
         for s in range(0, crops, rows):
             batch = {k: v for k, v in data.batch(s, slice(0, rows)).items() if k != "stage"}
@@ -89,7 +92,10 @@ def probe(path: str, corpus: Path, crops: int, seq_len: int, rows: int = 8) -> d
                 ref = words(batch["user_text"][r].tolist())
                 n["words"] += len(ref)
                 n["teacher_forced"] += word_errors(ref, words(forced[r].tolist()))
-                n["free_running"] += word_errors(ref, words(own[r].tolist()))
+                free = words(own[r].tolist())
+                n["free_running"] += word_errors(ref, free)
+                n["doubled"] += sum(len(x) > 1 and x[0] == x[1] for x in free)
+                n["doubled_ref"] += sum(len(x) > 1 and x[0] == x[1] for x in ref)
                 n["own_bytes_corpus_timing"] += word_errors(ref, words(own[B + r].tolist()))
                 n["pad_apart"] += word_errors(ref, words(own[2 * B + r].tolist()))
     w = max(n["words"], 1)
@@ -99,6 +105,8 @@ def probe(path: str, corpus: Path, crops: int, seq_len: int, rows: int = 8) -> d
         "wer_free_running": n["free_running"] / w,
         "wer_own_bytes_corpus_timing": n["own_bytes_corpus_timing"] / w,
         "wer_free_running_pad_apart": n["pad_apart"] / w,
+        "doubled_first_letters_per_100_words": 100 * n["doubled"] / w,
+        "doubled_first_letters_in_references": n["doubled_ref"],
     }
 
 
@@ -114,13 +122,18 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     results = {m: probe(m, args.corpus, args.crops, args.seq_len) for m in args.models}
     head = f"{'model':44s} {'words':>6s} {'WER teacher-forced':>19s} {'WER free-running':>17s}"
-    print(f"{head} {'own bytes, corpus timing':>25s} {'free-running, PAD apart':>24s}")
+    print(
+        f"{head} {'own bytes, corpus timing':>25s} {'free-running, PAD apart':>24s}"
+        f" {'doubled first letters':>22s}"
+    )
     for m, r in results.items():
         name = f"{Path(m).parent.name}/{Path(m).name}" if "/" in m else m
+        doubled_ref = r["doubled_first_letters_in_references"]
         print(
             f"{name:44.44s} {r['words']:6d} {100 * r['wer_teacher_forced']:18.1f}% "
             f"{100 * r['wer_free_running']:16.1f}% {100 * r['wer_own_bytes_corpus_timing']:24.1f}%"
             f" {100 * r['wer_free_running_pad_apart']:23.1f}%"
+            f" {r['doubled_first_letters_per_100_words']:11.1f} / 100 ({doubled_ref} ref)"
         )
     cfg = {"corpus": str(args.corpus), "crops": args.crops, "seq_len": args.seq_len}
     args.json.parent.mkdir(parents=True, exist_ok=True)
