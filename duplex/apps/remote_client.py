@@ -97,6 +97,9 @@ class Client:
         self.opus_dec: OpusDecoder | None = None
         self.sent_at: dict[int, float] = {}
         self.seq = 0
+        # The frame read but not yet sent: a connection lost during its send sends it again on
+        # the next one, so a reconnect loses no audio.
+        self._unsent: np.ndarray | None = None
         self.input_done = False
         self.last_audio = time.monotonic()
         self.state_saved = asyncio.Event()
@@ -305,7 +308,9 @@ class Client:
                 await asyncio.sleep(period)
                 next_t = loop.time()
                 continue
-            frame = await self.source.read(loop)
+            if self._unsent is None:
+                self._unsent = await self.source.read(loop)
+            frame = self._unsent
             if frame is None or (limit is not None and self.seq >= limit):
                 self.input_done = True
                 break
@@ -327,6 +332,7 @@ class Client:
             else:
                 data = P.encode(P.Audio(self.seq, pcm), "client")
             await ws.send(data)
+            self._unsent = None
             self.c.audio_bytes_sent += len(data) - 5
             self.seq += 1
             self.c.sent += 1
