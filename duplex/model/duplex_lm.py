@@ -34,7 +34,7 @@ from duplex.model.audio_depth import AudioDepth
 from duplex.model.audio_layout import delay_audio
 from duplex.model.backbone import Backbone, BackboneConfig, table_offsets
 from duplex.model.copy_head import CopyHead
-from duplex.model.exposure import TRANSCRIPT_BYTES, corrupt, read_back_own, written_early
+from duplex.model.exposure import TRANSCRIPT_BYTES, corrupt, delayed, read_back_own, written_early
 from duplex.model.losses import frame_weight, weighted_ce
 from duplex.model.tokenizer import PAD, VOCAB_SIZE
 from duplex.streaming import StreamingModule
@@ -292,12 +292,8 @@ class DuplexLM(StreamingModule):
         """Teacher forcing: the previous step's tokens of each own stream (pad at t = 0)."""
         cfg = self.cfg
         ad = delay_audio(batch["model_audio"], cfg.acoustic_delay, cfg.audio_pad)
-
-        def prev(x: torch.Tensor, pad: int) -> torch.Tensor:
-            return torch.cat([torch.full_like(x[:, :1], pad), x[:, :-1]], dim=1)
-
-        prev_audio = prev(ad, cfg.audio_pad)
-        prev_user = prev(batch["user_text"], PAD)
+        prev_audio = delayed(ad, 1, cfg.audio_pad)
+        prev_user = delayed(batch["user_text"], 1, PAD)
         if self.training:
             prev_audio = corrupt(
                 prev_audio, cfg.audio_input_noise, cfg.codebook_size, cfg.audio_pad
@@ -306,7 +302,7 @@ class DuplexLM(StreamingModule):
         return {
             "target_audio": ad,
             "prev_audio": prev_audio,
-            "prev_text": prev(batch["model_text"], PAD),
+            "prev_text": delayed(batch["model_text"], 1, PAD),
             "prev_user_text": prev_user,
         }
 

@@ -17,6 +17,15 @@ import torch
 TRANSCRIPT_BYTES = torch.tensor([*range(ord("a"), ord("z") + 1), ord(" "), ord("'")])
 
 
+def delayed(x: torch.Tensor, steps: int, fill: int | bool) -> torch.Tensor:
+    """x [B, T, ...] seen `steps` frames later: out[:, t] = x[:, t - steps], `fill` before the
+    crop. Teacher forcing feeds each stream back one frame late; the checks of what was written
+    early look further back."""
+    if steps == 0:
+        return x
+    return torch.cat([torch.full_like(x[:, :steps], fill), x[:, :-steps]], dim=1)
+
+
 def corrupt(x: torch.Tensor, share: float, choices: int | torch.Tensor, keep: int) -> torch.Tensor:
     """x (any shape, long) with about `share` of its entries replaced by random ones: codes in
     [0, choices) when `choices` is an int, else entries of the tensor `choices`. Entries equal
@@ -58,7 +67,7 @@ def read_back_own(
             wrote = model.transcript_logits(
                 user_audio, inputs["prev_audio"], inputs["prev_text"], fed
             ).argmax(-1)
-        own = torch.cat([torch.full_like(wrote[:, :1], PAD), wrote[:, :-1]], dim=1)
+        own = delayed(wrote, 1, PAD)
         if hit is None:
             hit = torch.rand(prev.shape, device=prev.device) < share
         fed = torch.where(hit, own, prev)
@@ -79,12 +88,6 @@ def written_early(target: torch.Tensor, fed: torch.Tensor, reach: int = 4) -> to
     each frame [B, T] (fed[t]: the byte written at t - 1), as `read_back_own` returns it."""
     from duplex.model.tokenizer import PAD
 
-    def back(x: torch.Tensor, s: int, fill) -> torch.Tensor:
-        # x[:, t - s], `fill` before the crop
-        if s == 0:
-            return x
-        return torch.cat([torch.full_like(x[:, :s], fill), x[:, :-s]], dim=1)
-
     written = target != PAD
     quiet_t = ~written
     quiet_f = fed == PAD
@@ -94,8 +97,8 @@ def written_early(target: torch.Tensor, fed: torch.Tensor, reach: int = 4) -> to
     for k in range(1, reach + 1):
         # The corpus wrote nothing at t - k .. t - 1; the read-back wrote nothing at t - k + 1
         # .. t - 1 (fed[t - k + 2 .. t]), and wrote this frame's byte at t - k (fed[t - k + 1]).
-        target_quiet = target_quiet & back(quiet_t, k, False)
+        target_quiet = target_quiet & delayed(quiet_t, k, False)
         if k >= 2:
-            fed_quiet = fed_quiet & back(quiet_f, k - 2, True)
-        early |= written & target_quiet & fed_quiet & (back(fed, k - 1, PAD) == target)
+            fed_quiet = fed_quiet & delayed(quiet_f, k - 2, True)
+        early |= written & target_quiet & fed_quiet & (delayed(fed, k - 1, PAD) == target)
     return early
