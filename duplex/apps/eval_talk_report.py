@@ -107,6 +107,9 @@ def summarise(
             "barge_ins": len(barge),
             "barge_in_stopped_200ms": _mean((x is not None and x <= 0.2) for x in barge),
             "barge_in_stop_p50": _pct([x for x in barge if x is not None], 50),
+            # Seconds from each barge-in to the model's stop (None: not within 3 s), to read
+            # whether a miss is a late stop or none.
+            "barge_in_stops": [None if x is None else round(x, 2) for x in barge],
             "talk_through": _mean(acks),
             "acks": len(acks),
             "speech_when_silent": _mean(silence),

@@ -45,6 +45,8 @@ def test_oracle_scores_near_the_ceiling(reports):
     assert 0.08 <= t["reply_latency_p50"] <= 0.26
     assert t["pause_takeovers"] == 0.0
     assert t["barge_in_stopped_200ms"] == 1.0
+    assert len(t["barge_in_stops"]) == t["barge_ins"]
+    assert all(x is not None and x <= 0.2 for x in t["barge_in_stops"])
     assert t["talk_through"] in (None, 1.0)
     assert t["speech_when_silent"] in (None, 0.0)
 
