@@ -114,6 +114,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "user's for 1-4 s, the model's losses off there (0): the listener practises hearing "
         "a request it talks over",
     )
+    p.add_argument(
+        "--barge-weight",
+        type=float,
+        default=1.0,
+        help="loss weight of the model's streams from each barge-in's onset to just past its "
+        "stop, against 1 for every other frame (1): stopping is taught by a few frames only",
+    )
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=200)
     p.add_argument("--curriculum-steps", type=int, help="steps to reach the final stage mix")
@@ -249,6 +256,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             from_start=args.from_start,
             crosstalk=args.crosstalk,
+            barge_weight=args.barge_weight,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"duplex train duplex: {e}")

@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from duplex.data import conversations as C
-from duplex.data.batches import ConversationBatches, Curriculum, user_speaking
+from duplex.data.batches import (
+    BARGE_AFTER,
+    ConversationBatches,
+    Curriculum,
+    barge_frames,
+    user_speaking,
+)
 from duplex.model.tokenizer import EOT, PAD
 
 
@@ -260,3 +266,69 @@ def test_crosstalk_lays_the_models_reading_over_the_user_with_its_losses_off(cor
         ConversationBatches(corpus, 250, crosstalk=1.5)
     with pytest.raises(ValueError, match="no tts stage"):
         ConversationBatches(corpus, 250, stages=["asr"], crosstalk=0.5)
+
+
+def test_barge_frames_run_from_the_interrupting_onset_to_past_the_cut():
+    events = [
+        {"kind": "request", "start": 0.1, "end": 0.5},
+        {"kind": "answer", "start": 0.6, "end": 2.0, "cut_at": 1.1},
+        {"kind": "request", "start": 1.0, "end": 1.6, "barge_in": True},
+        {"kind": "answer", "start": 1.8, "end": 2.4},
+    ]
+    got = barge_frames(events, 200, 50.0, after=0.2)
+    want = np.zeros(200, np.float32)
+    # Onset 1.0 s (frame 50) to the cut 1.1 s + 0.2 s (frame 65).
+    want[50:65] = 1
+    assert got.tolist() == want.tolist()
+    # A cut near the end of the conversation stays inside it; none: all zero.
+    assert barge_frames(events, 55, 50.0).sum() == 5
+    assert barge_frames(events[:2][:1], 200, 50.0).sum() == 0
+
+
+def test_barge_weight_weights_the_frames_where_the_model_must_stop(corpus):
+    """--barge-weight W: the model's streams weigh W from a barge-in's onset to just past its
+    stop, 1 elsewhere; asr crops keep their 0/1 weights; W = 1 changes nothing."""
+    plain = ConversationBatches(corpus, seq_len=100, text_lead=2)
+    heavy = ConversationBatches(corpus, seq_len=100, text_lead=2, barge_weight=4.0)
+    assert all(s.barge is None for v in plain.streams.values() for s in v)
+    cuts = 0
+    for e in [e for e in C.read_manifest(corpus)["shards"] if e["stage"] == "duplex"]:
+        sh = C.Shard(corpus / e["file"])
+        (stream,) = [s for s in heavy.streams["duplex"] if np.array_equal(s.user, sh.user.T)]
+        for i in range(len(sh)):
+            span = stream.barge[sh.offsets[i] : sh.offsets[i + 1]]
+            for ev in sh.record(i)["events"]:
+                if "cut_at" in ev:
+                    cuts += 1
+                    f = int(ev["cut_at"] * 50)
+                    assert span[f] == 1 and span[f - 2] == 1
+                    assert span[int((ev["cut_at"] + BARGE_AFTER) * 50) + 1] == 0
+    assert cuts >= 1
+    hits = 0
+    for step in range(40):
+        a, b = plain.batch(step, slice(0, 16)), heavy.batch(step, slice(0, 16))
+        for k in ("user_audio", "model_audio", "model_text", "user_text"):
+            assert a[k].equal(b[k])
+        for r, stage in enumerate(a["stage"]):
+            if stage != "duplex":
+                assert b["model_weight"][r].equal(a["model_weight"][r])
+                continue
+            assert (a["model_weight"][r] == 1).all()
+            # In place: 4 exactly on the stored barge frames of this crop.
+            user = a["user_audio"][r].numpy()
+            for st in heavy.streams["duplex"]:
+                at = [
+                    i
+                    for i in np.flatnonzero(st.user[:, 0] == user[0, 0])
+                    if i + 100 <= len(st.user) and np.array_equal(st.user[i : i + 100], user)
+                ]
+                if at:
+                    want = 1 + 3 * st.barge[at[0] : at[0] + 100]
+                    assert b["model_weight"][r].tolist() == want.tolist()
+                    hits += int((want == 4).any())
+                    break
+            else:
+                raise AssertionError("a duplex crop not found in its stream")
+    assert hits >= 1
+    with pytest.raises(ValueError, match="barge_weight"):
+        ConversationBatches(corpus, 100, barge_weight=-1.0)

@@ -45,6 +45,8 @@ def test_train_command_learns_and_resumes(tmp_path):
         "0.2",
         "--transcript-sampling-passes",
         "2",
+        "--barge-weight",
+        "3",
         "--no-progress",
     ]
     assert main([*common, "--steps", "40"]) == 0
@@ -63,6 +65,7 @@ def test_train_command_learns_and_resumes(tmp_path):
     assert main([*common, "--steps", "60", "--transcript-noise", "1"]) == 2
     assert main([*common, "--steps", "60", "--transcript-sampling", "1"]) == 2
     assert main([*common, "--steps", "60", "--transcript-sampling-passes", "0"]) == 2
+    assert main([*common, "--steps", "60", "--barge-weight", "-1"]) == 2
     assert (
         main(
             [
