@@ -21,6 +21,7 @@ from duplex.apps.eval_talk_loop import Heard, decode_ids
 from duplex.data import dialogue as G
 from duplex.data import domain as D
 from duplex.data.asr import word_errors
+from duplex.data.batches import barge_onset
 from duplex.streamer.transcript import model_activity, voiced_frames
 
 if TYPE_CHECKING:
@@ -72,9 +73,7 @@ def score_dialogue(d: G.Dialogue, heard: Heard, part: str) -> dict:
         w0, w1 = _window(d, e)
         f0, f1 = _frame(w0, rate), _frame(w1, rate)
         if "cut_at" in e:
-            later = [x for x in _requests(d) if x.get("barge_in") and x["start"] <= e["cut_at"]]
-            barge = later[-1]["start"] if later else e["cut_at"]
-            b0 = _frame(barge, rate)
+            b0 = _frame(barge_onset(d.events, e["cut_at"]), rate)
             stop = None
             for f in range(b0, min(len(voiced), b0 + round(3 * rate))):
                 if not voiced[f : f + 5].any():

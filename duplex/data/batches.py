@@ -91,6 +91,18 @@ class _Stream:
     barge: np.ndarray | None = None
 
 
+def barge_onset(events: list[dict], cut: float) -> float:
+    """Seconds at which the model was interrupted for a reply cut at `cut`: the start of the
+    latest barge-in request at or before it (the cut itself if none). Training weights the
+    stop from here, and `eval talk` times it from here."""
+    onsets = [
+        e["start"]
+        for e in events
+        if e["kind"] == "request" and e.get("barge_in") and e["start"] <= cut
+    ]
+    return onsets[-1] if onsets else cut
+
+
 def barge_frames(events: list, frames: int, rate: float, after: float = BARGE_AFTER) -> np.ndarray:
     """1 on the frames where the model must stop for a barge-in: from the onset of the request
     that interrupts it to `after` seconds past its cut (`cut_at`), else 0. -> float32 [frames].
@@ -99,12 +111,10 @@ def barge_frames(events: list, frames: int, rate: float, after: float = BARGE_AF
     stopping: weighted like any other frame, the lesson is easily lost in a run that changes
     something else (barge-ins stopped in time fell from 29 to 21 of 47 in two such runs)."""
     out = np.zeros(frames, np.float32)
-    barges = [e["start"] for e in events if e["kind"] == "request" and e.get("barge_in")]
     for e in events:
         if "cut_at" not in e:
             continue
-        onsets = [t for t in barges if t <= e["cut_at"]]
-        t0 = onsets[-1] if onsets else e["cut_at"]
+        t0 = barge_onset(events, e["cut_at"])
         f0, f1 = math.floor(t0 * rate), math.ceil((e["cut_at"] + after) * rate)
         out[max(0, f0) : max(0, min(frames, f1))] = 1.0
     return out
