@@ -22,6 +22,12 @@ the user speaks, and the model's losses there are off (talking over the user is 
 user's transcript stays the target: the listener learns to hear a request it talks over, which
 it otherwise never practises (barge-ins overlap for a tenth of a second), and which is where its
 transcript fails (77-100% word errors in `duplex eval talk` against ~30% on clear requests).
+
+A share `synthetic_barge` of the asr crops become barge-in drills: before each user onset the
+model reads (a tts crop, its losses off), and 40-120 ms after the onset its streams fall silent
+(the reading's word finished in its text, then EOT), the silence taught while the user speaks.
+The corpus holds a barge-in every couple of minutes of conversation; a drill crop holds one per
+utterance, each in a voice and channel of the transcription stage.
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ import numpy as np
 import torch
 
 from duplex.data.conversations import Shard, read_manifest
-from duplex.data.dialogue import STAGES
+from duplex.data.dialogue import BARGE_STOP, STAGES
+from duplex.model.tokenizer import EOT, PAD
 
 # Stages where the model is silent by construction, not by choice: the user's requests go
 # unanswered there, so its own streams after a request would teach it to ignore one (a model
@@ -47,6 +54,9 @@ CROSSTALK_SECONDS = (1.0, 4.0)
 # Seconds after a barge-in's cut that `barge_weight` still weights: the model's silence must
 # hold, and its audio lags its decision by the codebooks' delay.
 BARGE_AFTER = 0.2
+# A barge-in drill: seconds the model reads before the user's onset, and seconds it goes on
+# after it (the corpus's default barge-in stop, `dialogue.BARGE_STOP`).
+DRILL_LEAD = (0.26, 2.5)
 
 
 @dataclass
@@ -154,6 +164,7 @@ class ConversationBatches:
         from_start: float = 0.0,
         crosstalk: float = 0.0,
         barge_weight: float = 1.0,
+        synthetic_barge: float = 0.0,
     ) -> None:
         dirs = [corpus_dir] if isinstance(corpus_dir, (str, Path)) else list(corpus_dir)
         self.dirs = [Path(d) for d in dirs]
@@ -225,6 +236,13 @@ class ConversationBatches:
         if crosstalk > 0 and "tts" not in self.streams:
             raise ValueError("crosstalk lays the model's reading over asr crops: no tts stage")
         self.crosstalk = crosstalk
+        if not 0.0 <= synthetic_barge <= 1.0 - crosstalk:
+            raise ValueError(
+                f"synthetic_barge must be a share in [0, 1 - crosstalk], not {synthetic_barge}"
+            )
+        if synthetic_barge > 0 and "tts" not in self.streams:
+            raise ValueError("synthetic_barge drills with the model's reading: no tts stage")
+        self.synthetic_barge = synthetic_barge
         self.stages = sorted(self.streams, key=STAGES.index)
         self.frames = {k: sum(len(s.user) for s in v) for k, v in self.streams.items()}
 
@@ -258,8 +276,12 @@ class ConversationBatches:
             if s.barge is not None:
                 w = w + (self.barge_weight - 1.0) * s.barge[a : a + T]
             weight.append(w)
-            if unanswered and self.crosstalk > 0 and rng.random() < self.crosstalk:
-                self._talk_over(rng, out, weight)
+            if unanswered and (self.crosstalk > 0 or self.synthetic_barge > 0):
+                u = rng.random()
+                if u < self.crosstalk:
+                    self._talk_over(rng, out, weight)
+                elif u < self.crosstalk + self.synthetic_barge:
+                    self._barge_drill(rng, out, weight)
             stages.append(stage)
         batch = {k: torch.from_numpy(np.stack(v).astype(np.int64)) for k, v in out.items()}
         batch["model_weight"] = torch.from_numpy(np.stack(weight))
@@ -287,4 +309,57 @@ class ConversationBatches:
         text[a0 : a0 + n] = src.model_text[b : b + n]
         w = w.copy()
         w[a0 : a0 + n] = 0.0
+        out["model_audio"][-1], out["model_text"][-1], weight[-1] = model, text, w
+
+    def _barge_drill(self, rng: np.random.Generator, out: dict, weight: list) -> None:
+        """Before each user onset in the last row, the model reads (losses off) and stops
+        `BARGE_STOP` seconds after the onset; its silence from there, weighted `barge_weight`
+        up to `BARGE_AFTER` past the stop, is the lesson. Onsets too close to the crop's start
+        or to the previous utterance, and readings with no word at the stop, are left alone."""
+        T = self.seq_len
+        w = weight[-1].copy()
+        model, text = out["model_audio"][-1].copy(), out["model_text"][-1].copy()
+        speaking = w > 0
+        onsets = np.flatnonzero(speaking[1:] & ~speaking[:-1]) + 1
+        lo, hi = (round(x * 50) for x in DRILL_LEAD)
+        tts = self.streams["tts"]
+        sizes = np.array([max(0, len(s.model) - hi - 30) for s in tts], float)
+        if sizes.sum() == 0:
+            return
+        # Frames before the first onset where nothing is laid: after the last user frame.
+        free = 0
+        for u0 in onsets:
+            before = np.flatnonzero(speaking[:u0])
+            after_user = int(before[-1]) + 1 if len(before) else 0
+            a0 = max(free, after_user, u0 - int(rng.integers(lo, hi + 1)))
+            c = u0 + max(1, round(float(rng.uniform(*BARGE_STOP)) * 50))
+            if u0 - a0 < lo or c >= T:
+                continue
+            n = c - a0
+            for _ in range(10):
+                src = tts[int(rng.choice(len(tts), p=sizes / sizes.sum()))]
+                b = int(rng.integers(len(src.model) - n - 24))
+                if (src.model_text[b + n - 12 : b + n + 2] != PAD).any():
+                    break
+            else:
+                continue
+            model[a0:c] = src.model[b : b + n]
+            text[a0:c] = src.model_text[b : b + n]
+            # The word being written at the stop is finished, then EOT (as the corpus cuts).
+            j = c
+            while j < min(T, c + 24) and src.model_text[b + j - a0] not in (PAD, EOT, ord(" ")):
+                text[j] = src.model_text[b + j - a0]
+                j += 1
+            written = np.flatnonzero(text[a0:j] != PAD)
+            if len(written):
+                q = a0 + int(written[-1])
+                if text[q] == ord(" "):
+                    text[q] = EOT
+                elif text[q] != EOT and q + 1 < T:
+                    text[q + 1] = EOT
+                    j = max(j, q + 2)
+            w[a0:u0] = 0.0
+            e = min(T, c + round(BARGE_AFTER * 50))
+            w[u0:e] *= self.barge_weight
+            free = max(j, c)
         out["model_audio"][-1], out["model_text"][-1], weight[-1] = model, text, w

@@ -115,6 +115,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "a request it talks over",
     )
     p.add_argument(
+        "--synthetic-barge",
+        type=float,
+        default=0.0,
+        help="share of transcription (asr) crops made barge-in drills (0): the model reads up "
+        "to each user onset and falls silent 40-120 ms after it, the silence taught; with "
+        "--crosstalk, the two shares add up to at most 1",
+    )
+    p.add_argument(
         "--barge-weight",
         type=float,
         default=1.0,
@@ -257,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
             from_start=args.from_start,
             crosstalk=args.crosstalk,
             barge_weight=args.barge_weight,
+            synthetic_barge=args.synthetic_barge,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"duplex train duplex: {e}")

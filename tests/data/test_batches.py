@@ -268,6 +268,55 @@ def test_crosstalk_lays_the_models_reading_over_the_user_with_its_losses_off(cor
         ConversationBatches(corpus, 250, stages=["asr"], crosstalk=0.5)
 
 
+def test_synthetic_barge_drills_stop_the_model_40_to_120_ms_after_each_onset(corpus):
+    """synthetic_barge=1: in asr crops the model reads before user onsets (its losses off) and
+    its streams fall silent 2-6 frames after each: every change to its audio lies in a drill's
+    reading, none where the silence is taught; the reading's text ends with EOT; the weight
+    changes only by `barge_weight` from the onset to just past the stop."""
+    plain = ConversationBatches(corpus, seq_len=250, text_lead=2, barge_weight=3.0)
+    drill = ConversationBatches(
+        corpus, seq_len=250, text_lead=2, synthetic_barge=1.0, barge_weight=3.0
+    )
+    drills = spoken = 0
+    for step in range(8):
+        a, b = plain.batch(step, slice(0, 8)), drill.batch(step, slice(0, 8))
+        assert a["stage"] == b["stage"]
+        for k in ("user_audio", "user_text"):
+            assert a[k].equal(b[k])
+        for r, stage in enumerate(b["stage"]):
+            pw, dw = a["model_weight"][r].numpy(), b["model_weight"][r].numpy()
+            audio = (a["model_audio"][r] != b["model_audio"][r]).any(-1).numpy()
+            text = b["model_text"][r].numpy()
+            if stage != "asr":
+                assert not audio.any() and (dw == pw).all()
+                assert a["model_text"][r].equal(b["model_text"][r])
+                continue
+            assert (a["model_text"][r] == PAD).all()
+            on = np.flatnonzero((pw[1:] > 0) & (pw[:-1] == 0)) + 1
+            for f in np.flatnonzero(audio):
+                assert any(u - 125 <= f < u + 6 for u in on), f"speech at {f}, onsets {on}"
+            for f in np.flatnonzero(text != PAD):
+                assert any(u - 125 <= f < u + 6 + 26 for u in on), f"text at {f}"
+            for f in np.flatnonzero(dw != pw):
+                assert dw[f] == 3 * pw[f] and any(u <= f < u + 6 + 10 for u in on)
+            for u in on:
+                if dw[u] != 3 * pw[u]:
+                    continue
+                drills += 1
+                spoken += int(audio[u - 13 : u].any())
+                ue = u + int(np.argmax(pw[u:] == 0)) if (pw[u:] == 0).any() else 250
+                end = min(ue, u + 33)
+                written = np.flatnonzero(text[max(0, u - 125) : end] != PAD)
+                last = max(0, u - 125) + written[-1]
+                # Unless the crop ends first, the reading's last byte is EOT.
+                assert text[last] == EOT or last == 249
+    assert drills >= 5 and spoken >= drills * 0.8
+    with pytest.raises(ValueError, match="synthetic_barge"):
+        ConversationBatches(corpus, 250, crosstalk=0.5, synthetic_barge=0.6)
+    with pytest.raises(ValueError, match="no tts stage"):
+        ConversationBatches(corpus, 250, stages=["asr"], synthetic_barge=0.5)
+
+
 def test_barge_frames_run_from_the_interrupting_onset_to_past_the_cut():
     events = [
         {"kind": "request", "start": 0.1, "end": 0.5},

@@ -47,6 +47,8 @@ def test_train_command_learns_and_resumes(tmp_path):
         "2",
         "--barge-weight",
         "3",
+        "--synthetic-barge",
+        "0.5",
         "--no-progress",
     ]
     assert main([*common, "--steps", "40"]) == 0
@@ -66,6 +68,7 @@ def test_train_command_learns_and_resumes(tmp_path):
     assert main([*common, "--steps", "60", "--transcript-sampling", "1"]) == 2
     assert main([*common, "--steps", "60", "--transcript-sampling-passes", "0"]) == 2
     assert main([*common, "--steps", "60", "--barge-weight", "-1"]) == 2
+    assert main([*common, "--steps", "60", "--synthetic-barge", "1.5"]) == 2
     assert (
         main(
             [
