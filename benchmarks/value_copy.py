@@ -18,6 +18,9 @@ Values asked back ("your name is ", "the number was ", "your favorite color is "
 about a minute earlier; to count them, crops must be that long and begin with the conversation:
 `--seq-len 3000 --from-start 1 --crops 96`.
 
+With a copy head the pointer's own probability of the byte, how often it is the pointer's
+first choice, and the gate are reported too (does it find the value, does the gate let it in).
+
 Without --corpus a small held-out corpus (split eval, seed 0) is made in a temporary folder
 (about a minute). Writes benchmarks/results/value_copy.json.
 """
@@ -53,6 +56,19 @@ def probe(path: str, corpus: Path, crops: int, seq_len: int, from_start: float =
 
     model, data = model_and_crops(path, corpus, seq_len, seed=123, from_start=from_start)
     stats = {c: {"n": 0, "argmax": 0, "p": 0.0} for c in CUES}
+    # With a copy head: its pointer and gate at the same bytes, recorded from inside the
+    # forward pass (whether the pointer finds the value, and whether the gate lets it through).
+    seen: dict[str, torch.Tensor] = {}
+    if model.copy is not None:
+        head, mix = model.copy, model.copy.mix
+
+        def recording_mix(h, logits, p_copy, some):
+            seen["p_copy"], seen["gate"] = p_copy, torch.sigmoid(head.gate(h).squeeze(-1))
+            return mix(h, logits, p_copy, some)
+
+        head.mix = recording_mix
+        for st in stats.values():
+            st.update(pointer_p=0.0, pointer_top=0, gate=0.0)
     with torch.no_grad():
         for s in range(0, crops, 4):
             batch = {k: v for k, v in data.batch(2000 + s, slice(0, 4)).items() if k != "stage"}
@@ -81,13 +97,14 @@ def probe(path: str, corpus: Path, crops: int, seq_len: int, from_start: float =
                         st["n"] += 1
                         st["argmax"] += int(prob[r, t].argmax() == row[t])
                         st["p"] += float(prob[r, t, row[t]])
+                        if seen:
+                            pc = seen["p_copy"][r, t]
+                            st["pointer_p"] += float(pc[row[t]])
+                            st["pointer_top"] += int(pc.argmax() == row[t])
+                            st["gate"] += float(seen["gate"][r, t])
                         at = text.find(cue, at + len(cue))
     return {
-        CUES[c]: {
-            "n": v["n"],
-            "argmax": v["argmax"] / max(v["n"], 1),
-            "p": v["p"] / max(v["n"], 1),
-        }
+        CUES[c]: {k: x / max(v["n"], 1) if k != "n" else x for k, x in v.items()}
         for c, v in stats.items()
     }
 
@@ -126,6 +143,12 @@ def main() -> None:
             f"{res[n]['p']:>9.2f} p {res[n]['argmax']:4.2f} top (n {res[n]['n']:3d})" for n in names
         )
         print(f"{Path(m).parent.name + '/' + Path(m).name if '/' in m else m:40.40s} {cells}")
+        if "gate" in res[names[0]]:
+            cells = " ".join(
+                f"{r['pointer_p']:>5.2f} ptr {r['pointer_top']:4.2f} gate {r['gate']:.3f}"
+                for r in (res[n] for n in names)
+            )
+            print(f"{'  its copy head: pointer p, top, gate':40.40s} {cells}")
     out = args.json
     out.parent.mkdir(parents=True, exist_ok=True)
     cfg = {"corpus": str(args.corpus), "crops": args.crops, "seq_len": args.seq_len}
