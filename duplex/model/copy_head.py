@@ -152,6 +152,31 @@ class CopyHead(StreamingModule):
             return p_copy.sum() * 0.0
         return -p[use].log().mean()
 
+    def gate_loss(
+        self,
+        h: torch.Tensor,
+        logits: torch.Tensor,
+        p_copy: torch.Tensor,
+        some: torch.Tensor,
+        target: torch.Tensor,
+    ) -> torch.Tensor:
+        """The gate of h [B, T, d] against where copying helps: at each written byte of target
+        [B, T], 1 where the pointer's share (1 - p_text(PAD)) p_copy(byte) beats the text head's
+        p_text(byte) (logits [B, T, V]: the sign of the mixture's gradient in g), else 0. The
+        two classes weigh the same: a crop holds a few values among a thousand template bytes,
+        and through the mixture alone the gate learnt the many and stayed shut (talk18)."""
+        with torch.no_grad():
+            p_text = logits.float().softmax(-1)
+            share = (1 - p_text[..., self.skip_id]) * p_copy.float().gather(-1, target[..., None])[
+                ..., 0
+            ]
+            want = share > p_text.gather(-1, target[..., None])[..., 0]
+        use = (target != self.skip_id) & some
+        g = self.gate(h).squeeze(-1)
+        bce = F.binary_cross_entropy_with_logits(g, want.to(g.dtype), reduction="none")
+        parts = [bce[m].mean() for m in (use & want, use & ~want) if bool(m.any())]
+        return sum(parts) / len(parts) if parts else g.sum() * 0.0
+
     def _next_state(
         self,
         st: CopyState,

@@ -87,6 +87,8 @@ class DuplexConfig:
     # Weight of the pointer's own loss (CopyHead.loss) in training: it learns where to look at
     # every byte it could copy, not only where the gate already trusts it.
     copy_loss: float = 0.0
+    # Weight of the gate's own loss (CopyHead.gate_loss): open where copying beats the text head.
+    copy_gate_loss: float = 0.0
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
     def __post_init__(self) -> None:
@@ -326,11 +328,13 @@ class DuplexLM(StreamingModule):
         )
         tgt = s["target_audio"]
         logits = self._heads(self.backbone(ids, extra=extra), tgt)
-        loss_copy = torch.zeros((), device=ids.device)
+        loss_copy = loss_gate = torch.zeros((), device=ids.device)
         if self.copy is not None:
             p_copy, some = self.copy.pointer(logits.hidden, ids)
-            logits.text = self.copy.mix(logits.hidden, logits.text, p_copy, some)
-            loss_copy = self.copy.loss(p_copy, batch["model_text"])
+            head, target = logits.text, batch["model_text"]
+            logits.text = self.copy.mix(logits.hidden, head, p_copy, some)
+            loss_copy = self.copy.loss(p_copy, target)
+            loss_gate = self.copy.gate_loss(logits.hidden, head, p_copy, some, target)
         w = torch.ones(cfg.text_vocab, device=ids.device, dtype=logits.text.dtype)
         w[PAD] = cfg.text_pad_weight
         weight = frame_weight(batch.get("model_weight"), batch["model_text"])
@@ -353,6 +357,7 @@ class DuplexLM(StreamingModule):
         keep = keep.flatten()
         loss_audio = (loss_audio * keep).sum() / keep.sum().clamp(min=1)
         total = loss_text + loss_user + cfg.audio_weight * loss_audio + cfg.copy_loss * loss_copy
+        total = total + cfg.copy_gate_loss * loss_gate
         losses = {
             "loss": total,
             "loss_text": loss_text,
@@ -360,7 +365,7 @@ class DuplexLM(StreamingModule):
             "loss_audio": loss_audio,
         }
         if self.copy is not None:
-            losses["loss_copy"] = loss_copy
+            losses.update(loss_copy=loss_copy, loss_gate=loss_gate)
         return logits, losses
 
     def step(

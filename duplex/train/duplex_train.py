@@ -69,6 +69,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "before; train on crops that long, --seq-len 3200); the head's weights carry over",
     )
     p.add_argument(
+        "--copy-gate-loss",
+        type=float,
+        help="weight of the copy head's gate loss (e.g. 1.0: the gate is taught to open where "
+        "the pointer gives the written byte more probability than the text head, the two "
+        "classes weighed alike; the config's copy_gate_loss)",
+    )
+    p.add_argument(
         "--transcript-noise",
         type=float,
         help="share of the fed-back transcript's bytes replaced by random letters in training "
@@ -223,6 +230,11 @@ def run(args: argparse.Namespace) -> int:
             print(f"duplex train duplex: --copy-window must be >= 0, not {args.copy_window}")
             return 2
         mcfg.copy_window = args.copy_window
+    if args.copy_gate_loss is not None:
+        if args.copy_gate_loss < 0 or not mcfg.copy_window:
+            print("duplex train duplex: --copy-gate-loss needs a copy head and a weight >= 0")
+            return 2
+        mcfg.copy_gate_loss = args.copy_gate_loss
     shares = {"transcript_noise": "transcript_input_noise", "transcript_sampling": None}
     for flag, name in shares.items():
         value = getattr(args, flag)

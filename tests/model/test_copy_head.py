@@ -247,3 +247,102 @@ def test_the_duplex_loss_adds_the_pointer_loss_by_its_weight():
     a, b = losses(0.0), losses(0.5)
     assert float(a["loss_copy"]) > 0
     torch.testing.assert_close(b["loss"], a["loss"] + 0.5 * a["loss_copy"])
+
+
+def test_the_gate_loss_opens_where_the_pointers_share_beats_the_text_head():
+    """Target 1 where (1 - p_text(PAD)) p_copy(byte) > p_text(byte), 0 elsewhere; PAD targets
+    and frames with nothing to point at are left out; each class is averaged alone."""
+    m = head()
+    T = 7
+    h = torch.randn(1, T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    logits = torch.zeros(1, T, V, dtype=torch.float64)
+    p_copy = torch.zeros(1, T, V, dtype=torch.float64)
+    target = torch.tensor([[5, 5, 6, 7, SKIP, 9, 4]])
+    some = torch.tensor([[True, True, True, True, True, False, True]])
+    # 0: the pointer is sure of the byte (want 1); 1 and 6: it offers another byte (want 0)
+    p_copy[0, 0, 5] = 0.9
+    p_copy[0, 1, 8] = p_copy[0, 6, 3] = 1.0
+    # 2: the pointer's 0.6 beats the text head's 0.4, but only 0.6 of its mass is shared
+    # (PAD 0.4): 0.36 < 0.4 (want 0)
+    p_copy[0, 2, 6] = 0.6
+    logits[0, 2, 6] = logits[0, 2, SKIP] = torch.log(torch.tensor(0.4 * (V - 2) / 0.2))
+    # 3: half sure, against a text head at 0.3 for the byte and 0.3 for PAD (0.35 > 0.3: want 1)
+    p_copy[0, 3, 7] = 0.5
+    logits[0, 3, 7] = logits[0, 3, SKIP] = torch.log(torch.tensor(0.3 * (V - 2) / 0.4))
+    # 4: a PAD target and 5: nothing to point at are left out, whatever the pointer says
+    p_copy[0, 4, 3] = p_copy[0, 5, 9] = 1.0
+    loss = m.gate_loss(h, logits, p_copy, some, target)
+    g = m.gate(h)[0, :, 0]
+    pos = -torch.nn.functional.logsigmoid(g[[0, 3]]).mean()
+    neg = -torch.nn.functional.logsigmoid(-g[[1, 2, 6]]).mean()
+    torch.testing.assert_close(loss, (pos + neg) / 2)
+    # one class present: its mean alone; none: zero, with a graph
+    pos_only = some & torch.tensor([[1, 0, 0, 1, 0, 0, 0]]).bool()
+    only = m.gate_loss(h, logits, p_copy, pos_only, target)
+    torch.testing.assert_close(only, pos)
+    none = m.gate_loss(h, logits, p_copy, torch.zeros_like(some), target)
+    assert float(none) == 0.0 and none.requires_grad
+
+
+def test_trained_by_its_loss_the_gate_opens_at_values_and_stays_shut_elsewhere():
+    """A few frames (a tenth) where the pointer is right among many where the text head is:
+    the balanced loss alone opens the gate at the few and keeps it shut at the rest."""
+    m = head(gate=-3.0)
+    g = torch.Generator().manual_seed(9)
+    B, T = 4, 200
+    h = torch.randn(B, T, D, dtype=torch.float64, generator=g)
+    value = torch.rand(B, T, generator=g) < 0.1
+    # the hidden state says whether a value comes (a feature the gate can read)
+    h[..., 0] = torch.where(value, 1.0, -1.0)
+    target = torch.randint(1, V, (B, T), generator=g)
+    logits = torch.zeros(B, T, V, dtype=torch.float64)
+    p_copy = torch.full((B, T, V), 1.0 / V, dtype=torch.float64)
+    text_right = logits.scatter(-1, target[..., None], 8.0)
+    copy_right = p_copy.scatter(-1, target[..., None], 0.9)
+    logits = torch.where(value[..., None], logits, text_right)
+    p_copy = torch.where(value[..., None], copy_right, p_copy)
+    some = torch.ones(B, T, dtype=torch.bool)
+    opt = torch.optim.Adam(m.gate.parameters(), lr=0.05)
+    for _ in range(150):
+        opt.zero_grad()
+        m.gate_loss(h, logits, p_copy, some, target).backward()
+        opt.step()
+    gate = torch.sigmoid(m.gate(h)[..., 0]).detach()
+    assert float(gate[value].min()) > 0.9
+    assert float(gate[~value].max()) < 0.1
+
+
+def test_the_duplex_loss_adds_the_gate_loss_by_its_weight():
+    from duplex.model.backbone import BackboneConfig
+    from duplex.model.duplex_lm import DuplexConfig, DuplexLM
+    from duplex.model.tokenizer import PAD
+
+    def losses(w: float) -> dict:
+        torch.manual_seed(0)
+        cfg = DuplexConfig(
+            num_codebooks=2,
+            codebook_size=16,
+            copy_window=6,
+            copy_gate_loss=w,
+            backbone=BackboneConfig(
+                d_model=32, layers=("gdn", "mlp"), gdn_heads=2, gdn_head_dim=16
+            ),
+        )
+        g = torch.Generator().manual_seed(4)
+        text = torch.randint(0, 40, (2, 30), generator=g)
+        text[torch.rand(2, 30, generator=g) < 0.5] = PAD
+        b = {
+            "user_audio": torch.randint(0, 16, (2, 30, 2), generator=g),
+            "model_audio": torch.randint(0, 16, (2, 30, 2), generator=g),
+            "model_text": text,
+            "user_text": torch.full((2, 30), PAD),
+        }
+        model = DuplexLM(cfg).eval()
+        out = model(b)[1]
+        out["loss"].backward()
+        return out, model.copy.gate.weight.grad.abs().sum()
+
+    (a, grad_a), (b, grad_b) = losses(0.0), losses(0.5)
+    assert float(a["loss_gate"]) > 0
+    torch.testing.assert_close(b["loss"], a["loss"] + 0.5 * a["loss_gate"])
+    assert not torch.allclose(grad_a, grad_b)
