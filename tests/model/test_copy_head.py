@@ -156,6 +156,38 @@ def test_exec_mask_freezes_a_row_and_gradients_reach_the_weights():
     assert torch.isfinite(logits.grad).all()
 
 
+def test_one_frame_steps_mask_rows_as_chunks_do():
+    """The one-frame path (a session's step) keeps a masked row's state and gives the same
+    outputs and state as chunks of 6, while the row is masked and after it resumes."""
+    m = head()
+    h, ids, logits = inputs(T=60)
+
+    def run(step: int):
+        def feed(a: int, b: int) -> list:
+            return [
+                m(h[:, t : t + step], ids[:, t : t + step], logits[:, t : t + step])
+                for t in range(a, b, step)
+            ]
+
+        with m.streaming(2):
+            m(h[:, :12], ids[:, :12], logits[:, :12])
+            frozen = m.stream_state.clone()
+            m.set_exec_mask(torch.tensor([True, False]))
+            outs = feed(12, 30)
+            for name, v in m.stream_state.tensor_fields():
+                torch.testing.assert_close(v[1], getattr(frozen, name)[1])
+            m.set_exec_mask(torch.tensor([True, True]))
+            outs += feed(30, 60)
+            out = torch.cat(outs, 1)
+            return out[0], out[1, 18:], m.stream_state.clone()
+
+    one, chunk = run(1), run(6)
+    torch.testing.assert_close(one[0], chunk[0])
+    torch.testing.assert_close(one[1], chunk[1])
+    for name, v in one[2].tensor_fields():
+        torch.testing.assert_close(v, getattr(chunk[2], name))
+
+
 def test_duplex_model_with_a_copy_head_streams_and_saves_its_rows():
     from duplex.model.backbone import BackboneConfig
     from duplex.model.duplex_lm import DuplexConfig, DuplexLM
