@@ -204,21 +204,25 @@ class CopyHead(StreamingModule):
         target: torch.Tensor,
     ) -> torch.Tensor:
         """The gate of h [B, T, d] against where copying helps: at each written byte of target
-        [B, T], 1 where the pointer's share (1 - p_text(PAD)) p_copy(byte) beats the text head's
-        p_text(byte) (logits [B, T, V]: the sign of the mixture's gradient in g), else 0. The
-        two classes weigh the same: a crop holds a few values among a thousand template bytes,
-        and through the mixture alone the gate learnt the many and stayed shut (talk18)."""
+        [B, T], the share the pointer gives it, (1 - p_text(PAD)) p_copy(byte), against the text
+        head's p_text(byte) (logits [B, T, V]). Their difference is the mixture's derivative in
+        g: its sign is the target (open where the pointer's share is larger), its size the
+        weight, so template bytes both predict alike count for nothing and the gate learns at
+        values and at bytes where the pointer is wrong. A gate taught by sign alone, the two
+        classes weighed alike (talk19g), opened near half way on template bytes and its text
+        derailed the model's speech."""
         with torch.no_grad():
             p_text = logits.float().softmax(-1)
-            share = (1 - p_text[..., self.skip_id]) * p_copy.float().gather(-1, target[..., None])[
-                ..., 0
-            ]
-            want = share > p_text.gather(-1, target[..., None])[..., 0]
-        use = (target != self.skip_id) & some
+            byte = p_text.gather(-1, target[..., None])[..., 0]
+            share = (1 - p_text[..., self.skip_id]) * p_copy.float().gather(
+                -1, target[..., None]
+            )[..., 0]
+            use = (target != self.skip_id) & some
+            weight = ((share - byte).abs() * use).to(h.dtype)
         g = self.gate(h).squeeze(-1)
-        bce = F.binary_cross_entropy_with_logits(g, want.to(g.dtype), reduction="none")
-        parts = [bce[m].mean() for m in (use & want, use & ~want) if bool(m.any())]
-        return sum(parts) / len(parts) if parts else g.sum() * 0.0
+        want = (share > byte).to(g.dtype)
+        bce = F.binary_cross_entropy_with_logits(g, want, reduction="none")
+        return (bce * weight).sum() / weight.sum().clamp_min(1e-6)
 
     def _next_state(
         self,

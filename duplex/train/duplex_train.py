@@ -72,8 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--copy-gate-loss",
         type=float,
         help="weight of the copy head's gate loss (e.g. 1.0: the gate is taught to open where "
-        "the pointer gives the written byte more probability than the text head, the two "
-        "classes weighed alike; the config's copy_gate_loss)",
+        "the pointer gives the written byte more probability than the text head, each byte "
+        "weighed by the gap between the two; the config's copy_gate_loss)",
     )
     p.add_argument(
         "--transcript-noise",

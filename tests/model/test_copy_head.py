@@ -281,9 +281,10 @@ def test_the_duplex_loss_adds_the_pointer_loss_by_its_weight():
     torch.testing.assert_close(b["loss"], a["loss"] + 0.5 * a["loss_copy"])
 
 
-def test_the_gate_loss_opens_where_the_pointers_share_beats_the_text_head():
-    """Target 1 where (1 - p_text(PAD)) p_copy(byte) > p_text(byte), 0 elsewhere; PAD targets
-    and frames with nothing to point at are left out; each class is averaged alone."""
+def test_the_gate_loss_is_weighted_by_how_much_copying_changes_the_byte():
+    """Target 1 where the pointer's share (1 - p_text(PAD)) p_copy(byte) beats p_text(byte),
+    0 elsewhere, each frame weighted by the gap between the two; PAD targets and frames with
+    nothing to point at are left out."""
     m = head()
     T = 7
     h = torch.randn(1, T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
@@ -291,27 +292,29 @@ def test_the_gate_loss_opens_where_the_pointers_share_beats_the_text_head():
     p_copy = torch.zeros(1, T, V, dtype=torch.float64)
     target = torch.tensor([[5, 5, 6, 7, SKIP, 9, 4]])
     some = torch.tensor([[True, True, True, True, True, False, True]])
-    # 0: the pointer is sure of the byte (want 1); 1 and 6: it offers another byte (want 0)
+    # the text head is uniform (1 / V) where not set
+    # 0: the pointer gives the byte 0.9: share 0.9 (1 - 1/V) against 1/V (want 1)
+    # 1 and 6: it offers another byte: 0 against 1/V (want 0)
     p_copy[0, 0, 5] = 0.9
     p_copy[0, 1, 8] = p_copy[0, 6, 3] = 1.0
     # 2: the pointer's 0.6 beats the text head's 0.4, but only 0.6 of its mass is shared
-    # (PAD 0.4): 0.36 < 0.4 (want 0)
+    # (PAD 0.4): 0.36 against 0.4 (want 0)
     p_copy[0, 2, 6] = 0.6
     logits[0, 2, 6] = logits[0, 2, SKIP] = torch.log(torch.tensor(0.4 * (V - 2) / 0.2))
-    # 3: half sure, against a text head at 0.3 for the byte and 0.3 for PAD (0.35 > 0.3: want 1)
+    # 3: half sure, against a text head at 0.3 for the byte and 0.3 for PAD: 0.35 against 0.3
     p_copy[0, 3, 7] = 0.5
     logits[0, 3, 7] = logits[0, 3, SKIP] = torch.log(torch.tensor(0.3 * (V - 2) / 0.4))
     # 4: a PAD target and 5: nothing to point at are left out, whatever the pointer says
     p_copy[0, 4, 3] = p_copy[0, 5, 9] = 1.0
     loss = m.gate_loss(h, logits, p_copy, some, target)
     g = m.gate(h)[0, :, 0]
-    pos = -torch.nn.functional.logsigmoid(g[[0, 3]]).mean()
-    neg = -torch.nn.functional.logsigmoid(-g[[1, 2, 6]]).mean()
-    torch.testing.assert_close(loss, (pos + neg) / 2)
-    # one class present: its mean alone; none: zero, with a graph
-    pos_only = some & torch.tensor([[1, 0, 0, 1, 0, 0, 0]]).bool()
-    only = m.gate_loss(h, logits, p_copy, pos_only, target)
-    torch.testing.assert_close(only, pos)
+    frames = [0, 1, 2, 3, 6]
+    want = torch.tensor([1.0, 0, 0, 1, 0], dtype=torch.float64)
+    u = 1 / V
+    weight = torch.tensor([0.9 * (1 - u) - u, u, 0.4 - 0.36, 0.35 - 0.3, u], dtype=torch.float64)
+    bce = torch.nn.functional.binary_cross_entropy_with_logits(g[frames], want, reduction="none")
+    torch.testing.assert_close(loss, (bce * weight).sum() / weight.sum())
+    # nothing to learn from: zero, with a graph
     none = m.gate_loss(h, logits, p_copy, torch.zeros_like(some), target)
     assert float(none) == 0.0 and none.requires_grad
 
