@@ -19,7 +19,10 @@ about a minute earlier; to count them, crops must be that long and begin with th
 `--seq-len 3000 --from-start 1 --crops 96`.
 
 With a copy head the pointer's own probability of the byte, how often it is the pointer's
-first choice, and the gate are reported too (does it find the value, does the gate let it in).
+first choice, and the gate are reported too (does it find the value, does the gate let it in),
+and the same figures over every other byte the model writes (what copying costs elsewhere: a
+gate taught to open half way on template bytes gained at values teacher-forced and lost the
+conversation through the loop, talk19g in docs/training.md).
 
 Without --corpus a small held-out corpus (split eval, seed 0) is made in a temporary folder
 (about a minute). Writes benchmarks/results/value_copy.json.
@@ -48,6 +51,9 @@ CUES = {
     "food is ": "food asked back",
     "hundred ": "after 'hundred' (continuation)",
 }
+# Every other byte the model writes (templates, words it answers with): copying must not cost
+# these what it gains at values.
+OTHER = "every other byte"
 
 
 def probe(path: str, corpus: Path, crops: int, seq_len: int, from_start: float = 0.0) -> dict:
@@ -55,7 +61,7 @@ def probe(path: str, corpus: Path, crops: int, seq_len: int, from_start: float =
     from duplex.model.tokenizer import PAD
 
     model, data = model_and_crops(path, corpus, seq_len, seed=123, from_start=from_start)
-    stats = {c: {"n": 0, "argmax": 0, "p": 0.0} for c in CUES}
+    stats = {c: {"n": 0, "argmax": 0, "p": 0.0} for c in [*CUES, OTHER]}
     # With a copy head: its pointer and gate at the same bytes, recorded from inside the
     # forward pass (whether the pointer finds the value, and whether the gate lets it through).
     seen: dict[str, torch.Tensor] = {}
@@ -69,6 +75,17 @@ def probe(path: str, corpus: Path, crops: int, seq_len: int, from_start: float =
         head.mix = recording_mix
         for st in stats.values():
             st.update(pointer_p=0.0, pointer_top=0, gate=0.0)
+
+    def tally(st: dict, prob: torch.Tensor, r: int, t: int, byte: int) -> None:
+        st["n"] += 1
+        st["argmax"] += int(prob[r, t].argmax() == byte)
+        st["p"] += float(prob[r, t, byte])
+        if seen:
+            pc = seen["p_copy"][r, t]
+            st["pointer_p"] += float(pc[byte])
+            st["pointer_top"] += int(pc.argmax() == byte)
+            st["gate"] += float(seen["gate"][r, t])
+
     with torch.no_grad():
         for s in range(0, crops, 4):
             batch = {k: v for k, v in data.batch(2000 + s, slice(0, 4)).items() if k != "stage"}
@@ -83,6 +100,7 @@ def probe(path: str, corpus: Path, crops: int, seq_len: int, from_start: float =
                 frames = [t for t, x in enumerate(row) if x != PAD and x < 256]
                 text = bytes(row[t] for t in frames).decode("latin-1")
                 urow = batch["user_text"][r].tolist()
+                values: set[int] = set()
                 for cue in CUES:
                     at = text.find(cue)
                     while at >= 0 and at + len(cue) < len(frames):
@@ -93,18 +111,14 @@ def probe(path: str, corpus: Path, crops: int, seq_len: int, from_start: float =
                         if not word or word.encode() not in heard:
                             at = text.find(cue, at + len(cue))
                             continue
-                        st = stats[cue]
-                        st["n"] += 1
-                        st["argmax"] += int(prob[r, t].argmax() == row[t])
-                        st["p"] += float(prob[r, t, row[t]])
-                        if seen:
-                            pc = seen["p_copy"][r, t]
-                            st["pointer_p"] += float(pc[row[t]])
-                            st["pointer_top"] += int(pc.argmax() == row[t])
-                            st["gate"] += float(seen["gate"][r, t])
+                        values.add(t)
+                        tally(stats[cue], prob, r, t, row[t])
                         at = text.find(cue, at + len(cue))
+                for t in frames:
+                    if t not in values:
+                        tally(stats[OTHER], prob, r, t, row[t])
     return {
-        CUES[c]: {k: x / max(v["n"], 1) if k != "n" else x for k, x in v.items()}
+        CUES.get(c, c): {k: x / max(v["n"], 1) if k != "n" else x for k, x in v.items()}
         for c, v in stats.items()
     }
 
@@ -136,11 +150,11 @@ def main() -> None:
         results = {
             m: probe(m, corpus, args.crops, args.seq_len, args.from_start) for m in args.models
         }
-    names = list(CUES.values())
+    names = [*CUES.values(), OTHER]
     print(f"{'model':40s} " + " ".join(f"{n[:24]:>26s}" for n in names))
     for m, res in results.items():
         cells = " ".join(
-            f"{res[n]['p']:>9.2f} p {res[n]['argmax']:4.2f} top (n {res[n]['n']:3d})" for n in names
+            f"{res[n]['p']:>9.2f} p {res[n]['argmax']:4.2f} top (n {res[n]['n']:5d})" for n in names
         )
         print(f"{Path(m).parent.name + '/' + Path(m).name if '/' in m else m:40.40s} {cells}")
         if "gate" in res[names[0]]:
