@@ -140,7 +140,10 @@ async def test_opus_session_round_trip_equals_local_codec(parts, tmp_path) -> No
 
 async def test_bad_opus_closes_only_its_sender(parts) -> None:  # noqa: F811
     honest = _frames(1, 80)
-    async with running(parts, max_sessions=2, queue_frames=64) as server:
+    # The queue holds every frame sent: a full queue drops input by design, and the good client
+    # counts its replies, so on a slow machine a 64-frame queue hung this test (it waited for
+    # replies to frames the server had rightly dropped).
+    async with running(parts, max_sessions=2, queue_frames=128) as server:
         async with client(server, audio="opus") as good, client(server) as bad:
             enc = OpusEncoder(SR, FS)
 
