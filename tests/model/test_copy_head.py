@@ -248,35 +248,38 @@ def test_the_pointer_loss_trains_where_to_look_even_with_a_closed_gate():
     torch.testing.assert_close(loss, -p[use].log().mean())
 
 
-def test_the_duplex_loss_adds_the_pointer_loss_by_its_weight():
+def duplex_losses(**weights: float) -> tuple[dict, torch.Tensor]:
+    """A small DuplexLM with a copy head over 6 text frames, its loss weights set by `weights`:
+    its losses on one fixed random batch after a backward pass, and the gate's gradient."""
     from duplex.model.backbone import BackboneConfig
     from duplex.model.duplex_lm import DuplexConfig, DuplexLM
     from duplex.model.tokenizer import PAD
 
-    def losses(w: float) -> dict:
-        torch.manual_seed(0)
-        cfg = DuplexConfig(
-            num_codebooks=2,
-            codebook_size=16,
-            copy_window=6,
-            copy_loss=w,
-            backbone=BackboneConfig(
-                d_model=32, layers=("gdn", "mlp"), gdn_heads=2, gdn_head_dim=16
-            ),
-        )
-        g = torch.Generator().manual_seed(4)
-        text = torch.randint(0, 40, (2, 30), generator=g)
-        text[torch.rand(2, 30, generator=g) < 0.5] = PAD
-        b = {
-            "user_audio": torch.randint(0, 16, (2, 30, 2), generator=g),
-            "model_audio": torch.randint(0, 16, (2, 30, 2), generator=g),
-            "model_text": text,
-            "user_text": torch.full((2, 30), PAD),
-        }
-        with torch.no_grad():
-            return DuplexLM(cfg).eval()(b)[1]
+    torch.manual_seed(0)
+    cfg = DuplexConfig(
+        num_codebooks=2,
+        codebook_size=16,
+        copy_window=6,
+        backbone=BackboneConfig(d_model=32, layers=("gdn", "mlp"), gdn_heads=2, gdn_head_dim=16),
+        **weights,
+    )
+    g = torch.Generator().manual_seed(4)
+    text = torch.randint(0, 40, (2, 30), generator=g)
+    text[torch.rand(2, 30, generator=g) < 0.5] = PAD
+    b = {
+        "user_audio": torch.randint(0, 16, (2, 30, 2), generator=g),
+        "model_audio": torch.randint(0, 16, (2, 30, 2), generator=g),
+        "model_text": text,
+        "user_text": torch.full((2, 30), PAD),
+    }
+    model = DuplexLM(cfg).eval()
+    out = model(b)[1]
+    out["loss"].backward()
+    return out, model.copy.gate.weight.grad.abs().sum()
 
-    a, b = losses(0.0), losses(0.5)
+
+def test_the_duplex_loss_adds_the_pointer_loss_by_its_weight():
+    a, b = duplex_losses(copy_loss=0.0)[0], duplex_losses(copy_loss=0.5)[0]
     assert float(a["loss_copy"]) > 0
     torch.testing.assert_close(b["loss"], a["loss"] + 0.5 * a["loss_copy"])
 
@@ -348,36 +351,7 @@ def test_trained_by_its_loss_the_gate_opens_at_values_and_stays_shut_elsewhere()
 
 
 def test_the_duplex_loss_adds_the_gate_loss_by_its_weight():
-    from duplex.model.backbone import BackboneConfig
-    from duplex.model.duplex_lm import DuplexConfig, DuplexLM
-    from duplex.model.tokenizer import PAD
-
-    def losses(w: float) -> dict:
-        torch.manual_seed(0)
-        cfg = DuplexConfig(
-            num_codebooks=2,
-            codebook_size=16,
-            copy_window=6,
-            copy_gate_loss=w,
-            backbone=BackboneConfig(
-                d_model=32, layers=("gdn", "mlp"), gdn_heads=2, gdn_head_dim=16
-            ),
-        )
-        g = torch.Generator().manual_seed(4)
-        text = torch.randint(0, 40, (2, 30), generator=g)
-        text[torch.rand(2, 30, generator=g) < 0.5] = PAD
-        b = {
-            "user_audio": torch.randint(0, 16, (2, 30, 2), generator=g),
-            "model_audio": torch.randint(0, 16, (2, 30, 2), generator=g),
-            "model_text": text,
-            "user_text": torch.full((2, 30), PAD),
-        }
-        model = DuplexLM(cfg).eval()
-        out = model(b)[1]
-        out["loss"].backward()
-        return out, model.copy.gate.weight.grad.abs().sum()
-
-    (a, grad_a), (b, grad_b) = losses(0.0), losses(0.5)
+    (a, grad_a), (b, grad_b) = duplex_losses(copy_gate_loss=0.0), duplex_losses(copy_gate_loss=0.5)
     assert float(a["loss_gate"]) > 0
     torch.testing.assert_close(b["loss"], a["loss"] + 0.5 * a["loss_gate"])
     assert not torch.allclose(grad_a, grad_b)
