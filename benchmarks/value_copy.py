@@ -68,9 +68,9 @@ def probe(path: str, corpus: Path, crops: int, seq_len: int, from_start: float =
     if model.copy is not None:
         head, mix = model.copy, model.copy.mix
 
-        def recording_mix(h, logits, p_copy, some):
-            seen["p_copy"], seen["gate"] = p_copy, torch.sigmoid(head.gate(h).squeeze(-1))
-            return mix(h, logits, p_copy, some)
+        def recording_mix(h, logits, ptr):
+            seen["p_copy"], seen["gate"] = ptr.p, torch.sigmoid(head.gate_logit(h, ptr))
+            return mix(h, logits, ptr)
 
         head.mix = recording_mix
         for st in stats.values():

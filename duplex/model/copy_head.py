@@ -20,6 +20,11 @@ over the last `window` text frames j whose following text frame has been seen, a
 q_t . k_j. Text frames are those whose merged id is not PAD, whoever said them (a user's byte is
 offset by the text vocabulary in the log; the pointer copies the byte). Ranks count text frames,
 so the window spans words at any speaking rate. State per stream: `window + 1` keys and ids.
+
+A gate that sees only the hidden state let a copy begun at a wrong place run on ("the number was
+doght know your name yet.", its own earlier words): with `pointer_gate` it also sees what the
+pointer offers, its peak and the share of it on bytes the user said, and can learn to trust a
+sharp pointer into the user's words more than one into its own.
 """
 
 from __future__ import annotations
@@ -34,8 +39,20 @@ from duplex.streaming import StreamingModule, StreamState, keep_masked, newest_s
 
 
 @dataclasses.dataclass
+class Pointer:
+    """What the pointer offers at each frame: p [B, T, V] its distribution over the bytes it
+    proposes, some [B, T] whether any frame could be pointed at, user [B, T] the share of p on
+    bytes the user said."""
+
+    p: torch.Tensor
+    some: torch.Tensor
+    user: torch.Tensor
+
+
+@dataclasses.dataclass
 class CopyState(StreamState):
-    """The last `window + 1` text frames, oldest first (empty slots first, rank 0)."""
+    """The last `window + 1` text frames, oldest first (empty slots first, rank 0); ids are
+    merged ids (a user's byte offset by the text vocabulary), so who said each is kept."""
 
     k: torch.Tensor
     ids: torch.Tensor
@@ -46,7 +63,15 @@ class CopyState(StreamState):
 class CopyHead(StreamingModule):
     """Mixes a pointer distribution into the text logits; see the module docstring."""
 
-    def __init__(self, d: int, key_dim: int, window: int, text_vocab: int, skip_id: int) -> None:
+    def __init__(
+        self,
+        d: int,
+        key_dim: int,
+        window: int,
+        text_vocab: int,
+        skip_id: int,
+        pointer_gate: bool = False,
+    ) -> None:
         super().__init__()
         if window < 1:
             raise ValueError("the copy head needs window >= 1")
@@ -60,6 +85,11 @@ class CopyHead(StreamingModule):
         # Starts nearly closed: a warm-started model keeps its predictions until copying pays.
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, -3.0)
+        # The pointer's peak, its share on user bytes and their product, into the gate; zero
+        # at first so a warm-started gate is unchanged.
+        self.gate_in = nn.Linear(3, 1, bias=False) if pointer_gate else None
+        if self.gate_in is not None:
+            nn.init.zeros_(self.gate_in.weight)
 
     def init_state(self, batch_size: int) -> CopyState:
         n = self.window + 1
@@ -77,11 +107,11 @@ class CopyHead(StreamingModule):
         """h [B, T, d] hidden states, ids [B, T] the frames' merged ids, logits [B, T, V] of the
         text head -> log-probabilities [B, T, V] of the mixture; continues the streaming state.
         The skip id is also the text's PAD (a frame without text writes PAD)."""
-        return self.mix(h, logits, *self.pointer(h, ids))
+        return self.mix(h, logits, self.pointer(h, ids))
 
-    def pointer(self, h: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pointer's distribution p_copy [B, T, V] over the bytes it proposes, and [B, T]
-        whether any frame could be pointed at; continues the streaming state."""
+    def pointer(self, h: torch.Tensor, ids: torch.Tensor) -> Pointer:
+        """What the pointer offers at each frame of h [B, T, d] with merged ids [B, T];
+        continues the streaming state."""
         B, T, _ = h.shape
         V = self.vocab
         if self.is_streaming and T == 1:
@@ -94,10 +124,10 @@ class CopyHead(StreamingModule):
         # c: [B, T] rank of the newest text frame at or before t (1-based; 0: none yet)
         c = st.count[:, None] + torch.cumsum(is_text.long(), dim=1)
         all_k = torch.cat([st.k, k.to(st.k.dtype)], dim=1)
-        all_ids = torch.cat([st.ids, byte], dim=1)
+        all_ids = torch.cat([st.ids, ids], dim=1)
         all_rank = torch.cat([st.rank, torch.where(is_text, c, torch.zeros_like(c))], dim=1)
         n = all_rank.shape[1]
-        # nxt: [B, n] the byte of the text frame after each one (read only where it exists)
+        # nxt: [B, n] the merged id of the text frame after each one (read only where it exists)
         index = torch.arange(n, device=h.device).expand(B, n)
         pos = torch.where(all_rank > 0, index, torch.full_like(index, n))
         later = torch.cat([pos[:, 1:], torch.full_like(pos[:, :1], n)], dim=1)
@@ -119,14 +149,13 @@ class CopyHead(StreamingModule):
         attn = scores.softmax(-1) * valid
         # p_copy: [B, T, V] attention summed onto the bytes it proposes
         p_copy = torch.zeros(B, T, V, device=h.device, dtype=attn.dtype)
-        p_copy.scatter_add_(2, nxt[:, None, :].expand(B, T, n), attn)
+        p_copy.scatter_add_(2, (nxt % V)[:, None, :].expand(B, T, n), attn)
+        user = (attn * (nxt >= V)[:, None, :]).sum(-1)
         if self.is_streaming:
             self._stream_state = self._next_state(st, all_k, all_ids, all_rank, c[:, -1])
-        return p_copy, valid.any(-1)
+        return Pointer(p_copy, valid.any(-1), user)
 
-    def _pointer_step(
-        self, h: torch.Tensor, ids: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _pointer_step(self, h: torch.Tensor, ids: torch.Tensor) -> Pointer:
         """`pointer` for one frame, h [B, 1, d] and ids [B, 1]. The state holds text frames only,
         oldest first with consecutive ranks, so the byte after each slot is the next slot's (the
         newest's is this frame's, if it is text) and the state moves by one slot on a text
@@ -138,14 +167,16 @@ class CopyHead(StreamingModule):
         byte = ids[:, 0] % V
         # c: [B] rank of the newest text frame at or before this one
         c = (st.count + is_text.long())[:, None]
-        # nxt: [B, n] the byte of the text frame after each slot
-        nxt = torch.cat([st.ids[:, 1:], byte[:, None]], dim=1)
+        # nxt: [B, n] the merged id of the text frame after each slot
+        nxt = torch.cat([st.ids[:, 1:], ids], dim=1)
         valid = (st.rank > 0) & (st.rank < c) & (st.rank >= c - self.window)
         q = self.q(h[:, 0])
         scores = torch.einsum("bd,bnd->bn", q, st.k.to(q.dtype)) * self.key_dim**-0.5
         scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
         attn = scores.softmax(-1) * valid
-        p_copy = torch.zeros(B, V, device=h.device, dtype=attn.dtype).scatter_add_(1, nxt, attn)
+        p_copy = torch.zeros(B, V, device=h.device, dtype=attn.dtype)
+        p_copy.scatter_add_(1, nxt % V, attn)
+        user = (attn * (nxt >= V)).sum(-1)
         move = is_text & st.exec_mask
         new_k, new_ids, new_rank = st.k, st.ids, st.rank
         if bool(move.any()):
@@ -163,15 +194,23 @@ class CopyHead(StreamingModule):
             rank=new_rank,
             count=keep_masked(c[:, 0], st.count, st.exec_mask),
         )
-        return p_copy[:, None], valid.any(-1)[:, None]
+        return Pointer(p_copy[:, None], valid.any(-1)[:, None], user[:, None])
 
-    def mix(
-        self, h: torch.Tensor, logits: torch.Tensor, p_copy: torch.Tensor, some: torch.Tensor
-    ) -> torch.Tensor:
-        """The text head's logits [B, T, V] and the pointer's p_copy, mixed by the gate of h
+    def gate_logit(self, h: torch.Tensor, ptr: Pointer) -> torch.Tensor:
+        """The gate's logit [B, T] from h [B, T, d] and, with `pointer_gate`, what ptr offers."""
+        g = self.gate(h).squeeze(-1)
+        if self.gate_in is None:
+            return g
+        peak = ptr.p.amax(-1)
+        x = torch.stack([peak, ptr.user, peak * ptr.user], dim=-1).to(g.dtype)
+        return g + self.gate_in(x).squeeze(-1)
+
+    def mix(self, h: torch.Tensor, logits: torch.Tensor, ptr: Pointer) -> torch.Tensor:
+        """The text head's logits [B, T, V] and the pointer's offer, mixed by the gate of h
         [B, T, d] -> log-probabilities [B, T, V]."""
         V = self.vocab
-        g = self.gate(h).squeeze(-1).to(logits.dtype)
+        p_copy, some = ptr.p, ptr.some
+        g = self.gate_logit(h, ptr).to(logits.dtype)
         log_g = torch.where(some, F.logsigmoid(g), torch.full_like(g, float("-inf")))
         log_keep = torch.where(some, F.logsigmoid(-g), torch.zeros_like(g))
         logp = logits.log_softmax(-1)
@@ -196,12 +235,7 @@ class CopyHead(StreamingModule):
         return -p[use].log().mean()
 
     def gate_loss(
-        self,
-        h: torch.Tensor,
-        logits: torch.Tensor,
-        p_copy: torch.Tensor,
-        some: torch.Tensor,
-        target: torch.Tensor,
+        self, h: torch.Tensor, logits: torch.Tensor, ptr: Pointer, target: torch.Tensor
     ) -> torch.Tensor:
         """The gate of h [B, T, d] against where copying helps: at each written byte of target
         [B, T], the share the pointer gives it, (1 - p_text(PAD)) p_copy(byte), against the text
@@ -211,15 +245,16 @@ class CopyHead(StreamingModule):
         values and at bytes where the pointer is wrong. A gate taught by sign alone, the two
         classes weighed alike (talk19g), opened near half way on template bytes and its text
         derailed the model's speech."""
+        p_copy, some = ptr.p, ptr.some
         with torch.no_grad():
             p_text = logits.float().softmax(-1)
             byte = p_text.gather(-1, target[..., None])[..., 0]
-            share = (1 - p_text[..., self.skip_id]) * p_copy.float().gather(
-                -1, target[..., None]
-            )[..., 0]
+            share = (1 - p_text[..., self.skip_id]) * p_copy.float().gather(-1, target[..., None])[
+                ..., 0
+            ]
             use = (target != self.skip_id) & some
             weight = ((share - byte).abs() * use).to(h.dtype)
-        g = self.gate(h).squeeze(-1)
+        g = self.gate_logit(h, ptr)
         want = (share > byte).to(g.dtype)
         bce = F.binary_cross_entropy_with_logits(g, want, reduction="none")
         return (bce * weight).sum() / weight.sum().clamp_min(1e-6)

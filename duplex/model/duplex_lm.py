@@ -89,6 +89,8 @@ class DuplexConfig:
     copy_loss: float = 0.0
     # Weight of the gate's own loss (CopyHead.gate_loss): open where copying beats the text head.
     copy_gate_loss: float = 0.0
+    # The copy head's gate also sees the pointer's peak and its share on the user's bytes.
+    copy_gate_pointer: bool = False
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
     def __post_init__(self) -> None:
@@ -212,9 +214,9 @@ class DuplexLM(StreamingModule):
         self.user_text_head = nn.Linear(d, cfg.text_vocab, bias=False)
         self.audio_head = nn.Linear(d, K * card, bias=False)
         self.depth = AudioDepth(K, card, d, cfg.depth_hidden) if cfg.depth_hidden > 0 else None
-        self.copy = (
-            CopyHead(d, 64, cfg.copy_window, cfg.text_vocab, PAD) if cfg.copy_window else None
-        )
+        self.copy = None
+        if cfg.copy_window:
+            self.copy = CopyHead(d, 64, cfg.copy_window, cfg.text_vocab, PAD, cfg.copy_gate_pointer)
 
     def merged_text(self, text: torch.Tensor, user_text: torch.Tensor) -> torch.Tensor:
         """The backbone's id per frame: model byte, else user byte (+ Vt unless the config
@@ -279,8 +281,7 @@ class DuplexLM(StreamingModule):
             return torch.stack([draw(k, logits[:, k]) for k in range(K)], dim=1)
         w = self.audio_head.weight.view(K, card, -1)
         # Codebook 0 has nothing before it: its condition is zero, and h + 0 is h.
-        cond = None
-        codes = []
+        cond, codes = None, []
         for k in range(K):
             state = self.depth.state(hidden, cond, k)
             code = draw(k, state @ w[k].T)
@@ -330,11 +331,11 @@ class DuplexLM(StreamingModule):
         logits = self._heads(self.backbone(ids, extra=extra), tgt)
         loss_copy = loss_gate = torch.zeros((), device=ids.device)
         if self.copy is not None:
-            p_copy, some = self.copy.pointer(logits.hidden, ids)
+            ptr = self.copy.pointer(logits.hidden, ids)
             head, target = logits.text, batch["model_text"]
-            logits.text = self.copy.mix(logits.hidden, head, p_copy, some)
-            loss_copy = self.copy.loss(p_copy, target)
-            loss_gate = self.copy.gate_loss(logits.hidden, head, p_copy, some, target)
+            logits.text = self.copy.mix(logits.hidden, head, ptr)
+            loss_copy = self.copy.loss(ptr.p, target)
+            loss_gate = self.copy.gate_loss(logits.hidden, head, ptr, target)
         w = torch.ones(cfg.text_vocab, device=ids.device, dtype=logits.text.dtype)
         w[PAD] = cfg.text_pad_weight
         weight = frame_weight(batch.get("model_weight"), batch["model_text"])
@@ -358,12 +359,8 @@ class DuplexLM(StreamingModule):
         loss_audio = (loss_audio * keep).sum() / keep.sum().clamp(min=1)
         total = loss_text + loss_user + cfg.audio_weight * loss_audio + cfg.copy_loss * loss_copy
         total = total + cfg.copy_gate_loss * loss_gate
-        losses = {
-            "loss": total,
-            "loss_text": loss_text,
-            "loss_user_text": loss_user,
-            "loss_audio": loss_audio,
-        }
+        losses = dict(loss=total, loss_text=loss_text, loss_user_text=loss_user)
+        losses["loss_audio"] = loss_audio
         if self.copy is not None:
             losses.update(loss_copy=loss_copy, loss_gate=loss_gate)
         return logits, losses

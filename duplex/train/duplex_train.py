@@ -76,6 +76,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "weighed by the gap between the two; the config's copy_gate_loss)",
     )
     p.add_argument(
+        "--copy-gate-pointer",
+        action="store_true",
+        help="the copy head's gate also sees what the pointer offers: its peak and the share "
+        "of it on bytes the user said (a copy of the model's own words can be shut; the "
+        "config's copy_gate_pointer; warm starts keep every weight, the new ones start at 0)",
+    )
+    p.add_argument(
         "--transcript-noise",
         type=float,
         help="share of the fed-back transcript's bytes replaced by random letters in training "
@@ -235,6 +242,11 @@ def run(args: argparse.Namespace) -> int:
             print("duplex train duplex: --copy-gate-loss needs a copy head and a weight >= 0")
             return 2
         mcfg.copy_gate_loss = args.copy_gate_loss
+    if args.copy_gate_pointer:
+        if not mcfg.copy_window:
+            print("duplex train duplex: --copy-gate-pointer needs a copy head (--copy-window)")
+            return 2
+        mcfg.copy_gate_pointer = True
     shares = {"transcript_noise": "transcript_input_noise", "transcript_sampling": None}
     for flag, name in shares.items():
         value = getattr(args, flag)

@@ -5,16 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from duplex.model.copy_head import CopyHead
+from duplex.model.copy_head import CopyHead, Pointer
 
 D, V, SKIP = 24, 50, 0
 
 
-def head(window: int = 5, gate: float = 0.0) -> CopyHead:
+def head(window: int = 5, gate: float = 0.0, pointer_gate: bool = False) -> CopyHead:
     torch.manual_seed(0)
-    m = CopyHead(D, key_dim=8, window=window, text_vocab=V, skip_id=SKIP).double()
+    m = CopyHead(D, 8, window, V, SKIP, pointer_gate=pointer_gate).double()
     torch.nn.init.normal_(m.gate.weight, std=0.3)
     torch.nn.init.constant_(m.gate.bias, gate)
+    if pointer_gate:
+        torch.nn.init.normal_(m.gate_in.weight, std=2.0)
     return m
 
 
@@ -31,7 +33,9 @@ def inputs(B: int = 2, T: int = 40, p_text: float = 0.5, seed: int = 1):
 def naive(m: CopyHead, h: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Frame by frame: the text frames seen so far, all but the newest are candidates (the
     newest `window` of them), each proposing the byte of the text frame after it; PAD (0, the
-    skip id) keeps the text head's probability, the bytes share the rest."""
+    skip id) keeps the text head's probability, the bytes share the rest. A pointer gate adds
+    to the gate's logit what the pointer offers: its peak, its share on user bytes (ids >= V)
+    and their product."""
     B, T, _ = h.shape
     out = torch.zeros_like(logits)
     for b in range(B):
@@ -45,26 +49,35 @@ def naive(m: CopyHead, h: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor)
                 k = m.k(h[b, cand]) + m.key_byte(ids[b, cand] % V)
                 a = (k @ m.q(h[b, t]) / m.key_dim**0.5).softmax(-1)
                 copy = torch.zeros(V, dtype=h.dtype)
+                user = torch.zeros((), dtype=h.dtype)
                 for i, j in enumerate(cand):
                     nxt = texts[texts.index(j) + 1]
                     copy[ids[b, nxt] % V] += a[i]
-                g = torch.sigmoid(m.gate(h[b, t]))[0]
+                    user = user + a[i] * (ids[b, nxt] >= V)
+                logit = m.gate(h[b, t])[0]
+                if m.gate_in is not None:
+                    w = m.gate_in.weight[0]
+                    peak = copy.max()
+                    logit = logit + w[0] * peak + w[1] * user + w[2] * peak * user
+                g = torch.sigmoid(logit)
                 p = torch.cat([p[:1], (1 - g) * p[1:] + g * (1 - p[0]) * copy[1:]])
             out[b, t] = p.clamp_min(1e-300).log()
     return out
 
 
-def test_parallel_equals_the_naive_definition():
-    m = head()
+@pytest.mark.parametrize("pointer_gate", [False, True])
+def test_parallel_equals_the_naive_definition(pointer_gate):
+    m = head(pointer_gate=pointer_gate)
     h, ids, logits = inputs()
     got = m(h, ids, logits)
     torch.testing.assert_close(got.exp(), naive(m, h, ids, logits).exp())
     torch.testing.assert_close(got.exp().sum(-1), torch.ones(2, 40, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("pointer_gate", [False, True])
 @pytest.mark.parametrize("chunks", [[1] * 40, [7] * 5 + [5], [3, 11, 1, 19, 6]])
-def test_streamed_equals_parallel(chunks):
-    m = head()
+def test_streamed_equals_parallel(chunks, pointer_gate):
+    m = head(pointer_gate=pointer_gate)
     h, ids, logits = inputs()
     full = m(h, ids, logits)
     outs, t = [], 0
@@ -75,8 +88,9 @@ def test_streamed_equals_parallel(chunks):
     torch.testing.assert_close(torch.cat(outs, 1), full)
 
 
-def test_a_prefix_gives_a_prefix():
-    m = head()
+@pytest.mark.parametrize("pointer_gate", [False, True])
+def test_a_prefix_gives_a_prefix(pointer_gate):
+    m = head(pointer_gate=pointer_gate)
     h, ids, logits = inputs()
     torch.testing.assert_close(m(h[:, :17], ids[:, :17], logits[:, :17]), m(h, ids, logits)[:, :17])
 
@@ -109,9 +123,14 @@ def test_it_copies_the_byte_after_a_matching_one():
     torch.testing.assert_close(out[0, -1, SKIP], logits[0, -1].log_softmax(-1)[SKIP])
     assert out[0, -1][1:].argmax() + 1 == 8
     assert out[0, -1].exp()[8] > 0.49
-    # The user's bytes (offset by the vocabulary in the log) are copied as bytes.
-    out_user = m(h, ids + torch.tensor([[V, V, V, 0, 0, 0]]), logits)
+    # The user's bytes (offset by the vocabulary in the log) are copied as bytes, and the
+    # pointer says whose bytes it offers.
+    user_ids = ids + torch.tensor([[V, V, V, 0, 0, 0]])
+    out_user = m(h, user_ids, logits)
     assert out_user[0, -1][1:].argmax() + 1 == 8
+    with torch.no_grad():
+        assert float(m.pointer(h, ids).user[0, -1]) < 1e-6
+        assert float(m.pointer(h, user_ids).user[0, -1]) > 1 - 1e-6
 
 
 def test_before_any_candidate_it_is_the_text_head():
@@ -156,10 +175,11 @@ def test_exec_mask_freezes_a_row_and_gradients_reach_the_weights():
     assert torch.isfinite(logits.grad).all()
 
 
-def test_one_frame_steps_mask_rows_as_chunks_do():
+@pytest.mark.parametrize("pointer_gate", [False, True])
+def test_one_frame_steps_mask_rows_as_chunks_do(pointer_gate):
     """The one-frame path (a session's step) keeps a masked row's state and gives the same
     outputs and state as chunks of 6, while the row is masked and after it resumes."""
-    m = head()
+    m = head(pointer_gate=pointer_gate)
     h, ids, logits = inputs(T=60)
 
     def run(step: int):
@@ -188,7 +208,8 @@ def test_one_frame_steps_mask_rows_as_chunks_do():
         torch.testing.assert_close(v, getattr(chunk[2], name))
 
 
-def test_duplex_model_with_a_copy_head_streams_and_saves_its_rows():
+@pytest.mark.parametrize("pointer_gate", [False, True])
+def test_duplex_model_with_a_copy_head_streams_and_saves_its_rows(pointer_gate):
     from duplex.model.backbone import BackboneConfig
     from duplex.model.duplex_lm import DuplexConfig, DuplexLM
     from tests.model.duplex_streams import assert_steps_equal_forward, random_batch
@@ -201,12 +222,15 @@ def test_duplex_model_with_a_copy_head_streams_and_saves_its_rows():
         window_speaker=True,
         log_text_only=True,
         copy_window=4,
+        copy_gate_pointer=pointer_gate,
         backbone=BackboneConfig(
             d_model=32, layers=("gdn", "mlp"), gdn_heads=2, gdn_head_dim=16, swa_window=5
         ),
     )
     m = DuplexLM(cfg).double().eval()
     torch.nn.init.constant_(m.copy.gate.bias, 0.0)
+    if pointer_gate:
+        torch.nn.init.normal_(m.copy.gate_in.weight, std=2.0)
     b = random_batch()
     assert torch.isfinite(m(b)[1]["loss"])
     assert_steps_equal_forward(m, b)
@@ -238,7 +262,7 @@ def test_the_pointer_loss_trains_where_to_look_even_with_a_closed_gate():
     m(h, ids, logits)[..., 1:].exp().sum().backward()
     assert m.q.weight.grad.abs().max() < 1e-12
     m.zero_grad()
-    p_copy, _ = m.pointer(h, ids)
+    p_copy = m.pointer(h, ids).p
     loss = m.loss(p_copy, target)
     loss.backward()
     assert m.q.weight.grad.abs().sum() > 0 and m.k.weight.grad.abs().sum() > 0
@@ -309,7 +333,7 @@ def test_the_gate_loss_is_weighted_by_how_much_copying_changes_the_byte():
     logits[0, 3, 7] = logits[0, 3, SKIP] = torch.log(torch.tensor(0.3 * (V - 2) / 0.4))
     # 4: a PAD target and 5: nothing to point at are left out, whatever the pointer says
     p_copy[0, 4, 3] = p_copy[0, 5, 9] = 1.0
-    loss = m.gate_loss(h, logits, p_copy, some, target)
+    loss = m.gate_loss(h, logits, Pointer(p_copy, some, torch.zeros_like(h[..., 0])), target)
     g = m.gate(h)[0, :, 0]
     frames = [0, 1, 2, 3, 6]
     want = torch.tensor([1.0, 0, 0, 1, 0], dtype=torch.float64)
@@ -318,7 +342,8 @@ def test_the_gate_loss_is_weighted_by_how_much_copying_changes_the_byte():
     bce = torch.nn.functional.binary_cross_entropy_with_logits(g[frames], want, reduction="none")
     torch.testing.assert_close(loss, (bce * weight).sum() / weight.sum())
     # nothing to learn from: zero, with a graph
-    none = m.gate_loss(h, logits, p_copy, torch.zeros_like(some), target)
+    nothing = Pointer(p_copy, torch.zeros_like(some), torch.zeros_like(h[..., 0]))
+    none = m.gate_loss(h, logits, nothing, target)
     assert float(none) == 0.0 and none.requires_grad
 
 
@@ -339,11 +364,11 @@ def test_trained_by_its_loss_the_gate_opens_at_values_and_stays_shut_elsewhere()
     copy_right = p_copy.scatter(-1, target[..., None], 0.9)
     logits = torch.where(value[..., None], logits, text_right)
     p_copy = torch.where(value[..., None], copy_right, p_copy)
-    some = torch.ones(B, T, dtype=torch.bool)
+    ptr = Pointer(p_copy, torch.ones(B, T, dtype=torch.bool), torch.zeros(B, T))
     opt = torch.optim.Adam(m.gate.parameters(), lr=0.05)
     for _ in range(150):
         opt.zero_grad()
-        m.gate_loss(h, logits, p_copy, some, target).backward()
+        m.gate_loss(h, logits, ptr, target).backward()
         opt.step()
     gate = torch.sigmoid(m.gate(h)[..., 0]).detach()
     assert float(gate[value].min()) > 0.9
@@ -355,3 +380,52 @@ def test_the_duplex_loss_adds_the_gate_loss_by_its_weight():
     assert float(a["loss_gate"]) > 0
     torch.testing.assert_close(b["loss"], a["loss"] + 0.5 * a["loss_gate"])
     assert not torch.allclose(grad_a, grad_b)
+
+
+@pytest.mark.parametrize("pointer_gate", [False, True])
+def test_a_pointer_gate_learns_to_trust_copies_of_the_users_words_only(pointer_gate):
+    """The hidden state says nothing; the pointer is as sure at every frame, right where it
+    points into the user's words and wrong where it points into the model's own (where the
+    text head knows the byte, as in a template). Only a gate that sees whose bytes the pointer
+    offers can open at the first and shut at the second."""
+    m = head(gate=-3.0, pointer_gate=pointer_gate)
+    g = torch.Generator().manual_seed(11)
+    B, T = 4, 200
+    h = torch.randn(B, T, D, dtype=torch.float64, generator=g)
+    user = torch.rand(B, T, generator=g) < 0.3
+    target = torch.randint(1, V, (B, T), generator=g)
+    wrong = (target + 1) % (V - 1) + 1
+    p_copy = torch.zeros(B, T, V, dtype=torch.float64)
+    p_copy.scatter_(-1, torch.where(user, target, wrong)[..., None], 0.9)
+    logits = torch.zeros(B, T, V, dtype=torch.float64)
+    logits = torch.where(user[..., None], logits, logits.scatter(-1, target[..., None], 4.0))
+    ptr = Pointer(p_copy, torch.ones(B, T, dtype=torch.bool), user.double())
+    opt = torch.optim.Adam(m.parameters(), lr=0.05)
+    for _ in range(300):
+        opt.zero_grad()
+        m.gate_loss(h, logits, ptr, target).backward()
+        opt.step()
+    gate = torch.sigmoid(m.gate_logit(h, ptr)).detach()
+    separated = float(gate[user].min()) > 0.9 and float(gate[~user].max()) < 0.1
+    assert separated == pointer_gate
+
+
+def test_a_pointer_gate_warm_starts_with_the_same_outputs(tmp_path):
+    """Added to a trained copy head, the pointer gate starts at zero: the model predicts what
+    it did, and only the new weights are fresh."""
+    from duplex.model import duplex_lm
+
+    cfg = duplex_lm.DuplexConfig.from_dict(duplex_lm.CONFIGS["tiny"].to_dict())
+    cfg.copy_window = 8
+    torch.manual_seed(0)
+    base = duplex_lm.DuplexLM(cfg).eval()
+    with torch.no_grad():
+        base.copy.gate.bias.fill_(0.0)
+    duplex_lm.save(base, tmp_path / "base.safetensors")
+    cfg.copy_gate_pointer = True
+    model = duplex_lm.DuplexLM(cfg).eval()
+    assert duplex_lm.warm_start(model, tmp_path / "base.safetensors") == ["copy.gate_in.weight"]
+    from tests.model.duplex_streams import random_batch
+
+    b = random_batch(K=8, card=256)
+    torch.testing.assert_close(model(b)[0].text, base(b)[0].text)
