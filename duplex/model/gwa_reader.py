@@ -319,6 +319,19 @@ class WindowReader(StreamingModule):
         st = self._require_streaming()
         return sum(ref.history.nbytes() for ref in st.rows)
 
+    def extend_history(self, row: int, ids: np.ndarray) -> None:
+        """Append ids [n] to one stream's history without reading them, as steps would store
+        them (skipped ids left out): a benchmark grows a log to an hour this way instead of
+        stepping 180,000 frames. The newest stored position's read is refreshed, since the
+        next step without a stored id reads it."""
+        st = self._require_streaming()
+        ref = st.rows[row]
+        h = ref.sync()
+        if self.cfg.skip_id >= 0:
+            ids = ids[ids != self.cfg.skip_id]
+        h.append(np.asarray(ids, dtype=np.int64))
+        st.rows[row] = _HistoryRef(h, len(h))
+
     def lengths(self) -> list[int]:
         st = self._require_streaming()
         return [ref.length for ref in st.rows]

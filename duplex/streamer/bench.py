@@ -167,15 +167,18 @@ def flat_cost(model, codec, minutes: float) -> dict:
         if reader is not None:
             ref = reader.stream_state.rows[old.slot]
             log = ref.history.log.read(0, ref.length)
-            non_pad = float(np.mean(log != PAD)) if log.size else 0.3
+            # Share of frames with a byte: a text-only log (skipped PADs) holds one id per
+            # such frame, a full log one per frame.
+            if reader.cfg.skip_id >= 0:
+                non_pad = ref.length / one_min
+            else:
+                non_pad = float(np.mean(log != PAD)) if log.size else 0.3
             n = int((minutes - 1) * 60 * rate)
             rng = np.random.default_rng(0)
-            ids = np.where(rng.random(n) < max(non_pad, 0.3), rng.integers(32, 127, n), PAD).astype(
-                np.int64
-            )
-            ref.history.append(ids)
-            ref.length = len(ref.history)
-            grown = n
+            ids = np.where(rng.random(n) < max(non_pad, 0.3), rng.integers(32, 127, n), PAD)
+            before = reader.lengths()[old.slot]
+            reader.extend_history(old.slot, ids.astype(np.int64))
+            grown = reader.lengths()[old.slot] - before
         rss_60 = _rss_mb()
         host_60 = model.host_bytes() - host_1
         t_young, t_old = [], []

@@ -394,6 +394,28 @@ def test_skipped_ids_never_enter_the_windows():
     assert not bool(read.valid[0, :3].any())
 
 
+def test_a_history_extended_without_steps_reads_as_one_stepped():
+    """`extend_history` (how `bench engine` grows a log to an hour) leaves a stream reading
+    what it would have read had the ids been stepped: skipped ids left out, and a step on a
+    skipped id right after reads the newest extended id (it crashed the bench before)."""
+    from duplex.model.gwa import WindowReader
+
+    cfg = skip_cfg(("gwa",)).read
+    ids = sparse_ids(1, 90, seed=5)
+    ids[0, 60:63] = 0
+    stepped, extended = WindowReader(cfg), WindowReader(cfg)
+    with stepped.streaming(1), extended.streaming(1):
+        stepped.step(ids[:, :30])
+        extended.step(ids[:, :30])
+        stepped.step(ids[:, 30:60])
+        extended.extend_history(0, ids[0, 30:60].numpy())
+        assert extended.lengths() == stepped.lengths()
+        for t in range(60, 90):
+            a, b = stepped.step(ids[:, t : t + 1]), extended.step(ids[:, t : t + 1])
+            for name in ("ids", "mask", "match", "digits", "valid"):
+                assert torch.equal(getattr(a, name), getattr(b, name)), (t, name)
+
+
 def test_skipping_reader_state_saved_and_loaded():
     """A state saved mid-stream (after a skipped id) and loaded into a fresh stream continues
     exactly as the stream it came from."""
