@@ -29,6 +29,7 @@ COMMANDS: list[tuple[str | None, str, str]] = [
     ("bench", "engine", "duplex.streamer.bench"),
     ("eval", "recall", "duplex.model.recall"),
     ("eval", "talk", "duplex.apps.eval_talk"),
+    ("eval", "compare", "duplex.apps.eval_compare"),
     ("train", "recall", "duplex.model.recall_train"),
     ("bench", "codec", "duplex.codecs.bench"),
     ("bench", "gdn", "duplex.kernels.gated_delta.bench"),

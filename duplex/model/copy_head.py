@@ -24,7 +24,9 @@ so the window spans words at any speaking rate. State per stream: `window + 1` k
 A gate that sees only the hidden state let a copy begun at a wrong place run on ("the number was
 doght know your name yet.", its own earlier words): with `pointer_gate` it also sees what the
 pointer offers, its peak and the share of it on bytes the user said, and can learn to trust a
-sharp pointer into the user's words more than one into its own.
+sharp pointer into the user's words more than one into its own. With `user_only` the pointer
+offers only bytes the user said: the values this model repeats (a name, a number, a word to
+spell) are the user's, and a copy can then never run on through the model's own words.
 """
 
 from __future__ import annotations
@@ -71,11 +73,13 @@ class CopyHead(StreamingModule):
         text_vocab: int,
         skip_id: int,
         pointer_gate: bool = False,
+        user_only: bool = False,
     ) -> None:
         super().__init__()
         if window < 1:
             raise ValueError("the copy head needs window >= 1")
         self.window, self.key_dim, self.vocab, self.skip_id = window, key_dim, text_vocab, skip_id
+        self.user_only = user_only
         self.q = nn.Linear(d, key_dim, bias=False)
         self.k = nn.Linear(d, key_dim, bias=False)
         # A key also says which byte its frame holds, so "find my last byte" is easy to learn.
@@ -144,6 +148,8 @@ class CopyHead(StreamingModule):
         # valid: [B, T, n] text frames whose successor is seen by t, the last `window` of them
         r, ct = ranks[:, None, :], c[:, :, None]
         valid = (r > 0) & (r < ct) & (r >= ct - self.window)
+        if self.user_only:
+            valid = valid & (nxt >= V)[:, None, :]
         scores = torch.einsum("btd,bnd->btn", q, keys.to(q.dtype)) * self.key_dim**-0.5
         scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)
         attn = scores.softmax(-1) * valid
@@ -170,6 +176,8 @@ class CopyHead(StreamingModule):
         # nxt: [B, n] the merged id of the text frame after each slot
         nxt = torch.cat([st.ids[:, 1:], ids], dim=1)
         valid = (st.rank > 0) & (st.rank < c) & (st.rank >= c - self.window)
+        if self.user_only:
+            valid = valid & (nxt >= V)
         q = self.q(h[:, 0])
         scores = torch.einsum("bd,bnd->bn", q, st.k.to(q.dtype)) * self.key_dim**-0.5
         scores = scores.masked_fill(~valid, torch.finfo(scores.dtype).min)

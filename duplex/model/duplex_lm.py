@@ -91,6 +91,8 @@ class DuplexConfig:
     copy_gate_loss: float = 0.0
     # The copy head's gate also sees the pointer's peak and its share on the user's bytes.
     copy_gate_pointer: bool = False
+    # The copy head offers only the user's bytes (needs the speaker kept in the merged ids).
+    copy_user_only: bool = False
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
 
     def __post_init__(self) -> None:
@@ -216,7 +218,8 @@ class DuplexLM(StreamingModule):
         self.depth = AudioDepth(K, card, d, cfg.depth_hidden) if cfg.depth_hidden > 0 else None
         self.copy = None
         if cfg.copy_window:
-            self.copy = CopyHead(d, 64, cfg.copy_window, cfg.text_vocab, PAD, cfg.copy_gate_pointer)
+            flags = (cfg.copy_gate_pointer, cfg.copy_user_only)
+            self.copy = CopyHead(d, 64, cfg.copy_window, cfg.text_vocab, PAD, *flags)
 
     def merged_text(self, text: torch.Tensor, user_text: torch.Tensor) -> torch.Tensor:
         """The backbone's id per frame: model byte, else user byte (+ Vt unless the config

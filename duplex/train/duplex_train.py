@@ -83,6 +83,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "config's copy_gate_pointer; warm starts keep every weight, the new ones start at 0)",
     )
     p.add_argument(
+        "--copy-user-only",
+        action="store_true",
+        help="the copy head offers only bytes the user said (values repeated are the user's; "
+        "a copy cannot run on through the model's own words; the config's copy_user_only)",
+    )
+    p.add_argument(
         "--transcript-noise",
         type=float,
         help="share of the fed-back transcript's bytes replaced by random letters in training "
@@ -247,6 +253,14 @@ def run(args: argparse.Namespace) -> int:
             print("duplex train duplex: --copy-gate-pointer needs a copy head (--copy-window)")
             return 2
         mcfg.copy_gate_pointer = True
+    if args.copy_user_only:
+        if not mcfg.copy_window or (mcfg.shared_text_ids and not mcfg.window_speaker):
+            print(
+                "duplex train duplex: --copy-user-only needs a copy head (--copy-window) and "
+                "merged ids that keep the speaker (window_speaker, or ids not shared)"
+            )
+            return 2
+        mcfg.copy_user_only = True
     shares = {"transcript_noise": "transcript_input_noise", "transcript_sampling": None}
     for flag, name in shares.items():
         value = getattr(args, flag)

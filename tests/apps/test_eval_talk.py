@@ -105,6 +105,22 @@ def test_untrained_model_talks_over_everyone(reports):
     assert t["pause_takeovers"] == 1.0
 
 
+def test_compare_pairs_the_real_reports_of_one_suite(reports):
+    """The oracle against silence on the same suite: every request matched, every one the
+    oracle got right is its alone, and the sign test says so."""
+    from duplex.apps.eval_compare import compare
+
+    oracle, silent = reports["oracle"], reports["silent"]
+    got = compare([oracle], [silent])
+    p = got["answers_paired"]
+    right = round(oracle["answers"]["correct"] * oracle["answers"]["n"])
+    assert p["unmatched"] == 0 and p["only_b"] == 0 and p["only_a"] == right >= 7
+    assert p["both"] == 0 and p["p"] < 0.05
+    assert got["a"]["answers"]["k"] == right and got["b"]["answers"]["k"] == 0
+    assert got["a"]["barge_ins_stopped"]["n"] == oracle["timing"]["barge_ins"]
+    assert compare([oracle], [oracle])["answers_paired"]["p"] == 1.0
+
+
 def test_scores_move_with_the_answers():
     """The scorer reads the model's text: an oracle whose answers are wrong scores 0."""
     import math

@@ -8,11 +8,14 @@ import torch
 from duplex.model.copy_head import CopyHead, Pointer
 
 D, V, SKIP = 24, 50, 0
+FLAGS = [{}, {"pointer_gate": True}, {"user_only": True}]
 
 
-def head(window: int = 5, gate: float = 0.0, pointer_gate: bool = False) -> CopyHead:
+def head(
+    window: int = 5, gate: float = 0.0, pointer_gate: bool = False, user_only: bool = False
+) -> CopyHead:
     torch.manual_seed(0)
-    m = CopyHead(D, 8, window, V, SKIP, pointer_gate=pointer_gate).double()
+    m = CopyHead(D, 8, window, V, SKIP, pointer_gate=pointer_gate, user_only=user_only).double()
     torch.nn.init.normal_(m.gate.weight, std=0.3)
     torch.nn.init.constant_(m.gate.bias, gate)
     if pointer_gate:
@@ -35,7 +38,7 @@ def naive(m: CopyHead, h: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor)
     newest `window` of them), each proposing the byte of the text frame after it; PAD (0, the
     skip id) keeps the text head's probability, the bytes share the rest. A pointer gate adds
     to the gate's logit what the pointer offers: its peak, its share on user bytes (ids >= V)
-    and their product."""
+    and their product. A user-only pointer's candidates are those followed by a user byte."""
     B, T, _ = h.shape
     out = torch.zeros_like(logits)
     for b in range(B):
@@ -44,6 +47,8 @@ def naive(m: CopyHead, h: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor)
             if ids[b, t] != SKIP:
                 texts.append(t)
             cand = texts[:-1][-m.window :]
+            if m.user_only:
+                cand = [j for j in cand if ids[b, texts[texts.index(j) + 1]] >= V]
             p = logits[b, t].softmax(-1)
             if cand:
                 k = m.k(h[b, cand]) + m.key_byte(ids[b, cand] % V)
@@ -65,19 +70,19 @@ def naive(m: CopyHead, h: torch.Tensor, ids: torch.Tensor, logits: torch.Tensor)
     return out
 
 
-@pytest.mark.parametrize("pointer_gate", [False, True])
-def test_parallel_equals_the_naive_definition(pointer_gate):
-    m = head(pointer_gate=pointer_gate)
+@pytest.mark.parametrize("flags", FLAGS)
+def test_parallel_equals_the_naive_definition(flags):
+    m = head(**flags)
     h, ids, logits = inputs()
     got = m(h, ids, logits)
     torch.testing.assert_close(got.exp(), naive(m, h, ids, logits).exp())
     torch.testing.assert_close(got.exp().sum(-1), torch.ones(2, 40, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("pointer_gate", [False, True])
+@pytest.mark.parametrize("flags", FLAGS)
 @pytest.mark.parametrize("chunks", [[1] * 40, [7] * 5 + [5], [3, 11, 1, 19, 6]])
-def test_streamed_equals_parallel(chunks, pointer_gate):
-    m = head(pointer_gate=pointer_gate)
+def test_streamed_equals_parallel(chunks, flags):
+    m = head(**flags)
     h, ids, logits = inputs()
     full = m(h, ids, logits)
     outs, t = [], 0
@@ -88,9 +93,9 @@ def test_streamed_equals_parallel(chunks, pointer_gate):
     torch.testing.assert_close(torch.cat(outs, 1), full)
 
 
-@pytest.mark.parametrize("pointer_gate", [False, True])
-def test_a_prefix_gives_a_prefix(pointer_gate):
-    m = head(pointer_gate=pointer_gate)
+@pytest.mark.parametrize("flags", FLAGS)
+def test_a_prefix_gives_a_prefix(flags):
+    m = head(**flags)
     h, ids, logits = inputs()
     torch.testing.assert_close(m(h[:, :17], ids[:, :17], logits[:, :17]), m(h, ids, logits)[:, :17])
 
@@ -131,6 +136,22 @@ def test_it_copies_the_byte_after_a_matching_one():
     with torch.no_grad():
         assert float(m.pointer(h, ids).user[0, -1]) < 1e-6
         assert float(m.pointer(h, user_ids).user[0, -1]) > 1 - 1e-6
+
+
+def test_a_user_only_pointer_never_offers_the_models_own_bytes():
+    """After the model's "7 8" and the user's "7 9", a 7 is followed by the user's 9 only;
+    with no user byte yet it is the text head alone."""
+    m = head(window=16, gate=20.0, user_only=True)
+    with torch.no_grad():
+        m.gate.weight.zero_()
+    ids = torch.tensor([[7, 8, 7 + V, 9 + V, 7]])
+    h, _, logits = inputs(B=1, T=5, p_text=1.0)
+    ptr = m.pointer(h, ids)
+    assert float(ptr.p[0, -1, 8]) == 0.0 and float(ptr.p[0, -1, 9]) > 0.0
+    assert float(ptr.user[0, -1]) == pytest.approx(1.0)
+    own = torch.tensor([[7, 8, 7, 8, 7]])
+    out = m(h, own, logits)
+    torch.testing.assert_close(out, logits.log_softmax(-1))
 
 
 def test_before_any_candidate_it_is_the_text_head():
@@ -175,11 +196,11 @@ def test_exec_mask_freezes_a_row_and_gradients_reach_the_weights():
     assert torch.isfinite(logits.grad).all()
 
 
-@pytest.mark.parametrize("pointer_gate", [False, True])
-def test_one_frame_steps_mask_rows_as_chunks_do(pointer_gate):
+@pytest.mark.parametrize("flags", FLAGS)
+def test_one_frame_steps_mask_rows_as_chunks_do(flags):
     """The one-frame path (a session's step) keeps a masked row's state and gives the same
     outputs and state as chunks of 6, while the row is masked and after it resumes."""
-    m = head(pointer_gate=pointer_gate)
+    m = head(**flags)
     h, ids, logits = inputs(T=60)
 
     def run(step: int):

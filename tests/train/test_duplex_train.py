@@ -138,16 +138,18 @@ def test_copy_window_override_keeps_the_copy_heads_weights(tmp_path):
     assert main([*common, "--out", str(tmp_path / "bad"), "--copy-window", "-1"]) == 2
     gated = tmp_path / "gated"
     gate_args = ["--copy-window", "8", "--copy-gate-loss", "0.7", "--copy-gate-pointer"]
+    gate_args.append("--copy-user-only")
     assert main([*common, "--out", str(gated), *gate_args]) == 0
     trained = duplex_lm.load(gated / "model.safetensors")
     assert trained.cfg.copy_gate_loss == 0.7 and trained.cfg.copy_gate_pointer
-    assert trained.copy.gate_in is not None
+    assert trained.copy.gate_in is not None and trained.copy.user_only
     hist = json.loads((gated / "history.json").read_text())
     assert all(h["loss_gate"] >= 0 for h in hist)
     bad = [*common, "--out", str(tmp_path / "bad2")]
     assert main([*bad, "--copy-window", "8", "--copy-gate-loss", "-1"]) == 2
     assert main([*bad, "--copy-gate-loss", "1"]) == 2
     assert main([*bad, "--copy-gate-pointer"]) == 2
+    assert main([*bad, "--copy-user-only"]) == 2
 
 
 def test_train_only_changes_just_the_named_parameters(tmp_path):
