@@ -166,12 +166,12 @@ def flat_cost(model, codec, minutes: float) -> dict:
         grown = 0
         if reader is not None:
             ref = reader.stream_state.rows[old.slot]
-            log = ref.history.log.read(0, ref.length)
             # Share of frames with a byte: a text-only log (skipped PADs) holds one id per
             # such frame, a full log one per frame.
             if reader.cfg.skip_id >= 0:
                 non_pad = ref.length / one_min
             else:
+                log = ref.history.log.read(0, ref.length)
                 non_pad = float(np.mean(log != PAD)) if log.size else 0.3
             n = int((minutes - 1) * 60 * rate)
             rng = np.random.default_rng(0)
